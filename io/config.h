@@ -1,0 +1,170 @@
+// The resolved run configuration: one typed struct per TOML section.
+//
+// This is the only place TOML is read. Loading validates every key (unknown keys, wrong
+// types, out-of-range values, impossible combinations) and throws moe::UserError with one
+// line: "<file>:<line>:<col>: <section.key> ...". Overrides given as "section.key=value"
+// are typed and validated exactly like the file; their location prints as
+// "--set section.key=value".
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+enum class Device { kCpu, kCuda, kAuto };
+enum class AttentionKind { kMha, kMla };
+enum class ScoreFn { kSoftmax, kSigmoid };
+enum class LrSchedule { kCosine, kWsd, kConstant };
+enum class PipeSchedule { k1F1B, kZB1P, kDualPipe, kDualPipeV };
+enum class PrecisionMode { kFp32, kBf16, kFp8 };
+enum class StateDtype { kFp32, kBf16 };
+
+struct RunConfig {
+  std::string name = "tiny";
+  uint64_t seed = 1234;
+  Device device = Device::kAuto;
+  int threads = 0;  // CPU threads per rank; 0 = cores / ranks on the node
+};
+
+struct ModelConfig {
+  int vocab_size = 256;
+  int d_model = 256;
+  int n_layers = 6;
+  int n_heads = 8;
+  int n_kv_heads = 8;   // divides n_heads (grouped-query attention when smaller)
+  int head_dim = 0;     // 0 in the file = d_model / n_heads; always resolved after loading
+  int seq_len = 256;
+  int dense_layers = 1; // the first dense_layers layers use a dense SwiGLU FFN
+  int d_ff = 0;         // dense FFN width; 0 in the file = (moe.top_k + moe.num_shared_experts) * moe.d_expert
+                        // (DeepSeek-V3: 18432 = 9 x 2048); always resolved after loading
+  bool tie_embeddings = false;
+  int mtp_depth = 0;
+  double mtp_loss_weight = 0.3;
+  double init_std = 0.02;
+  double norm_eps = 1e-6;
+};
+
+struct AttentionConfig {
+  AttentionKind kind = AttentionKind::kMha;
+  double rope_theta = 10000.0;
+  // MLA (issue 7); parsed and validated now.
+  int q_lora_rank = 0;
+  int kv_lora_rank = 0;
+  int qk_nope_head_dim = 0;
+  int qk_rope_head_dim = 0;
+  int v_head_dim = 0;
+};
+
+struct MoeConfig {
+  int num_experts = 16;
+  int num_shared_experts = 1;
+  int top_k = 2;
+  int d_expert = 256;
+  ScoreFn score = ScoreFn::kSigmoid;
+  double route_scale = 1.0;
+  double bias_update_speed = 0.001;
+  double aux_loss_alpha = 0.0001;
+  int num_groups = 1;
+  int topk_groups = 1;
+};
+
+struct DataConfig {
+  std::string train = "data/fortunes/train.bin";
+  std::string val = "data/fortunes/val.bin";
+};
+
+struct TrainingConfig {
+  int64_t steps = 1000;
+  int global_batch = 32;  // sequences per optimizer step
+  int micro_batch = 4;    // sequences per forward pass
+  int64_t exit_at_step = 0;
+  double exit_after_minutes = 0.0;
+};
+
+struct OptimConfig {
+  double lr = 3e-3;
+  double beta1 = 0.9;  // TOML: betas = [b1, b2]
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;  // 0 disables clipping
+  StateDtype state_dtype = StateDtype::kFp32;
+};
+
+struct LrConfig {
+  LrSchedule schedule = LrSchedule::kCosine;
+  int64_t warmup_steps = 50;
+  double min_lr_ratio = 0.1;
+  double decay_fraction = 0.2;  // WSD: the last fraction of steps decays to min_lr
+};
+
+struct ParallelConfig {
+  int dp = 1;
+  int ep = 1;
+  int pp = 1;
+  PipeSchedule schedule = PipeSchedule::k1F1B;
+};
+
+struct PrecisionConfig {
+  PrecisionMode mode = PrecisionMode::kFp32;
+  bool dispatch_fp8 = false;
+};
+
+struct CheckpointConfig {
+  std::string dir = "checkpoints/tiny";
+  int64_t every = 200;  // 0 disables periodic saves
+  int keep_last = 3;
+  std::string resume = "none";  // none | auto | <path>
+};
+
+struct LogConfig {
+  int64_t every = 10;
+  int64_t eval_every = 100;  // 0 disables evaluation during training
+  int eval_batches = 20;
+  std::string metrics_file = "runs/tiny/metrics.jsonl";  // empty disables
+  int samples = 3;           // samples printed at the end of training
+  int sample_tokens = 120;
+};
+
+struct Config {
+  RunConfig run;
+  ModelConfig model;
+  AttentionConfig attention;
+  MoeConfig moe;
+  DataConfig data;
+  TrainingConfig training;
+  OptimConfig optim;
+  LrConfig lr;
+  ParallelConfig parallel;
+  PrecisionConfig precision;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+  std::string source;  // the file it came from, for messages
+};
+
+// Loads `path`, applies `overrides` ("section.key=value", in order), validates, and returns
+// the resolved config. Throws UserError on any problem.
+Config config_load(const std::string& path, const std::vector<std::string>& overrides);
+
+// Same, from TOML text (`source_name` is used in messages); for tests and fuzzing.
+Config config_parse(const std::string& toml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides);
+
+// The resolved config as TOML text, every key explicit, one per line; parsing it back gives
+// an identical Config.
+std::string config_to_toml(const Config& cfg);
+
+// 64-bit FNV-1a of config_to_toml(cfg): equal on all ranks or the job stops.
+uint64_t config_hash(const Config& cfg);
+
+const char* to_string(Device v);
+const char* to_string(AttentionKind v);
+const char* to_string(ScoreFn v);
+const char* to_string(LrSchedule v);
+const char* to_string(PipeSchedule v);
+const char* to_string(PrecisionMode v);
+const char* to_string(StateDtype v);
+
+}  // namespace moe

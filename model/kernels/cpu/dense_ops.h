@@ -1,0 +1,106 @@
+// CPU kernels for the dense parts of the transformer, llm.c style: paired
+// *_forward / *_backward free functions over raw pointers and sizes.
+// Templated on the element type: float for training, double for gradient checks.
+//
+// Dimension letters: N = tokens (B*T), B batch, T sequence, C model width, V vocabulary,
+// NH query heads, NKV key/value heads, HD head dim, F FFN width.
+//
+// Accumulation contract:
+//   - weight gradients (dweight, dwte, ...) are ACCUMULATED (+=);
+//   - activation gradients are ASSIGNED (=), except where a kernel's input is the
+//     residual stream: rmsnorm_backward_input ACCUMULATES into dinp (+=).
+// Argument order: outputs, saved-for-backward, inputs, weights, dimensions, scratch.
+#pragma once
+
+#include <cstdint>
+
+namespace moe::cpu {
+
+// Row-major C(M,N) = alpha * op(A)(M,K) * op(B)(K,N) + beta * C, through OpenBLAS.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+// Linear layer with weight (OC, IC): out(N, OC) = inp(N, IC) @ weight^T.
+template <typename T>
+void matmul_forward(T* out, const T* inp, const T* weight, int64_t N, int64_t IC, int64_t OC);
+// dinp(N, IC) = dout(N, OC) @ weight   (assigned)
+template <typename T>
+void matmul_backward_input(T* dinp, const T* dout, const T* weight, int64_t N, int64_t IC,
+                           int64_t OC);
+// dweight(OC, IC) += dout^T @ inp
+template <typename T>
+void matmul_backward_weight(T* dweight, const T* dout, const T* inp, int64_t N, int64_t IC,
+                            int64_t OC);
+
+// out(N, C) = wte[tokens[n]]
+template <typename T>
+void embedding_forward(T* out, const int32_t* tokens, const T* wte, int64_t N, int64_t C);
+// dwte[tokens[n]] += dout[n]; fixed order (deterministic).
+template <typename T>
+void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int64_t N, int64_t C);
+
+// out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps); rstd (N) saved.
+template <typename T>
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
+                     T eps);
+// dinp += d(out)/d(inp)^T dout    (ACCUMULATES: inp is the residual stream)
+template <typename T>
+void rmsnorm_backward_input(T* dinp, const T* dout, const T* inp, const T* weight, const T* rstd,
+                            int64_t N, int64_t C);
+// dweight += sum_n dout * inp * rstd
+template <typename T>
+void rmsnorm_backward_weight(T* dweight, const T* dout, const T* inp, const T* rstd, int64_t N,
+                             int64_t C);
+
+// Rotary embedding tables for positions [0, T) and head dim HD (even):
+// cos/sin (T, HD/2), angle(t, i) = t * theta^(-2i/HD).
+template <typename T>
+void rope_tables(T* cos_out, T* sin_out, int64_t T_, int64_t HD, double theta);
+// In place on x viewed as (B, T, H, HD) with row stride `stride` between tokens (elements):
+// each pair (x[2i], x[2i+1]) at position t is rotated by angle(t, i).
+template <typename T>
+void rope_forward(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int64_t H,
+                  int64_t HD, int64_t stride);
+// In place: rotates dx back by -angle (the transpose of the forward rotation).
+template <typename T>
+void rope_backward(T* dx, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int64_t H,
+                   int64_t HD, int64_t stride);
+
+// Causal self-attention over a fused qkv (B, T, (NH + 2 NKV) * HD): per token the NH query
+// heads, then NKV key heads, then NKV value heads, each HD wide. Query head h reads kv head
+// h / (NH / NKV). scale = 1 / sqrt(HD).
+//   out   (B, T, NH * HD)
+//   probs (B, NH, T, T) softmax probabilities, saved for backward (upper triangle zero)
+template <typename T>
+void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HD);
+// dqkv (B, T, (NH + 2 NKV) * HD), assigned. scratch: B * NH * T * T elements.
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HD, T* scratch);
+
+// SwiGLU on a fused gate/up projection gu (N, 2F), each row [gate(F) | up(F)]:
+// out(N, F) = silu(gate) * up.
+template <typename T>
+void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F);
+// dgu (N, 2F), assigned.
+template <typename T>
+void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F);
+
+// Fused softmax + cross-entropy. losses (N) = -log softmax(logits)[target];
+// probs (N, V) saved. Targets < 0 are ignored (loss 0, no gradient).
+template <typename T>
+void cross_entropy_forward(T* losses, T* probs, const T* logits, const int32_t* targets,
+                           int64_t N, int64_t V);
+// dlogits (N, V) = (probs - onehot(target)) * dloss, assigned. dloss is the gradient of the
+// total loss with respect to each token's loss (e.g. 1 / tokens in the global batch).
+template <typename T>
+void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets, T dloss,
+                            int64_t N, int64_t V);
+
+// out = a + b over n elements (out may alias a).
+template <typename T>
+void residual_forward(T* out, const T* a, const T* b, int64_t n);
+
+}  // namespace moe::cpu
