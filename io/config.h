@@ -11,21 +11,17 @@
 #include <string>
 #include <vector>
 
-namespace moe {
+#include "model/types.h"  // the mode enums
 
-enum class Device { kCpu, kCuda, kAuto };
-enum class AttentionKind { kMha, kMla };
-enum class ScoreFn { kSoftmax, kSigmoid };
-enum class LrSchedule { kCosine, kWsd, kConstant };
-enum class PipeSchedule { k1F1B, kZB1P, kDualPipe, kDualPipeV };
-enum class PrecisionMode { kFp32, kBf16, kFp8 };
-enum class StateDtype { kFp32, kBf16 };
+namespace moe {
 
 struct RunConfig {
   std::string name = "tiny";
   uint64_t seed = 1234;
   Device device = Device::kAuto;
   int threads = 0;  // CPU threads per rank; 0 = cores / ranks on the node
+
+  bool operator==(const RunConfig&) const = default;
 };
 
 struct ModelConfig {
@@ -44,6 +40,8 @@ struct ModelConfig {
   double mtp_loss_weight = 0.3;
   double init_std = 0.02;
   double norm_eps = 1e-6;
+
+  bool operator==(const ModelConfig&) const = default;
 };
 
 struct AttentionConfig {
@@ -55,6 +53,8 @@ struct AttentionConfig {
   int qk_nope_head_dim = 0;
   int qk_rope_head_dim = 0;
   int v_head_dim = 0;
+
+  bool operator==(const AttentionConfig&) const = default;
 };
 
 struct MoeConfig {
@@ -68,11 +68,15 @@ struct MoeConfig {
   double aux_loss_alpha = 0.0001;
   int num_groups = 1;
   int topk_groups = 1;
+
+  bool operator==(const MoeConfig&) const = default;
 };
 
 struct DataConfig {
   std::string train = "data/fortunes/train.bin";
   std::string val = "data/fortunes/val.bin";
+
+  bool operator==(const DataConfig&) const = default;
 };
 
 struct TrainingConfig {
@@ -81,6 +85,8 @@ struct TrainingConfig {
   int micro_batch = 4;    // sequences per forward pass
   int64_t exit_at_step = 0;
   double exit_after_minutes = 0.0;
+
+  bool operator==(const TrainingConfig&) const = default;
 };
 
 struct OptimConfig {
@@ -91,6 +97,8 @@ struct OptimConfig {
   double weight_decay = 0.1;
   double grad_clip = 1.0;  // 0 disables clipping
   StateDtype state_dtype = StateDtype::kFp32;
+
+  bool operator==(const OptimConfig&) const = default;
 };
 
 struct LrConfig {
@@ -98,6 +106,8 @@ struct LrConfig {
   int64_t warmup_steps = 50;
   double min_lr_ratio = 0.1;
   double decay_fraction = 0.2;  // WSD: the last fraction of steps decays to min_lr
+
+  bool operator==(const LrConfig&) const = default;
 };
 
 struct ParallelConfig {
@@ -105,11 +115,15 @@ struct ParallelConfig {
   int ep = 1;
   int pp = 1;
   PipeSchedule schedule = PipeSchedule::k1F1B;
+
+  bool operator==(const ParallelConfig&) const = default;
 };
 
 struct PrecisionConfig {
   PrecisionMode mode = PrecisionMode::kFp32;
   bool dispatch_fp8 = false;
+
+  bool operator==(const PrecisionConfig&) const = default;
 };
 
 struct CheckpointConfig {
@@ -117,6 +131,8 @@ struct CheckpointConfig {
   int64_t every = 200;  // 0 disables periodic saves
   int keep_last = 3;
   std::string resume = "none";  // none | auto | <path>
+
+  bool operator==(const CheckpointConfig&) const = default;
 };
 
 struct LogConfig {
@@ -126,6 +142,8 @@ struct LogConfig {
   std::string metrics_file = "runs/tiny/metrics.jsonl";  // empty disables
   int samples = 3;           // samples printed at the end of training
   int sample_tokens = 120;
+
+  bool operator==(const LogConfig&) const = default;
 };
 
 struct Config {
@@ -142,6 +160,8 @@ struct Config {
   CheckpointConfig checkpoint;
   LogConfig log;
   std::string source;  // the file it came from, for messages
+
+  bool operator==(const Config&) const = default;
 };
 
 // Loads `path`, applies `overrides` ("section.key=value", in order), validates, and returns

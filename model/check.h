@@ -34,7 +34,18 @@ std::string mpi_error_string(int rc);
 
 }  // namespace moe
 
-#define MOE_CHECK_MSG(...) ::moe::strprintf("" __VA_ARGS__)
+namespace moe {
+// The optional message of a CHECK: nothing, a plain string, or a printf format and its values.
+inline std::string check_msg() { return std::string(); }
+inline std::string check_msg(const char* s) { return std::string(s); }
+template <typename... Args>
+  requires(sizeof...(Args) > 0)
+std::string check_msg(const char* fmt, Args... args) {
+  return strprintf(fmt, args...);
+}
+}  // namespace moe
+
+#define MOE_CHECK_MSG(...) ::moe::check_msg(__VA_ARGS__)
 
 // CHECK(cond) or CHECK(cond, "fmt", args...)
 #define CHECK(cond, ...)                                                        \

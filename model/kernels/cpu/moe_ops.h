@@ -13,9 +13,14 @@
 
 #include <cstdint>
 
-#include "io/config.h"  // ScoreFn (an enum only)
+#include "model/types.h"
 
 namespace moe::cpu {
+
+// NOTE: the router and balance-loss kernels keep their per-token and per-sequence scratch
+// in bounded stack arrays (no allocation inside a step), which caps E, and hence G, here.
+// DeepSeek-V3 uses E = 256.
+inline constexpr int64_t kMoeMaxExperts = 1024;
 
 // Router scores and top-k selection (DeepSeek-V3).
 //   scores  (N, E): sigmoid(logits) or softmax(logits) over E.

@@ -1,0 +1,34 @@
+#include "io/config_model.h"
+
+namespace moe {
+
+ModelDims config_model_dims(const Config& cfg) {
+  const ModelConfig& mc = cfg.model;
+  const MoeConfig& moe = cfg.moe;
+  ModelDims d;
+  d.V = mc.vocab_size;
+  d.C = mc.d_model;
+  d.L = mc.n_layers;
+  d.NH = mc.n_heads;
+  d.NKV = mc.n_kv_heads;
+  d.HD = mc.head_dim;
+  d.T = mc.seq_len;
+  d.F = mc.d_ff;
+  d.dense_layers = mc.dense_layers;
+  d.E = moe.num_experts;
+  d.K = moe.top_k;
+  d.FE = moe.d_expert;
+  d.S = static_cast<int64_t>(moe.num_shared_experts) * moe.d_expert;
+  d.G = moe.num_groups;
+  d.KG = moe.topk_groups;
+  d.score = moe.score;
+  d.route_scale = moe.route_scale;
+  d.aux_alpha = moe.aux_loss_alpha;
+  d.norm_eps = mc.norm_eps;
+  d.rope_theta = cfg.attention.rope_theta;
+  d.init_std = mc.init_std;
+  d.tie_embeddings = mc.tie_embeddings;
+  return d;
+}
+
+}  // namespace moe

@@ -1,0 +1,75 @@
+#include "io/metrics.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "model/check.h"
+
+namespace moe {
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20) out += strprintf("\\u%04x", c);
+        else out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+MetricsRecord& MetricsRecord::add(const std::string& key, double value) {
+  // JSON has no NaN/Infinity; null keeps the line parseable and the gap visible.
+  fields_.emplace_back(key, std::isfinite(value) ? strprintf("%.9g", value) : "null");
+  return *this;
+}
+
+MetricsRecord& MetricsRecord::add_int(const std::string& key, long long value) {
+  fields_.emplace_back(key, strprintf("%lld", value));
+  return *this;
+}
+
+MetricsRecord& MetricsRecord::add_str(const std::string& key, const std::string& value) {
+  fields_.emplace_back(key, "\"" + json_escape(value) + "\"");
+  return *this;
+}
+
+std::string MetricsRecord::json() const {
+  std::string out = "{";
+  for (size_t i = 0; i < fields_.size(); ++i) {
+    if (i) out += ", ";
+    out += "\"" + json_escape(fields_[i].first) + "\": " + fields_[i].second;
+  }
+  return out + "}";
+}
+
+MetricsFile::MetricsFile(const std::string& path, bool append) : path_(path) {
+  if (path.empty()) return;
+  std::error_code ec;
+  std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  f_ = std::fopen(path.c_str(), append ? "a" : "w");
+  if (!f_) user_error("%s: cannot open metrics file: %s", path.c_str(), std::strerror(errno));
+}
+
+MetricsFile::~MetricsFile() {
+  if (f_) std::fclose(f_);
+}
+
+void MetricsFile::write(const MetricsRecord& r) {
+  if (!f_) return;
+  std::string line = r.json() + "\n";
+  if (std::fwrite(line.data(), 1, line.size(), f_) != line.size() || std::fflush(f_) != 0)
+    user_error("%s: cannot write metrics: %s", path_.c_str(), std::strerror(errno));
+}
+
+}  // namespace moe

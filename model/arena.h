@@ -1,0 +1,66 @@
+// Arenas: one allocation per lifetime (parameters, gradients, optimizer state,
+// activations), sized from a table before anything is allocated.
+//
+// A layout function is written once against a Carver and run twice: first with no base
+// (it only measures), then over the allocated block (it hands out pointers). So the size
+// table and the pointer assignment can never disagree.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace moe {
+
+constexpr size_t kArenaAlign = 64;  // cache line; also AVX-512 friendly
+
+class Carver {
+ public:
+  explicit Carver(char* base = nullptr) : base_(base) {}
+  template <typename T>
+  T* take(size_t count) {
+    used_ = (used_ + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += count * sizeof(T);
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+// An owned, zero-filled, aligned block of memory.
+class Arena {
+ public:
+  Arena() = default;
+  Arena(std::string name, size_t bytes);
+  ~Arena();
+  Arena(Arena&& o) noexcept;
+  Arena& operator=(Arena&& o) noexcept;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  char* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+  char* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Runs `layout(Carver&)` to size an arena, allocates it, runs it again to point into it.
+template <typename Layout>
+Arena arena_build(const std::string& name, Layout&& layout) {
+  Carver measure;
+  layout(measure);
+  Arena arena(name, measure.used());
+  Carver carve(arena.data());
+  layout(carve);
+  return arena;
+}
+
+}  // namespace moe

@@ -1,0 +1,52 @@
+// Pre-norm attention block: RMSNorm -> fused QKV projection -> RoPE on q and k ->
+// causal softmax attention -> output projection -> residual add.
+#include "model/check.h"
+#include "model/kernels/cpu/dense_ops.h"
+#include "model/layers.h"
+
+namespace moe {
+
+template <typename T>
+void attention_block_forward(T* res_out, LayerActs<T>& la, const T* res_in,
+                             const LayerParams<T>& lp, const Activations<T>& a,
+                             const ModelDims& d, int64_t B, int64_t T_) {
+  const int64_t N = B * T_, C = d.C, QKV = d.qkv();
+  cpu::rmsnorm_forward<T>(la.ln1, la.rstd1, res_in, lp.attn_norm, N, C, static_cast<T>(d.norm_eps));
+  cpu::matmul_forward<T>(la.qkv, la.ln1, lp.wqkv, N, C, QKV);
+  cpu::rope_forward<T>(la.qkv, a.rope_cos, a.rope_sin, B, T_, d.NH, d.HD, QKV);
+  cpu::rope_forward<T>(la.qkv + d.NH * d.HD, a.rope_cos, a.rope_sin, B, T_, d.NKV, d.HD, QKV);
+  cpu::attention_forward<T>(la.attn_out, la.probs, la.qkv, B, T_, d.NH, d.NKV, d.HD);
+  cpu::matmul_forward<T>(a.tmp, la.attn_out, lp.wo, N, d.d_attn(), C);
+  cpu::residual_forward<T>(res_out, res_in, a.tmp, N * C);
+}
+
+template <typename T>
+void attention_block_backward(T* dres, LayerParams<T>& lg, const LayerActs<T>& la,
+                              const T* res_in, const LayerParams<T>& lp, Activations<T>& a,
+                              const ModelDims& d, int64_t B, int64_t T_) {
+  const int64_t N = B * T_, C = d.C, QKV = d.qkv();
+  // dres flows unchanged through the residual add; the branch gets a copy of it.
+  cpu::matmul_backward_input<T>(a.dattn, dres, lp.wo, N, d.d_attn(), C);
+  cpu::matmul_backward_weight<T>(lg.wo, dres, la.attn_out, N, d.d_attn(), C);
+  cpu::attention_backward<T>(a.dqkv, a.dattn, la.qkv, la.probs, B, T_, d.NH, d.NKV, d.HD,
+                             a.attn_scratch);
+  cpu::rope_backward<T>(a.dqkv, a.rope_cos, a.rope_sin, B, T_, d.NH, d.HD, QKV);
+  cpu::rope_backward<T>(a.dqkv + d.NH * d.HD, a.rope_cos, a.rope_sin, B, T_, d.NKV, d.HD, QKV);
+  cpu::matmul_backward_input<T>(a.dln, a.dqkv, lp.wqkv, N, C, QKV);
+  cpu::matmul_backward_weight<T>(lg.wqkv, a.dqkv, la.ln1, N, C, QKV);
+  cpu::rmsnorm_backward_input<T>(dres, a.dln, res_in, lp.attn_norm, la.rstd1, N, C);
+  cpu::rmsnorm_backward_weight<T>(lg.attn_norm, a.dln, res_in, la.rstd1, N, C);
+}
+
+#define MOE_INSTANTIATE(T)                                                                   \
+  template void attention_block_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
+                                           const Activations<T>&, const ModelDims&, int64_t,   \
+                                           int64_t);                                         \
+  template void attention_block_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*, \
+                                            const LayerParams<T>&, Activations<T>&,          \
+                                            const ModelDims&, int64_t, int64_t);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe

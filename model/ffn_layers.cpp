@@ -1,0 +1,129 @@
+// The feed-forward layers: dense SwiGLU and the MoE layer (router -> dispatch ->
+// per-expert SwiGLU -> combine, plus the shared experts).
+#include "model/check.h"
+#include "model/kernels/cpu/dense_ops.h"
+#include "model/kernels/cpu/moe_ops.h"
+#include "model/layers.h"
+
+namespace moe {
+
+namespace {
+
+// SwiGLU MLP on rows: gu (n, 2F) = x W13^T, h (n, F) = silu(g) * u, out (n, C) = h W2^T.
+template <typename T>
+void swiglu_mlp_forward(T* out, T* gu, T* h, const T* x, const T* w13, const T* w2, int64_t n,
+                        int64_t C, int64_t F) {
+  cpu::matmul_forward<T>(gu, x, w13, n, C, 2 * F);
+  cpu::swiglu_forward<T>(h, gu, n, F);
+  cpu::matmul_forward<T>(out, h, w2, n, F, C);
+}
+
+// dx (n, C) = assigned when accumulate_dx is false, += otherwise. dgu/dh are scratch.
+template <typename T>
+void swiglu_mlp_backward(T* dx, T* dw13, T* dw2, T* dgu, T* dh, const T* dout, const T* x,
+                         const T* gu, const T* h, const T* w13, const T* w2, int64_t n,
+                         int64_t C, int64_t F, bool accumulate_dx) {
+  cpu::matmul_backward_input<T>(dh, dout, w2, n, F, C);
+  cpu::matmul_backward_weight<T>(dw2, dout, h, n, F, C);
+  cpu::swiglu_backward<T>(dgu, dh, gu, n, F);
+  if (accumulate_dx) {
+    cpu::gemm<T>(false, false, n, C, 2 * F, T(1), dgu, 2 * F, w13, C, T(1), dx, C);
+  } else {
+    cpu::matmul_backward_input<T>(dx, dgu, w13, n, C, 2 * F);
+  }
+  cpu::matmul_backward_weight<T>(dw13, dgu, x, n, C, 2 * F);
+}
+
+}  // namespace
+
+template <typename T>
+void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+                       const ModelDims& d, int64_t N) {
+  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F);
+}
+
+template <typename T>
+void dense_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
+                        const T* x, const LayerParams<T>& lp, Activations<T>& a,
+                        const ModelDims& d, int64_t N) {
+  swiglu_mlp_backward<T>(dx, lg.w13, lg.w2, a.dgu, a.dh, dout, x, la.gu, la.h, lp.w13, lp.w2, N,
+                         d.C, d.F, false);
+}
+
+template <typename T>
+double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+                       const float* bias, int64_t* load, Activations<T>& a, const ModelDims& d,
+                       int64_t B, int64_t T_) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE;
+  // Router in full precision of T: logits -> scores -> top-k with the selection bias.
+  cpu::matmul_forward<T>(a.router_logits, x, lp.router, N, C, E);
+  cpu::router_forward<T>(la.scores, la.expert_ids, la.gate_weights, a.router_logits, bias, N, E,
+                         K, d.score, d.route_scale, d.G, d.KG);
+  cpu::moe_plan(la.counts, la.offsets, la.row_of, la.token_of, la.expert_ids, N, E, K);
+  cpu::moe_permute_forward<T>(la.xp, x, la.token_of, N * K, C);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = la.counts[e], r0 = la.offsets[e];
+    if (n == 0) continue;
+    swiglu_mlp_forward<T>(la.yp + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, la.xp + r0 * C,
+                          lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE);
+  }
+  cpu::moe_combine_forward<T>(out, la.yp, la.gate_weights, la.row_of, N, K, C);
+  if (d.S > 0) {
+    swiglu_mlp_forward<T>(a.tmp, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, C, d.S);
+    cpu::residual_forward<T>(out, out, a.tmp, N * C);
+  }
+  if (load)
+    for (int64_t e = 0; e < E; ++e) load[e] += la.counts[e];
+  if (d.aux_alpha > 0)
+    return static_cast<double>(
+        cpu::aux_loss_forward<T>(la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha));
+  return 0.0;
+}
+
+template <typename T>
+void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
+                      const T* x, const LayerParams<T>& lp, Activations<T>& a,
+                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE;
+  cpu::moe_combine_backward<T>(a.dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = la.counts[e], r0 = la.offsets[e];
+    if (n == 0) continue;
+    swiglu_mlp_backward<T>(a.dxp + r0 * C, lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE, a.dgu,
+                           a.dh, a.dyp + r0 * C, la.xp + r0 * C, la.egu + r0 * 2 * FE,
+                           la.eh + r0 * FE, lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C,
+                           FE, false);
+  }
+  cpu::moe_permute_backward<T>(dx, a.dxp, la.row_of, N, K, C);
+  const T* dscores_extra = nullptr;
+  if (d.aux_alpha > 0) {
+    cpu::aux_loss_backward<T>(a.dscores, la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha,
+                              dloss_aux);
+    dscores_extra = a.dscores;
+  }
+  cpu::router_backward<T>(a.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
+                          d.score, d.route_scale);
+  cpu::gemm<T>(false, false, N, C, E, T(1), a.dlogits_r, E, lp.router, C, T(1), dx, C);
+  cpu::matmul_backward_weight<T>(lg.router, a.dlogits_r, x, N, C, E);
+  if (d.S > 0)
+    swiglu_mlp_backward<T>(dx, lg.sw13, lg.sw2, a.dgu, a.dh, dout, x, la.sgu, la.sh, lp.sw13,
+                           lp.sw2, N, C, d.S, true);
+}
+
+#define MOE_INSTANTIATE(T)                                                                     \
+  template void dense_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
+                                     const ModelDims&, int64_t);                              \
+  template void dense_ffn_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*,     \
+                                      const T*, const LayerParams<T>&, Activations<T>&,       \
+                                      const ModelDims&, int64_t);                             \
+  template double moe_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
+                                     const float*, int64_t*, Activations<T>&, const ModelDims&, \
+                                     int64_t, int64_t);                                       \
+  template void moe_ffn_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*,       \
+                                    const T*, const LayerParams<T>&, Activations<T>&,         \
+                                    const ModelDims&, int64_t, int64_t, T);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe

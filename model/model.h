@@ -1,0 +1,198 @@
+// The decoder-only MoE transformer on one process: parameter layout, activations,
+// forward and backward, over raw buffers allocated once (llm.c style).
+//
+//   tokens -> embedding -> L x [ RMSNorm -> causal attention (RoPE, GQA) -> +residual
+//                                RMSNorm -> FFN -> +residual ] -> RMSNorm -> head -> CE
+// FFN is a dense SwiGLU for the first `dense_layers` layers and a MoE layer after:
+// E routed SwiGLU experts (top-K, DeepSeek-V3 routing with a selection-only bias) plus
+// shared experts, fused as one SwiGLU of width S.
+//
+// Dimension letters: B batch, T sequence, N = B*T, C d_model, V vocab, L layers, NH/NKV
+// query/kv heads, HD head dim, F dense FFN width, E experts, K top-k, FE expert width,
+// S shared width (num_shared * FE), QKV = (NH + 2 NKV) * HD.
+//
+// Weights are (out, in) row-major. Fused weights: wqkv (QKV, C) = [q rows | k rows | v rows];
+// w13 (2F, C) = [gate rows | up rows]. The element type T is float for training and double
+// for gradient checks.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/arena.h"
+#include "model/types.h"
+
+namespace moe {
+
+struct ModelDims {
+  int64_t V = 256, C = 256, L = 6, NH = 8, NKV = 8, HD = 32, T = 256, F = 768;
+  int64_t dense_layers = 1;
+  int64_t E = 16, K = 2, FE = 256, S = 256, G = 1, KG = 1;
+  ScoreFn score = ScoreFn::kSigmoid;
+  double route_scale = 1.0;
+  double aux_alpha = 0.0;
+  double norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  double init_std = 0.02;
+  bool tie_embeddings = false;
+
+  int64_t qkv() const { return (NH + 2 * NKV) * HD; }
+  int64_t d_attn() const { return NH * HD; }
+  bool is_moe(int64_t l) const { return l >= dense_layers; }
+  int64_t n_moe_layers() const { return L - dense_layers; }
+};
+
+// One named parameter tensor inside the flat parameter buffer.
+struct ParamInfo {
+  std::string name;            // e.g. "layers/3/moe/experts/w13"
+  std::vector<int64_t> shape;  // logical shape, row-major
+  size_t offset = 0;           // in elements from the start of the buffer
+  size_t count = 0;
+  bool decay = true;           // weight decay applies (not to norms)
+};
+
+template <typename T>
+struct LayerParams {
+  T* attn_norm;  // (C)
+  T* wqkv;       // (QKV, C)
+  T* wo;         // (C, NH*HD)
+  T* ffn_norm;   // (C)
+  T* w13;        // dense (2F, C)
+  T* w2;         // dense (C, F)
+  T* router;     // moe (E, C)
+  T* ew13;       // moe (E, 2FE, C)
+  T* ew2;        // moe (E, C, FE)
+  T* sw13;       // moe shared (2S, C), null when S = 0
+  T* sw2;        // moe shared (C, S)
+};
+
+template <typename T>
+struct ModelParams {
+  T* wte;         // (V, C)
+  std::vector<LayerParams<T>> layers;
+  T* final_norm;  // (C)
+  T* lm_head;     // (V, C); aliases wte when tied
+};
+
+// Activations of one micro-batch of up to B_max x T tokens, saved for backward.
+template <typename T>
+struct LayerActs {
+  T* res_mid;   // (N, C) residual after attention
+  T* ln1;       // (N, C)
+  T* rstd1;     // (N)
+  T* qkv;       // (N, QKV) after RoPE
+  T* probs;     // (B, NH, T, T)
+  T* attn_out;  // (N, NH*HD)
+  T* ln2;       // (N, C)
+  T* rstd2;     // (N)
+  T* gu;        // dense (N, 2F)
+  T* h;         // dense (N, F)
+  T* scores;    // moe (N, E)
+  int32_t* expert_ids;  // (N, K)
+  T* gate_weights;      // (N, K)
+  int64_t* counts;      // (E)
+  int64_t* offsets;     // (E + 1)
+  int32_t* row_of;      // (N K)
+  int32_t* token_of;    // (N K)
+  T* xp;   // (N K, C) permuted inputs
+  T* egu;  // (N K, 2FE)
+  T* eh;   // (N K, FE)
+  T* yp;   // (N K, C) expert outputs
+  T* sgu;  // (N, 2S)
+  T* sh;   // (N, S)
+};
+
+template <typename T>
+struct Activations {
+  int32_t* tokens;   // (N)
+  int32_t* targets;  // (N)
+  T* res;            // (L + 1, N, C) residual stream entering each layer, and the last
+  std::vector<LayerActs<T>> layers;
+  T* lnf;     // (N, C)
+  T* rstdf;   // (N)
+  T* logits;  // (N, V)
+  T* probs;   // (N, V)
+  T* losses;  // (N)
+  T* rope_cos;  // (T, HD/2)
+  T* rope_sin;  // (T, HD/2)
+  // Scratch reused by every layer (forward temporaries and backward gradients).
+  T* tmp;           // (N, C)
+  T* router_logits; // (N, E)
+  T* dres;          // (N, C) gradient of the residual stream
+  T* dln;           // (N, C)
+  T* dqkv;          // (N, QKV)
+  T* dattn;         // (N, NH*HD)
+  T* attn_scratch;  // (B, NH, T, T)
+  T* dgu;           // (max(N 2F, N K 2FE, N 2S))
+  T* dh;            // (max(N F, N K FE, N S))
+  T* dxp;           // (N K, C)
+  T* dyp;           // (N K, C)
+  T* dgate;         // (N, K)
+  T* dscores;       // (N, E)
+  T* dlogits_r;     // (N, E)
+  T* dlogits;       // (N, V)
+};
+
+template <typename T>
+struct Model {
+  ModelDims d;
+  int64_t B_max = 0;
+  std::vector<ParamInfo> table;
+  size_t n_params = 0;
+  Arena param_arena, grad_arena, act_arena, state_arena;
+  T* params = nullptr;  // flat, in table order
+  T* grads = nullptr;   // same layout as params
+  ModelParams<T> p, g;
+  Activations<T> a;
+  float* router_bias = nullptr;   // (L - dense_layers, E): selection-only bias, no gradient
+  int64_t* expert_load = nullptr; // (L - dense_layers, E): tokens routed this step
+  // Set by the last forward:
+  int64_t B = 0, Tcur = 0;
+  double aux_loss_sum = 0;  // sum over sequences and MoE layers of the balance loss
+};
+
+// The parameter table (names, shapes, offsets) of a model; the same for every T.
+std::vector<ParamInfo> model_param_table(const ModelDims& d);
+
+// Validates dims, allocates all arenas for micro-batches of up to B_max sequences of d.T.
+template <typename T>
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max);
+
+// Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases.
+template <typename T>
+void model_init(Model<T>& m, uint64_t seed);
+
+template <typename T>
+void model_zero_grads(Model<T>& m);
+
+// Forward over tokens (B, T) (T <= d.T). With targets, returns the mean cross-entropy over
+// targets >= 0 (and sets aux_loss_sum); without, computes logits only and returns 0.
+// `training` adds this batch's routing counts to expert_load.
+template <typename T>
+double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets, int64_t B,
+                     int64_t T_, bool training);
+
+// Backward of the last forward: accumulates (+=) into m.grads the gradient of
+//   dloss_ce * sum_tokens(CE) + dloss_aux * aux_loss_sum.
+template <typename T>
+void model_backward(Model<T>& m, T dloss_ce, T dloss_aux);
+
+// Parameter counts: total, and active per token (matmul weights a token passes through:
+// attention, dense FFN, router, shared experts, top-K routed experts, head; the embedding
+// lookup and norms are excluded).
+struct ModelCounts {
+  int64_t total = 0;
+  int64_t active_matmul = 0;
+  int64_t embedding = 0;
+};
+ModelCounts model_counts(const ModelDims& d);
+
+// Training FLOPs per token: 6 * active_matmul + 12 * L * T * d_attn (forward + backward of
+// QK^T and PV over the full T x T window, the PaLM convention).
+double model_flops_per_token(const ModelDims& d);
+
+// Activation bytes for one micro-batch of B sequences (element size elem).
+size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem);
+
+}  // namespace moe

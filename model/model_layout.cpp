@@ -1,0 +1,222 @@
+// Where every parameter and activation lives: the parameter table, the arenas, init.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "model/check.h"
+#include "model/kernels/cpu/dense_ops.h"
+#include "model/model.h"
+#include "model/rng.h"
+
+namespace moe {
+
+namespace {
+
+// Walks the parameters in their fixed order. With base == nullptr it only fills the table.
+template <typename T>
+void param_layout(const ModelDims& d, T* base, ModelParams<T>* views, std::vector<ParamInfo>* table) {
+  size_t offset = 0;
+  auto take = [&](const std::string& name, std::vector<int64_t> shape, bool decay) -> T* {
+    size_t count = 1;
+    for (int64_t s : shape) count *= static_cast<size_t>(s);
+    if (table) table->push_back(ParamInfo{name, shape, offset, count, decay});
+    T* p = base ? base + offset : nullptr;
+    offset += count;
+    return p;
+  };
+  ModelParams<T> v{};
+  v.wte = take("embed/wte", {d.V, d.C}, true);
+  v.layers.resize(static_cast<size_t>(d.L));
+  for (int64_t l = 0; l < d.L; ++l) {
+    LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
+    lp = LayerParams<T>{};
+    std::string pre = "layers/" + std::to_string(l) + "/";
+    lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
+    lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
+    lp.wo = take(pre + "attn/wo", {d.C, d.d_attn()}, true);
+    lp.ffn_norm = take(pre + "ffn_norm", {d.C}, false);
+    if (!d.is_moe(l)) {
+      lp.w13 = take(pre + "mlp/w13", {2 * d.F, d.C}, true);
+      lp.w2 = take(pre + "mlp/w2", {d.C, d.F}, true);
+    } else {
+      lp.router = take(pre + "moe/router", {d.E, d.C}, true);
+      lp.ew13 = take(pre + "moe/experts/w13", {d.E, 2 * d.FE, d.C}, true);
+      lp.ew2 = take(pre + "moe/experts/w2", {d.E, d.C, d.FE}, true);
+      if (d.S > 0) {
+        lp.sw13 = take(pre + "moe/shared/w13", {2 * d.S, d.C}, true);
+        lp.sw2 = take(pre + "moe/shared/w2", {d.C, d.S}, true);
+      }
+    }
+  }
+  v.final_norm = take("final_norm", {d.C}, false);
+  v.lm_head = d.tie_embeddings ? v.wte : take("lm_head", {d.V, d.C}, true);
+  if (views) *views = std::move(v);
+}
+
+template <typename T>
+void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
+  const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
+  const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
+  const size_t TT = static_cast<size_t>(B * d.NH * d.T * d.T);
+  a.tokens = c.take<int32_t>(N);
+  a.targets = c.take<int32_t>(N);
+  a.res = c.take<T>(static_cast<size_t>(d.L + 1) * N * C);
+  a.layers.resize(static_cast<size_t>(d.L));
+  for (int64_t l = 0; l < d.L; ++l) {
+    LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+    la = LayerActs<T>{};
+    la.res_mid = c.take<T>(N * C);
+    la.ln1 = c.take<T>(N * C);
+    la.rstd1 = c.take<T>(N);
+    la.qkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+    la.probs = c.take<T>(TT);
+    la.attn_out = c.take<T>(N * static_cast<size_t>(d.d_attn()));
+    la.ln2 = c.take<T>(N * C);
+    la.rstd2 = c.take<T>(N);
+    if (!d.is_moe(l)) {
+      la.gu = c.take<T>(N * 2 * static_cast<size_t>(d.F));
+      la.h = c.take<T>(N * static_cast<size_t>(d.F));
+    } else {
+      la.scores = c.take<T>(N * E);
+      la.expert_ids = c.take<int32_t>(NK);
+      la.gate_weights = c.take<T>(NK);
+      la.counts = c.take<int64_t>(E);
+      la.offsets = c.take<int64_t>(E + 1);
+      la.row_of = c.take<int32_t>(NK);
+      la.token_of = c.take<int32_t>(NK);
+      la.xp = c.take<T>(NK * C);
+      la.egu = c.take<T>(NK * 2 * static_cast<size_t>(d.FE));
+      la.eh = c.take<T>(NK * static_cast<size_t>(d.FE));
+      la.yp = c.take<T>(NK * C);
+      if (d.S > 0) {
+        la.sgu = c.take<T>(N * 2 * static_cast<size_t>(d.S));
+        la.sh = c.take<T>(N * static_cast<size_t>(d.S));
+      }
+    }
+  }
+  a.lnf = c.take<T>(N * C);
+  a.rstdf = c.take<T>(N);
+  a.logits = c.take<T>(N * static_cast<size_t>(d.V));
+  a.probs = c.take<T>(N * static_cast<size_t>(d.V));
+  a.losses = c.take<T>(N);
+  a.rope_cos = c.take<T>(static_cast<size_t>(d.T * d.HD / 2));
+  a.rope_sin = c.take<T>(static_cast<size_t>(d.T * d.HD / 2));
+  a.tmp = c.take<T>(N * C);
+  a.router_logits = c.take<T>(N * E);
+  a.dres = c.take<T>(N * C);
+  a.dln = c.take<T>(N * C);
+  a.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+  a.dattn = c.take<T>(N * static_cast<size_t>(d.d_attn()));
+  a.attn_scratch = c.take<T>(TT);
+  const size_t ffn_rows_w = std::max({N * static_cast<size_t>(d.F), NK * static_cast<size_t>(d.FE),
+                                      N * static_cast<size_t>(d.S)});
+  a.dgu = c.take<T>(2 * ffn_rows_w);
+  a.dh = c.take<T>(ffn_rows_w);
+  a.dxp = c.take<T>(NK * C);
+  a.dyp = c.take<T>(NK * C);
+  a.dgate = c.take<T>(NK);
+  a.dscores = c.take<T>(N * E);
+  a.dlogits_r = c.take<T>(N * E);
+  a.dlogits = c.take<T>(N * static_cast<size_t>(d.V));
+}
+
+void dims_check(const ModelDims& d) {
+  CHECK(d.V >= 2 && d.C >= 1 && d.L >= 1 && d.T >= 1);
+  CHECK(d.NH >= 1 && d.NKV >= 1 && d.NH % d.NKV == 0, "NH %lld NKV %lld", (long long)d.NH,
+        (long long)d.NKV);
+  CHECK(d.HD >= 2 && d.HD % 2 == 0);
+  CHECK(d.dense_layers >= 0 && d.dense_layers <= d.L);
+  if (d.n_moe_layers() > 0) {
+    CHECK(d.E >= 1 && d.K >= 1 && d.K <= d.E && d.FE >= 1 && d.S >= 0);
+    CHECK(d.G >= 1 && d.E % d.G == 0 && d.KG >= 1 && d.KG <= d.G);
+  }
+  if (d.dense_layers > 0) CHECK(d.F >= 1);
+}
+
+}  // namespace
+
+std::vector<ParamInfo> model_param_table(const ModelDims& d) {
+  std::vector<ParamInfo> table;
+  param_layout<float>(d, nullptr, nullptr, &table);
+  return table;
+}
+
+template <typename T>
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max) {
+  dims_check(d);
+  CHECK(B_max >= 1);
+  m.d = d;
+  m.B_max = B_max;
+  m.table = model_param_table(d);
+  m.n_params = m.table.back().offset + m.table.back().count;
+  m.param_arena = Arena("parameters", m.n_params * sizeof(T));
+  m.grad_arena = Arena("gradients", m.n_params * sizeof(T));
+  m.params = reinterpret_cast<T*>(m.param_arena.data());
+  m.grads = reinterpret_cast<T*>(m.grad_arena.data());
+  param_layout<T>(d, m.params, &m.p, nullptr);
+  param_layout<T>(d, m.grads, &m.g, nullptr);
+  m.act_arena = arena_build("activations", [&](Carver& c) { act_layout<T>(d, B_max, c, m.a); });
+  const size_t moe_e = static_cast<size_t>(d.n_moe_layers() * d.E);
+  m.state_arena = arena_build("router state", [&](Carver& c) {
+    m.router_bias = c.take<float>(moe_e);
+    m.expert_load = c.take<int64_t>(moe_e);
+  });
+  cpu::rope_tables<T>(m.a.rope_cos, m.a.rope_sin, d.T, d.HD, d.rope_theta);
+}
+
+template <typename T>
+void model_init(Model<T>& m, uint64_t seed) {
+  for (size_t i = 0; i < m.table.size(); ++i) {
+    const ParamInfo& info = m.table[i];
+    T* p = m.params + info.offset;
+    const bool is_norm = info.shape.size() == 1;
+    const uint64_t stream = rng_stream(RngPurpose::kInit, i);
+#pragma omp parallel for schedule(static)
+    for (size_t j = 0; j < info.count; ++j)
+      p[j] = is_norm ? T(1) : static_cast<T>(m.d.init_std * rng_normal(seed, stream, j));
+  }
+  std::memset(m.router_bias, 0, sizeof(float) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
+  std::memset(m.expert_load, 0, sizeof(int64_t) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
+}
+
+template <typename T>
+void model_zero_grads(Model<T>& m) {
+  std::memset(m.grads, 0, m.n_params * sizeof(T));
+}
+
+ModelCounts model_counts(const ModelDims& d) {
+  ModelCounts c;
+  for (const ParamInfo& p : model_param_table(d)) c.total += static_cast<int64_t>(p.count);
+  c.embedding = d.V * d.C;
+  const int64_t attn = d.qkv() * d.C + d.C * d.d_attn();
+  const int64_t dense = 3 * d.F * d.C;
+  const int64_t moe = d.E * d.C + 3 * d.K * d.FE * d.C + 3 * d.S * d.C;
+  c.active_matmul = d.L * attn + d.dense_layers * dense + d.n_moe_layers() * moe + d.V * d.C;
+  return c;
+}
+
+double model_flops_per_token(const ModelDims& d) {
+  return 6.0 * static_cast<double>(model_counts(d).active_matmul) +
+         12.0 * static_cast<double>(d.L * d.T * d.d_attn());
+}
+
+size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
+  Carver measure;
+  if (elem == sizeof(double)) {
+    Activations<double> a;
+    act_layout<double>(d, B, measure, a);
+  } else {
+    Activations<float> a;
+    act_layout<float>(d, B, measure, a);
+  }
+  return measure.used();
+}
+
+template void model_build<float>(Model<float>&, const ModelDims&, int64_t);
+template void model_build<double>(Model<double>&, const ModelDims&, int64_t);
+template void model_init<float>(Model<float>&, uint64_t);
+template void model_init<double>(Model<double>&, uint64_t);
+template void model_zero_grads<float>(Model<float>&);
+template void model_zero_grads<double>(Model<double>&);
+
+}  // namespace moe

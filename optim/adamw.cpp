@@ -1,0 +1,76 @@
+#include "optim/adamw.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace moe {
+
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
+                  const AdamWStep& s, bool decay) {
+  const float b1 = s.beta1, b2 = s.beta2;
+  const float c1 = 1.0f / (1.0f - std::pow(b1, static_cast<float>(s.t)));
+  const float c2 = 1.0f / (1.0f - std::pow(b2, static_cast<float>(s.t)));
+  const float wd = decay ? s.weight_decay : 0.0f;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = grad[i] * s.grad_scale;
+    const float mi = b1 * m[i] + (1.0f - b1) * g;
+    const float vi = b2 * v[i] + (1.0f - b2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float update = (mi * c1) / (std::sqrt(vi * c2) + s.eps) + wd * param[i];
+    param[i] -= s.lr * update;
+  }
+}
+
+double grad_sum_squares(const float* g, int64_t n) {
+  constexpr int64_t kBlock = 1 << 14;
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  // The partial per block does not depend on the thread count; the final sum is in block order.
+  std::vector<double> partial(static_cast<size_t>(nb));
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; ++b) {
+    double acc = 0;
+    const int64_t end = std::min(n, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < end; ++i) acc += static_cast<double>(g[i]) * g[i];
+    partial[static_cast<size_t>(b)] = acc;
+  }
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+float grad_clip_scale(double norm, double max_norm) {
+  if (max_norm <= 0 || !(norm > max_norm)) return 1.0f;
+  return static_cast<float>(max_norm / (norm + 1e-6));
+}
+
+double lr_at(const LrSchedulePlan& p, int64_t step) {
+  if (p.warmup > 0 && step < p.warmup)
+    return p.peak * static_cast<double>(step + 1) / static_cast<double>(p.warmup);
+  const double min_lr = p.peak * p.min_ratio;
+  switch (p.kind) {
+    case LrSchedule::kConstant:
+      return p.peak;
+    case LrSchedule::kCosine: {
+      const double span = static_cast<double>(std::max<int64_t>(1, p.total - p.warmup));
+      const double progress = std::clamp(static_cast<double>(step - p.warmup) / span, 0.0, 1.0);
+      return min_lr + 0.5 * (p.peak - min_lr) * (1.0 + std::cos(M_PI * progress));
+    }
+    case LrSchedule::kWsd: {
+      const int64_t decay_steps = std::max<int64_t>(
+          1, static_cast<int64_t>(std::ceil(p.decay_fraction * static_cast<double>(p.total))));
+      const int64_t decay_start = std::max(p.warmup, p.total - decay_steps);
+      if (step < decay_start) return p.peak;
+      const double progress = std::clamp(
+          static_cast<double>(step - decay_start) /
+              static_cast<double>(std::max<int64_t>(1, p.total - decay_start)),
+          0.0, 1.0);
+      return p.peak + (min_lr - p.peak) * progress;
+    }
+  }
+  return p.peak;
+}
+
+}  // namespace moe

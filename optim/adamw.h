@@ -1,0 +1,45 @@
+// AdamW with decoupled weight decay over FP32 master weights, global gradient-norm
+// clipping and the learning-rate schedules.
+#pragma once
+
+#include <cstdint>
+
+#include "model/types.h"
+
+namespace moe {
+
+struct AdamWStep {
+  float lr = 0;
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  float weight_decay = 0;  // applied as param -= lr * wd * param (decoupled)
+  int64_t t = 1;           // 1-based step count, for bias correction
+  float grad_scale = 1;    // multiplies every gradient first (clipping)
+};
+
+// One AdamW update of n elements. m and v are the first and second moments.
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
+                  const AdamWStep& s, bool decay);
+
+// Sum of squares of n gradients, in double, in a fixed order (deterministic for any
+// thread count: fixed-size blocks reduced in block order).
+double grad_sum_squares(const float* g, int64_t n);
+
+// The factor that scales gradients so their global norm is at most max_norm
+// (1 when max_norm <= 0 or the norm is already smaller).
+float grad_clip_scale(double norm, double max_norm);
+
+struct LrSchedulePlan {
+  LrSchedule kind = LrSchedule::kCosine;
+  double peak = 3e-3;
+  int64_t warmup = 0;
+  int64_t total = 1;
+  double min_ratio = 0.1;
+  double decay_fraction = 0.2;  // WSD only
+};
+
+// Learning rate for 0-based optimizer step `step`: linear warm-up from peak/warmup to peak
+// over `warmup` steps, then cosine to min_ratio * peak at `total`, or WSD (constant, then a
+// linear decay over the last decay_fraction of the steps), or constant.
+double lr_at(const LrSchedulePlan& p, int64_t step);
+
+}  // namespace moe

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: every test of the Release build (CPU; 'gpu' tests skip where
+# no device is visible), then the unit tests again under ASan/UBSan in build-asan/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs="$(nproc)"
+
+ctest --test-dir build --output-on-failure -j"$jobs"
+
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DMOETRAIN_SANITIZE=ON -DMOETRAIN_CUDA=OFF
+cmake --build build-asan -j"$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-asan -L unit -LE slow --output-on-failure -j"$jobs"

@@ -1,0 +1,60 @@
+#include "trainer/generate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "model/check.h"
+#include "model/rng.h"
+
+namespace moe {
+
+std::string generate_text(Model<float>& m, const std::string& prompt, int n_tokens,
+                          double temperature, uint64_t seed, uint64_t sample_index) {
+  const ModelDims& d = m.d;
+  std::vector<int32_t> ctx;
+  for (unsigned char c : prompt) ctx.push_back(static_cast<int32_t>(c) % static_cast<int32_t>(d.V));
+  if (ctx.empty()) ctx.push_back('\n' % static_cast<int32_t>(d.V));
+  std::string out;
+  std::vector<double> p(static_cast<size_t>(d.V));
+  const uint64_t stream = rng_stream(RngPurpose::kSample, sample_index);
+  for (int i = 0; i < n_tokens; ++i) {
+    const int64_t T_ = std::min<int64_t>(static_cast<int64_t>(ctx.size()), d.T);
+    model_forward<float>(m, ctx.data() + ctx.size() - static_cast<size_t>(T_), nullptr, 1, T_,
+                         false);
+    const float* logits = m.a.logits + (T_ - 1) * d.V;
+    const double inv_t = 1.0 / std::max(temperature, 1e-6);
+    double mx = logits[0];
+    for (int64_t v = 1; v < d.V; ++v) mx = std::max(mx, static_cast<double>(logits[v]));
+    double sum = 0;
+    for (int64_t v = 0; v < d.V; ++v) {
+      p[static_cast<size_t>(v)] = std::exp((logits[v] - mx) * inv_t);
+      sum += p[static_cast<size_t>(v)];
+    }
+    double u = rng_uniform(seed, stream, static_cast<uint64_t>(i)) * sum;
+    int64_t tok = d.V - 1;
+    for (int64_t v = 0; v < d.V; ++v) {
+      u -= p[static_cast<size_t>(v)];
+      if (u <= 0) {
+        tok = v;
+        break;
+      }
+    }
+    ctx.push_back(static_cast<int32_t>(tok));
+    out.push_back(static_cast<char>(tok));
+  }
+  return out;
+}
+
+std::string printable_line(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '\n') out += " / ";
+    else if (c == '\t') out += ' ';
+    else if (c < 0x20 || c >= 0x7f) out += '.';
+    else out += static_cast<char>(c);
+  }
+  return out;
+}
+
+}  // namespace moe

@@ -1,0 +1,26 @@
+// A one-line progress bar with ETA, drawn only when stdout is a terminal.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace moe {
+
+class ProgressBar {
+ public:
+  ProgressBar(int64_t first, int64_t total);
+  // Redraws the bar after step `done` (exclusive count) with a short status text.
+  void update(int64_t done, double elapsed_s, const std::string& status);
+  // Clears the bar so a log line can be printed in its place.
+  void clear();
+  bool active() const { return active_; }
+
+ private:
+  int64_t first_, total_;
+  bool active_;
+  bool drawn_ = false;
+};
+
+std::string format_duration(double seconds);
+
+}  // namespace moe

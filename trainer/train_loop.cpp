@@ -1,0 +1,153 @@
+#include "trainer/train_loop.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+
+#include "io/config_model.h"
+#include "io/dataset.h"
+#include "io/metrics.h"
+#include "model/check.h"
+#include "trainer/bench.h"
+#include "trainer/generate.h"
+#include "trainer/progress.h"
+#include "trainer/run_summary.h"
+#include "trainer/train_step.h"
+
+namespace moe {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Features whose keys the config already validates but whose implementation lands with a
+// later part of the project: refuse them clearly instead of silently training without them.
+void reject_unsupported(const Config& cfg) {
+  const char* src = cfg.source.c_str();
+  if (cfg.parallel.dp * cfg.parallel.pp != 1 || cfg.parallel.ep != 1)
+    user_error("%s: parallel.dp/ep/pp > 1 is not supported by this build yet (single process only)", src);
+  if (cfg.precision.mode != PrecisionMode::kFp32)
+    user_error("%s: precision.mode = \"%s\" is not supported by this build yet (only \"fp32\")", src,
+               to_string(cfg.precision.mode));
+  if (cfg.precision.dispatch_fp8)
+    user_error("%s: precision.dispatch_fp8 = true is not supported by this build yet", src);
+  if (cfg.optim.state_dtype != StateDtype::kFp32)
+    user_error("%s: optim.state_dtype = \"%s\" is not supported by this build yet (only \"fp32\")",
+               src, to_string(cfg.optim.state_dtype));
+  if (cfg.attention.kind != AttentionKind::kMha)
+    user_error("%s: attention.kind = \"%s\" is not supported by this build yet (only \"mha\")", src,
+               to_string(cfg.attention.kind));
+  if (cfg.model.mtp_depth != 0)
+    user_error("%s: model.mtp_depth = %d is not supported by this build yet (only 0)", src,
+               cfg.model.mtp_depth);
+  if (cfg.run.device == Device::kCuda)
+    user_error("%s: run.device = \"cuda\" is not supported by this build yet (use \"cpu\" or \"auto\")", src);
+}
+
+void check_shard_vocab(const TokenShard& shard, const Config& cfg, const char* key) {
+  if (shard.vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size))
+    user_error("%s: tokens were made for vocabulary %u but model.vocab_size = %d (%s)",
+               shard.path().c_str(), shard.vocab_size(), cfg.model.vocab_size, key);
+}
+
+}  // namespace
+
+int train_main(const Config& cfg) {
+  reject_unsupported(cfg);
+  // Open and validate the data before any memory is allocated.
+  TokenShard train(cfg.data.train);
+  check_shard_vocab(train, cfg, "data.train");
+  std::unique_ptr<TokenShard> val;
+  if (!cfg.data.val.empty()) {
+    val = std::make_unique<TokenShard>(cfg.data.val);
+    check_shard_vocab(*val, cfg, "data.val");
+  }
+  const int64_t T_ = cfg.model.seq_len;
+  if (train.size() < T_ + 1)
+    user_error("%s: %lld tokens is fewer than model.seq_len + 1 = %lld", train.path().c_str(),
+               static_cast<long long>(train.size()), static_cast<long long>(T_ + 1));
+  if (val && val->size() < T_ + 1)
+    user_error("%s: %lld tokens is fewer than model.seq_len + 1 = %lld", val->path().c_str(),
+               static_cast<long long>(val->size()), static_cast<long long>(T_ + 1));
+
+  std::printf("moetrain %s: run \"%s\" from %s\n%s", MOETRAIN_VERSION, cfg.run.name.c_str(),
+              cfg.source.c_str(), run_summary(cfg).c_str());
+  std::printf("data: %s (%lld tokens)%s%s\n", train.path().c_str(),
+              static_cast<long long>(train.size()), val ? ", validation " : "",
+              val ? strprintf("%s (%lld tokens)", val->path().c_str(),
+                              static_cast<long long>(val->size())).c_str() : "");
+
+  TrainState s;
+  train_state_init(s, cfg);
+  const double peak = sgemm_peak_flops();
+  const double flops_per_token = model_flops_per_token(s.model.d);
+  std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
+  std::fflush(stdout);
+
+  const int vocab = cfg.model.vocab_size;
+  const uint64_t seed = cfg.run.seed;
+  BatchSource train_source = [&](int32_t* out, int64_t step, int64_t first, int64_t n) {
+    dataset_train_batch(train, out, seed, step, first, n, T_, vocab);
+  };
+  const int64_t B = cfg.training.micro_batch;
+  const int64_t val_windows = static_cast<int64_t>(cfg.log.eval_batches) * B;
+  BatchSource val_source = [&](int32_t* out, int64_t, int64_t first, int64_t n) {
+    dataset_val_batch(*val, out, first, n, val_windows, T_, vocab);
+  };
+
+  MetricsFile metrics(cfg.log.metrics_file, false);
+  const int64_t steps = cfg.training.steps;
+  const double tokens_per_step = static_cast<double>(cfg.training.global_batch) * T_;
+  ProgressBar bar(0, steps);
+  const double t_start = now_s();
+  double last_val = NAN;
+  for (int64_t step = 0; step < steps; ++step) {
+    const double t0 = now_s();
+    const StepStats st = train_step(s, step, train_source);
+    const double dt = now_s() - t0;
+    if (!std::isfinite(st.loss))
+      user_error("%s: training diverged: non-finite loss at step %lld (try a lower optim.lr)",
+                 cfg.source.c_str(), static_cast<long long>(step + 1));
+    const double tps = tokens_per_step / dt;
+    const double mfu = tps * flops_per_token / peak;
+    MetricsRecord rec;
+    rec.add_int("step", step + 1).add("loss", st.loss).add("lr", st.lr)
+        .add("grad_norm", st.grad_norm).add("tokens_per_s", tps).add("mfu", mfu)
+        .add("imbalance", st.imbalance).add("aux_loss", st.aux_loss);
+    const bool eval_now = val && cfg.log.eval_every > 0 &&
+                          ((step + 1) % cfg.log.eval_every == 0 || step + 1 == steps);
+    if (eval_now) {
+      last_val = eval_loss(s, cfg.log.eval_batches, val_source);
+      rec.add("val_loss", last_val);
+    }
+    metrics.write(rec);
+    if ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps) {
+      bar.clear();
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
+                  "MFU %.1f%% | imbalance %.2f%s\n",
+                  static_cast<long long>(step + 1), static_cast<long long>(steps), st.loss,
+                  st.lr, st.grad_norm, tps, 100.0 * mfu, st.imbalance,
+                  eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
+      std::fflush(stdout);
+    }
+    bar.update(step + 1, now_s() - t_start, strprintf("loss %.3f", st.loss));
+  }
+  bar.clear();
+  std::printf("done: %lld steps in %s", static_cast<long long>(steps),
+              format_duration(now_s() - t_start).c_str());
+  if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);
+  std::printf("\n");
+  static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
+  for (int i = 0; i < cfg.log.samples; ++i) {
+    const std::string prompt = kPrompts[i % 5];
+    const std::string text = generate_text(s.model, prompt, cfg.log.sample_tokens, 0.8, seed,
+                                           static_cast<uint64_t>(i));
+    std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
+  }
+  return 0;
+}
+
+}  // namespace moe
