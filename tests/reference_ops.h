@@ -14,8 +14,8 @@ namespace moe::ref {
 
 // C(M,N) = alpha op(A) op(B) + beta C, row-major with leading dimensions.
 inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
-                 const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
-                 double* C, int64_t ldc) {
+                 const double* A, int64_t lda, const double* B, int64_t ldb, double beta, double* C,
+                 int64_t ldc) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
       double s = 0.0;
@@ -140,7 +140,8 @@ inline void attention_forward(double* out, double* probs, const double* qkv, int
           p[i * T + j] = j <= i ? std::exp(p[i * T + j] - m) / sum : 0.0;
         for (int64_t d = 0; d < HD; ++d) {
           double o = 0.0;
-          for (int64_t j = 0; j <= i; ++j) o += p[i * T + j] * qkv[(b * T + j) * W + (NH + NKV + g) * HD + d];
+          for (int64_t j = 0; j <= i; ++j)
+            o += p[i * T + j] * qkv[(b * T + j) * W + (NH + NKV + g) * HD + d];
           out[(b * T + i) * NH * HD + h * HD + d] = o;
         }
       }

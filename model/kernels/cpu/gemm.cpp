@@ -26,8 +26,10 @@ void gemm_check(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int
   // Row-major leading dimensions are at least the stored row length (and at least 1).
   const int64_t a_cols = trans_a ? M : K;
   const int64_t b_cols = trans_b ? K : N;
-  CHECK(fits_blasint(lda) && lda >= (a_cols > 1 ? a_cols : 1), "gemm lda=%lld", static_cast<long long>(lda));
-  CHECK(fits_blasint(ldb) && ldb >= (b_cols > 1 ? b_cols : 1), "gemm ldb=%lld", static_cast<long long>(ldb));
+  CHECK(fits_blasint(lda) && lda >= (a_cols > 1 ? a_cols : 1), "gemm lda=%lld",
+        static_cast<long long>(lda));
+  CHECK(fits_blasint(ldb) && ldb >= (b_cols > 1 ? b_cols : 1), "gemm ldb=%lld",
+        static_cast<long long>(ldb));
   CHECK(fits_blasint(ldc) && ldc >= (N > 1 ? N : 1), "gemm ldc=%lld", static_cast<long long>(ldc));
 }
 
@@ -48,10 +50,9 @@ void gemm<float>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
   if (M == 0 || N == 0) return;
   if (K == 0) return scale_c(M, N, beta, C, ldc);
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(M),
-              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A,
-              static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
-              static_cast<blasint>(ldc));
+              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(M), static_cast<blasint>(N),
+              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B,
+              static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
 template <>
@@ -62,10 +63,9 @@ void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
   if (M == 0 || N == 0) return;
   if (K == 0) return scale_c(M, N, beta, C, ldc);
   cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(M),
-              static_cast<blasint>(N), static_cast<blasint>(K), alpha, A,
-              static_cast<blasint>(lda), B, static_cast<blasint>(ldb), beta, C,
-              static_cast<blasint>(ldc));
+              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(M), static_cast<blasint>(N),
+              static_cast<blasint>(K), alpha, A, static_cast<blasint>(lda), B,
+              static_cast<blasint>(ldb), beta, C, static_cast<blasint>(ldc));
 }
 
 template <typename T>
@@ -85,9 +85,9 @@ void matmul_backward_weight(T* dweight, const T* dout, const T* inp, int64_t N, 
   gemm<T>(true, false, OC, IC, N, T(1), dout, OC, inp, IC, T(1), dweight, IC);
 }
 
-#define MOE_INSTANTIATE(T)                                                                    \
-  template void matmul_forward<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);         \
-  template void matmul_backward_input<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);  \
+#define MOE_INSTANTIATE(T)                                                                   \
+  template void matmul_forward<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);        \
+  template void matmul_backward_input<T>(T*, const T*, const T*, int64_t, int64_t, int64_t); \
   template void matmul_backward_weight<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

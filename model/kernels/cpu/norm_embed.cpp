@@ -56,8 +56,7 @@ void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int64_t N
 }
 
 template <typename T>
-void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C,
-                     T eps) {
+void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N, int64_t C, T eps) {
   CHECK(N >= 0 && C > 0, "N=%lld C=%lld", static_cast<long long>(N), static_cast<long long>(C));
 #pragma omp parallel for schedule(static) if (N * C >= kParallelMin)
   for (int64_t n = 0; n < N; ++n) {
@@ -122,12 +121,12 @@ void residual_forward(T* out, const T* a, const T* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
-#define MOE_INSTANTIATE(T)                                                                     \
-  template void embedding_forward<T>(T*, const int32_t*, const T*, int64_t, int64_t);          \
-  template void embedding_backward<T>(T*, const T*, const int32_t*, int64_t, int64_t);         \
-  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, T);           \
-  template void rmsnorm_backward_input<T>(T*, const T*, const T*, const T*, const T*, int64_t, \
-                                          int64_t);                                            \
+#define MOE_INSTANTIATE(T)                                                                      \
+  template void embedding_forward<T>(T*, const int32_t*, const T*, int64_t, int64_t);           \
+  template void embedding_backward<T>(T*, const T*, const int32_t*, int64_t, int64_t);          \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, T);            \
+  template void rmsnorm_backward_input<T>(T*, const T*, const T*, const T*, const T*, int64_t,  \
+                                          int64_t);                                             \
   template void rmsnorm_backward_weight<T>(T*, const T*, const T*, const T*, int64_t, int64_t); \
   template void residual_forward<T>(T*, const T*, const T*, int64_t);
 MOE_INSTANTIATE(float)

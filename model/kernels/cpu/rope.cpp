@@ -18,8 +18,8 @@ constexpr int64_t kParallelMin = 1 << 14;
 
 // sign = +1 rotates by +angle (forward), -1 by -angle (backward).
 template <typename T>
-void rope_apply(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int64_t H,
-                int64_t HD, int64_t stride, T sign) {
+void rope_apply(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int64_t H, int64_t HD,
+                int64_t stride, T sign) {
   CHECK(B >= 0 && T_ >= 0 && H >= 0 && HD > 0 && HD % 2 == 0, "rope HD=%lld must be even",
         static_cast<long long>(HD));
   CHECK(stride >= H * HD, "stride=%lld < H*HD", static_cast<long long>(stride));
@@ -47,7 +47,8 @@ void rope_apply(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int
 
 template <typename T>
 void rope_tables(T* cos_out, T* sin_out, int64_t T_, int64_t HD, double theta) {
-  CHECK(T_ >= 0 && HD > 0 && HD % 2 == 0 && theta > 0.0, "T=%lld HD=%lld theta=%g", static_cast<long long>(T_), static_cast<long long>(HD), theta);
+  CHECK(T_ >= 0 && HD > 0 && HD % 2 == 0 && theta > 0.0, "T=%lld HD=%lld theta=%g",
+        static_cast<long long>(T_), static_cast<long long>(HD), theta);
   const int64_t half = HD / 2;
   for (int64_t t = 0; t < T_; ++t) {
     for (int64_t i = 0; i < half; ++i) {

@@ -21,7 +21,8 @@ constexpr int64_t kParallelMin = 1 << 14;
 
 // silu(g) = g sigmoid(g); out = silu(g) u.
 template <typename T>
-[[gnu::always_inline]] inline void swiglu_forward_row_impl(T* out, const T* gate, const T* up, int64_t F) {
+[[gnu::always_inline]] inline void swiglu_forward_row_impl(T* out, const T* gate, const T* up,
+                                                           int64_t F) {
 #pragma omp simd
   for (int64_t f = 0; f < F; ++f) {
     const T sig = T(1) / (T(1) + exp_fast(-gate[f]));
@@ -32,7 +33,7 @@ template <typename T>
 // d silu(g) / dg = sig (1 + g (1 - sig)).
 template <typename T>
 [[gnu::always_inline]] inline void swiglu_backward_row_impl(T* dgate, T* dup, const T* dout,
-                                                           const T* gate, const T* up, int64_t F) {
+                                                            const T* gate, const T* up, int64_t F) {
 #pragma omp simd
   for (int64_t f = 0; f < F; ++f) {
     const T g = gate[f];
@@ -63,8 +64,7 @@ template <typename T>
 }
 
 // Overloads: float through the SIMD clones, double straight to the template.
-MOE_SIMD_CLONES void swiglu_forward_row(float* out, const float* gate, const float* up,
-                                        int64_t F) {
+MOE_SIMD_CLONES void swiglu_forward_row(float* out, const float* gate, const float* up, int64_t F) {
   swiglu_forward_row_impl(out, gate, up, F);
 }
 void swiglu_forward_row(double* out, const double* gate, const double* up, int64_t F) {
@@ -110,8 +110,8 @@ void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) {
 
 // loss = log(sum_v exp(x_v)) - x_target, from the max-subtracted log-sum-exp.
 template <typename T>
-void cross_entropy_forward(T* losses, T* probs, const T* logits, const int32_t* targets,
-                           int64_t N, int64_t V) {
+void cross_entropy_forward(T* losses, T* probs, const T* logits, const int32_t* targets, int64_t N,
+                           int64_t V) {
   CHECK(N >= 0 && V > 0, "N=%lld V=%lld", static_cast<long long>(N), static_cast<long long>(V));
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
   for (int64_t n = 0; n < N; ++n) {
@@ -124,8 +124,8 @@ void cross_entropy_forward(T* losses, T* probs, const T* logits, const int32_t* 
 }
 
 template <typename T>
-void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets, T dloss,
-                            int64_t N, int64_t V) {
+void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets, T dloss, int64_t N,
+                            int64_t V) {
   CHECK(N >= 0 && V > 0, "N=%lld V=%lld", static_cast<long long>(N), static_cast<long long>(V));
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMin)
   for (int64_t n = 0; n < N; ++n) {
@@ -143,9 +143,9 @@ void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets, 
   }
 }
 
-#define MOE_INSTANTIATE(T)                                                                  \
-  template void swiglu_forward<T>(T*, const T*, int64_t, int64_t);                          \
-  template void swiglu_backward<T>(T*, const T*, const T*, int64_t, int64_t);               \
+#define MOE_INSTANTIATE(T)                                                                    \
+  template void swiglu_forward<T>(T*, const T*, int64_t, int64_t);                            \
+  template void swiglu_backward<T>(T*, const T*, const T*, int64_t, int64_t);                 \
   template void cross_entropy_forward<T>(T*, T*, const T*, const int32_t*, int64_t, int64_t); \
   template void cross_entropy_backward<T>(T*, const T*, const int32_t*, T, int64_t, int64_t);
 MOE_INSTANTIATE(float)
