@@ -38,10 +38,9 @@ namespace moe {
 // The optional message of a CHECK: nothing, a plain string, or a printf format and its values.
 inline std::string check_msg() { return std::string(); }
 inline std::string check_msg(const char* s) { return std::string(s); }
-template <typename... Args>
-  requires(sizeof...(Args) > 0)
-std::string check_msg(const char* fmt, Args... args) {
-  return strprintf(fmt, args...);
+template <typename Arg, typename... Rest>
+std::string check_msg(const char* fmt, Arg arg, Rest... rest) {
+  return strprintf(fmt, arg, rest...);
 }
 }  // namespace moe
 
