@@ -155,6 +155,19 @@ struct Model {
 // The parameter table (names, shapes, offsets) of a model; the same for every T.
 std::vector<ParamInfo> model_param_table(const ModelDims& d);
 
+// A parameter as users and checkpoints see it: unfused and per expert, e.g.
+// "layers/3/moe/experts/17/w_gate" (FE, C) or "layers/0/attn/wq" (NH*HD, C). Each is a
+// (rows, cols) block of the flat parameter buffer starting at `offset`, rows `ld` apart
+// (ld == cols except for a shared expert's slice of the fused w_down). The same views apply
+// to the gradient and optimizer-state buffers, which share the parameter layout.
+struct LogicalTensor {
+  std::string name;
+  std::vector<int64_t> shape;  // {n} or {rows, cols}
+  size_t offset = 0;
+  int64_t ld = 0;
+};
+std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d);
+
 // Validates dims, allocates all arenas for micro-batches of up to B_max sequences of d.T.
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max);

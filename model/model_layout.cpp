@@ -141,6 +141,67 @@ std::vector<ParamInfo> model_param_table(const ModelDims& d) {
   return table;
 }
 
+std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
+  std::vector<LogicalTensor> out;
+  auto add = [&](const std::string& name, int64_t rows, int64_t cols, size_t offset, int64_t ld) {
+    out.push_back(LogicalTensor{name, rows == 0 ? std::vector<int64_t>{cols}
+                                                : std::vector<int64_t>{rows, cols},
+                                offset, ld});
+  };
+  const size_t C = static_cast<size_t>(d.C);
+  for (const ParamInfo& p : model_param_table(d)) {
+    const std::string& n = p.name;
+    auto ends = [&](const char* suffix) {
+      const std::string s(suffix);
+      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+    };
+    const std::string pre = n.substr(0, n.rfind('/') + 1);
+    if (p.shape.size() == 1) {
+      add(n, 0, p.shape[0], p.offset, p.shape[0]);
+    } else if (ends("attn/wqkv")) {
+      const size_t q = static_cast<size_t>(d.NH * d.HD), kv = static_cast<size_t>(d.NKV * d.HD);
+      add(pre + "wq", d.NH * d.HD, d.C, p.offset, d.C);
+      add(pre + "wk", d.NKV * d.HD, d.C, p.offset + q * C, d.C);
+      add(pre + "wv", d.NKV * d.HD, d.C, p.offset + (q + kv) * C, d.C);
+    } else if (ends("mlp/w13")) {
+      add(pre + "w_gate", d.F, d.C, p.offset, d.C);
+      add(pre + "w_up", d.F, d.C, p.offset + static_cast<size_t>(d.F) * C, d.C);
+    } else if (ends("mlp/w2")) {
+      add(pre + "w_down", d.C, d.F, p.offset, d.F);
+    } else if (ends("experts/w13") || ends("experts/w2")) {
+      const bool up_gate = ends("experts/w13");
+      const size_t per = up_gate ? 2 * static_cast<size_t>(d.FE) * C : C * static_cast<size_t>(d.FE);
+      for (int64_t e = 0; e < d.E; ++e) {
+        const size_t base = p.offset + static_cast<size_t>(e) * per;
+        const std::string ep = pre + std::to_string(e) + "/";
+        if (up_gate) {
+          add(ep + "w_gate", d.FE, d.C, base, d.C);
+          add(ep + "w_up", d.FE, d.C, base + static_cast<size_t>(d.FE) * C, d.C);
+        } else {
+          add(ep + "w_down", d.C, d.FE, base, d.FE);
+        }
+      }
+    } else if (ends("shared/w13") || ends("shared/w2")) {
+      // The shared experts are fused into one SwiGLU of width S = ns * FE; expert s owns
+      // gate/up rows [s FE, (s+1) FE) of each half and columns [s FE, (s+1) FE) of w_down.
+      const int64_t ns = d.S / d.FE;
+      for (int64_t s = 0; s < ns; ++s) {
+        const std::string sp = pre + std::to_string(s) + "/";
+        const size_t row0 = static_cast<size_t>(s * d.FE);
+        if (ends("shared/w13")) {
+          add(sp + "w_gate", d.FE, d.C, p.offset + row0 * C, d.C);
+          add(sp + "w_up", d.FE, d.C, p.offset + (static_cast<size_t>(d.S) + row0) * C, d.C);
+        } else {
+          add(sp + "w_down", d.C, d.FE, p.offset + row0, d.S);
+        }
+      }
+    } else {
+      add(n, p.shape[0], p.shape[1], p.offset, p.shape[1]);
+    }
+  }
+  return out;
+}
+
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max) {
   dims_check(d);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -169,6 +170,43 @@ TEST(ModelLayout, TableIsContiguous) {
     EXPECT_EQ(p.decay, p.shape.size() > 1) << p.name;
   }
   EXPECT_EQ(static_cast<int64_t>(off), model_counts(d).total);
+}
+
+}  // namespace
+}  // namespace moe
+
+namespace moe {
+namespace {
+
+// The logical (checkpoint) views cover every parameter element exactly once, and the
+// per-expert names address the right rows of the fused buffers.
+TEST(ModelLayout, LogicalTensorsCoverEveryElementOnce) {
+  ModelDims d = small_dims(ScoreFn::kSigmoid, 8, 1);  // two shared experts of width 4
+  const std::vector<ParamInfo> table = model_param_table(d);
+  const size_t n = table.back().offset + table.back().count;
+  std::vector<int> hits(n, 0);
+  bool saw_expert = false, saw_shared_down = false;
+  for (const LogicalTensor& t : model_logical_tensors(d)) {
+    const int64_t rows = t.shape.size() == 2 ? t.shape[0] : 1;
+    const int64_t cols = t.shape.back();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) ++hits[t.offset + static_cast<size_t>(r * t.ld + c)];
+    if (t.name == "layers/2/moe/experts/5/w_up") {
+      saw_expert = true;
+      const ParamInfo& w13 = *std::find_if(table.begin(), table.end(), [](const ParamInfo& p) {
+        return p.name == "layers/2/moe/experts/w13";
+      });
+      EXPECT_EQ(t.offset, w13.offset + static_cast<size_t>((5 * 2 * d.FE + d.FE) * d.C));
+    }
+    if (t.name == "layers/1/moe/shared/1/w_down") {
+      saw_shared_down = true;
+      EXPECT_EQ(t.ld, d.S);
+      EXPECT_EQ(t.shape, (std::vector<int64_t>{d.C, d.FE}));
+    }
+  }
+  EXPECT_TRUE(saw_expert);
+  EXPECT_TRUE(saw_shared_down);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(hits[i], 1) << "element " << i;
 }
 
 }  // namespace
