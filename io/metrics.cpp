@@ -3,7 +3,9 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "model/check.h"
 
@@ -29,7 +31,7 @@ std::string json_escape(const std::string& s) {
 
 MetricsRecord& MetricsRecord::add(const std::string& key, double value) {
   // JSON has no NaN/Infinity; null keeps the line parseable and the gap visible.
-  fields_.emplace_back(key, std::isfinite(value) ? strprintf("%.9g", value) : "null");
+  fields_.emplace_back(key, std::isfinite(value) ? strprintf("%.17g", value) : "null");
   return *this;
 }
 
@@ -50,6 +52,26 @@ std::string MetricsRecord::json() const {
     out += "\"" + json_escape(fields_[i].first) + "\": " + fields_[i].second;
   }
   return out + "}";
+}
+
+void metrics_truncate_after(const std::string& path, int64_t step) {
+  if (path.empty() || !std::filesystem::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  const std::string key = "\"step\": ";
+  while (std::getline(in, line)) {
+    const size_t at = line.find(key);
+    if (at == std::string::npos) continue;  // a torn last line from a crash
+    if (std::strtoll(line.c_str() + at + key.size(), nullptr, 10) <= step) kept += line + "\n";
+  }
+  in.close();
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept;
+    if (!out) user_error("%s: cannot rewrite metrics file", path.c_str());
+  }
+  std::filesystem::rename(tmp, path);
 }
 
 MetricsFile::MetricsFile(const std::string& path, bool append) : path_(path) {

@@ -2,6 +2,7 @@
 // crash loses at most the line being written.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <utility>
@@ -37,5 +38,9 @@ class MetricsFile {
 };
 
 std::string json_escape(const std::string& s);
+
+// On resume: drops the records of steps after `step` (they will be recomputed) and any
+// torn last line, so the file again describes exactly one run.
+void metrics_truncate_after(const std::string& path, int64_t step);
 
 }  // namespace moe

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 namespace moe {
 
@@ -24,20 +23,25 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
   }
 }
 
-double grad_sum_squares(const float* g, int64_t n) {
-  constexpr int64_t kBlock = 1 << 14;
-  const int64_t nb = (n + kBlock - 1) / kBlock;
+namespace {
+constexpr int64_t kNormBlock = 1 << 14;
+}  // namespace
+
+int64_t grad_norm_blocks(int64_t n) { return (n + kNormBlock - 1) / kNormBlock; }
+
+double grad_sum_squares(const float* g, int64_t n, double* partial) {
+  constexpr int64_t kBlock = kNormBlock;
+  const int64_t nb = grad_norm_blocks(n);
   // The partial per block does not depend on the thread count; the final sum is in block order.
-  std::vector<double> partial(static_cast<size_t>(nb));
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
     double acc = 0;
     const int64_t end = std::min(n, (b + 1) * kBlock);
     for (int64_t i = b * kBlock; i < end; ++i) acc += static_cast<double>(g[i]) * g[i];
-    partial[static_cast<size_t>(b)] = acc;
+    partial[b] = acc;
   }
   double total = 0;
-  for (double p : partial) total += p;
+  for (int64_t b = 0; b < nb; ++b) total += partial[b];
   return total;
 }
 

@@ -21,8 +21,10 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
                   const AdamWStep& s, bool decay);
 
 // Sum of squares of n gradients, in double, in a fixed order (deterministic for any
-// thread count: fixed-size blocks reduced in block order).
-double grad_sum_squares(const float* g, int64_t n);
+// thread count: fixed-size blocks reduced in block order). `partials` holds
+// grad_norm_blocks(n) doubles, allocated once by the caller.
+int64_t grad_norm_blocks(int64_t n);
+double grad_sum_squares(const float* g, int64_t n, double* partials);
 
 // The factor that scales gradients so their global norm is at most max_norm
 // (1 when max_norm <= 0 or the norm is already smaller).

@@ -2,20 +2,28 @@
 // rate, measured in the same run so MFU is a ratio of two numbers from one machine state.
 #pragma once
 
+#include <string>
+
 #include "io/config.h"
 
 namespace moe {
 
 // Best sustained FLOP/s of square FP32 GEMMs through OpenBLAS (several sizes, best of a few
-// repetitions each), using the current OpenMP thread count.
-double sgemm_peak_flops();
+// repetitions each), using the current OpenMP thread count. `quick` measures one size only
+// (~30 ms, for the training loop's MFU); the bench measures all.
+double sgemm_peak_flops(bool quick = false);
 
 struct BenchOptions {
-  int steps = 5;        // timed optimizer steps (after one warm-up step)
+  int steps = 5;        // timed optimizer steps (after one warm-up step); I/O repetitions
   bool json = false;
+  bool checkpoint_io = false;  // measure checkpoint save/load instead of training steps
+  std::string io_dir;          // where (default: <checkpoint.dir>/bench-io)
 };
 
 // Runs `moetrain bench`; returns the process exit code.
 int bench_main(const Config& cfg, const BenchOptions& opt);
+
+// `moetrain bench --checkpoint-io`: save/load MB/s against raw write+fsync / read MB/s.
+int bench_checkpoint_main(const Config& cfg, const BenchOptions& opt);
 
 }  // namespace moe

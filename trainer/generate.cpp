@@ -10,34 +10,39 @@
 namespace moe {
 
 std::string generate_text(Model<float>& m, const std::string& prompt, int n_tokens,
-                          double temperature, uint64_t seed, uint64_t sample_index) {
+                          double temperature, int top_k, uint64_t seed, uint64_t sample_index) {
   const ModelDims& d = m.d;
   std::vector<int32_t> ctx;
   for (unsigned char c : prompt) ctx.push_back(static_cast<int32_t>(c) % static_cast<int32_t>(d.V));
   if (ctx.empty()) ctx.push_back('\n' % static_cast<int32_t>(d.V));
   std::string out;
   std::vector<double> p(static_cast<size_t>(d.V));
+  std::vector<int64_t> order(static_cast<size_t>(d.V));
   const uint64_t stream = rng_stream(RngPurpose::kSample, sample_index);
   for (int i = 0; i < n_tokens; ++i) {
     const int64_t T_ = std::min<int64_t>(static_cast<int64_t>(ctx.size()), d.T);
     model_forward<float>(m, ctx.data() + ctx.size() - static_cast<size_t>(T_), nullptr, 1, T_,
                          false);
     const float* logits = m.a.logits + (T_ - 1) * d.V;
-    const double inv_t = 1.0 / std::max(temperature, 1e-6);
-    double mx = logits[0];
-    for (int64_t v = 1; v < d.V; ++v) mx = std::max(mx, static_cast<double>(logits[v]));
-    double sum = 0;
-    for (int64_t v = 0; v < d.V; ++v) {
-      p[static_cast<size_t>(v)] = std::exp((logits[v] - mx) * inv_t);
-      sum += p[static_cast<size_t>(v)];
-    }
-    double u = rng_uniform(seed, stream, static_cast<uint64_t>(i)) * sum;
-    int64_t tok = d.V - 1;
-    for (int64_t v = 0; v < d.V; ++v) {
-      u -= p[static_cast<size_t>(v)];
-      if (u <= 0) {
-        tok = v;
-        break;
+    // Candidates: the top_k most likely tokens (ties to the lower id), all when top_k = 0.
+    for (int64_t v = 0; v < d.V; ++v) order[static_cast<size_t>(v)] = v;
+    const int64_t k = top_k > 0 ? std::min<int64_t>(top_k, d.V) : d.V;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    int64_t tok = order[0];
+    if (temperature > 0) {
+      const double inv_t = 1.0 / temperature, mx = logits[order[0]];
+      double sum = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        p[static_cast<size_t>(j)] = std::exp((logits[order[static_cast<size_t>(j)]] - mx) * inv_t);
+        sum += p[static_cast<size_t>(j)];
+      }
+      double u = rng_uniform(seed, stream, static_cast<uint64_t>(i)) * sum;
+      for (int64_t j = 0; j < k; ++j) {
+        tok = order[static_cast<size_t>(j)];
+        u -= p[static_cast<size_t>(j)];
+        if (u <= 0) break;
       }
     }
     ctx.push_back(static_cast<int32_t>(tok));

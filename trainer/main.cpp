@@ -13,24 +13,29 @@
 #include "io/dataset.h"
 #include "model/check.h"
 #include "trainer/bench.h"
+#include "trainer/checkpoint_tools.h"
 #include "trainer/run_summary.h"
 #include "trainer/train_loop.h"
 
 namespace {
 
-// CPU threads for this rank: run.threads, else the cores divided by the ranks on this node.
+// CPU threads for this rank: run.threads, else OMP_NUM_THREADS when set, else the cores
+// divided by the ranks on this node.
 int threads_for(const moe::Config& cfg) {
   if (cfg.run.threads > 0) return cfg.run.threads;
+  if (const char* s = std::getenv("OMP_NUM_THREADS"); s && std::atoi(s) > 0) return std::atoi(s);
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   int local_ranks = 1;
   if (const char* s = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_ranks = std::max(1, std::atoi(s));
   return static_cast<int>(std::max(1L, cores / local_ranks));
 }
 
-bool is_subcommand(const CLI::App& app, const std::string& name) {
-  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; }))
-    if (sub->get_name() == name) return true;
-  return false;
+bool is_subcommand(CLI::App& app, const std::string& name) {
+  try {
+    return app.get_subcommand(name) != nullptr;
+  } catch (const CLI::OptionNotFound&) {
+    return false;
+  }
 }
 
 }  // namespace
@@ -47,6 +52,9 @@ int main(int argc, char** argv) {
   train->add_option("--config", config_path, "TOML config file")->required();
   train->add_option("--set", overrides, "override a key: section.key=value (repeatable)");
   train->add_flag("--dry-run", dry_run, "print the resolved config, sizes and FLOPs, then exit");
+  bool resume = false;
+  train->add_flag("--resume", resume,
+                  "continue from the newest valid checkpoint in checkpoint.dir (= checkpoint.resume=auto)");
 
   std::vector<std::string> inputs;
   std::string output;
@@ -63,10 +71,35 @@ int main(int argc, char** argv) {
   bench->add_option("--set", overrides, "override a key: section.key=value (repeatable)");
   bench->add_option("--steps", bench_opt.steps, "timed optimizer steps")->check(CLI::Range(1, 100000));
   bench->add_flag("--json", bench_opt.json, "print one JSON object");
+  bench->add_flag("--checkpoint-io", bench_opt.checkpoint_io,
+                  "measure checkpoint save/load MB/s against raw disk speed instead");
+  bench->add_option("--io-dir", bench_opt.io_dir, "folder for --checkpoint-io (default <checkpoint.dir>/bench-io)");
+
+  std::string ckpt;
+  CLI::App* inspect = app.add_subcommand("inspect", "show what a checkpoint holds and verify its checksums");
+  inspect->add_option("checkpoint", ckpt, "checkpoint file or folder")->required();
+
+  moe::EvalOptions eval_opt;
+  CLI::App* eval = app.add_subcommand("eval", "validation loss and perplexity of a checkpoint");
+  eval->add_option("--checkpoint", ckpt, "checkpoint file or folder")->required();
+  eval->add_option("--data", eval_opt.data, "token shard (default: the run's data.val)");
+  eval->add_option("--batches", eval_opt.batches, "micro-batches (default: the run's log.eval_batches)")
+      ->check(CLI::Range(1, 1000000));
+
+  moe::GenerateOptions gen_opt;
+  CLI::App* generate = app.add_subcommand("generate", "sample text from a checkpoint");
+  generate->add_option("--checkpoint", ckpt, "checkpoint file or folder")->required();
+  generate->add_option("--prompt", gen_opt.prompt, "text to continue");
+  generate->add_option("--tokens", gen_opt.tokens, "tokens to generate")->check(CLI::Range(1, 1000000));
+  generate->add_option("--temperature", gen_opt.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
+  generate->add_option("--top-k", gen_opt.top_k, "sample among the k most likely tokens (0 = all)")
+      ->check(CLI::Range(0, 1 << 30));
+  generate->add_option("--seed", gen_opt.seed, "sampling seed (same seed, same text)");
+  generate->add_option("--samples", gen_opt.samples, "independent samples")->check(CLI::Range(1, 1000));
 
   if (argc >= 2 && argv[1][0] != '-' && !is_subcommand(app, argv[1])) {
     // CLI11 would only say "a subcommand is required"; name the word it did not know.
-    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare or bench)\n", argv[1]);
+    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare, bench, inspect, eval or generate)\n", argv[1]);
     return 2;
   }
   try {
@@ -85,6 +118,10 @@ int main(int argc, char** argv) {
       std::printf("%s\n", moe::dataset_prepare(inputs, output, val_fraction).c_str());
       return 0;
     }
+    if (*inspect) return moe::inspect_main(ckpt);
+    if (*eval) return moe::eval_main(ckpt, eval_opt);
+    if (*generate) return moe::generate_main(ckpt, gen_opt);
+    if (resume) overrides.insert(overrides.begin(), "checkpoint.resume=auto");
     const moe::Config cfg = moe::config_load(config_path, overrides);
     omp_set_num_threads(threads_for(cfg));
     if (*train) {
@@ -95,7 +132,9 @@ int main(int argc, char** argv) {
       }
       return moe::train_main(cfg);
     }
-    if (*bench) return moe::bench_main(cfg, bench_opt);
+    if (*bench)
+      return bench_opt.checkpoint_io ? moe::bench_checkpoint_main(cfg, bench_opt)
+                                     : moe::bench_main(cfg, bench_opt);
   } catch (const moe::UserError& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "error: %s\n", e.what());

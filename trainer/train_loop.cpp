@@ -1,10 +1,13 @@
 #include "trainer/train_loop.h"
 
+#include <csignal>
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <cstdio>
 #include <memory>
 
+#include "io/checkpoint_file.h"
 #include "io/config_model.h"
 #include "io/dataset.h"
 #include "io/metrics.h"
@@ -12,7 +15,10 @@
 #include "trainer/bench.h"
 #include "trainer/generate.h"
 #include "trainer/progress.h"
+#include "trainer/resume.h"
 #include "trainer/run_summary.h"
+#include "trainer/stop_signal.h"
+#include "trainer/train_checkpoint.h"
 #include "trainer/train_step.h"
 
 namespace moe {
@@ -53,9 +59,50 @@ void check_shard_vocab(const TokenShard& shard, const Config& cfg, const char* k
                shard.path().c_str(), shard.vocab_size(), cfg.model.vocab_size, key);
 }
 
+// Restores the newest valid checkpoint into `s`, falling back past corrupted ones.
+// Returns the position to continue from (step 0 for a fresh start).
+RunPosition resume_run(TrainState& s, const Config& cfg) {
+  const std::vector<std::string> candidates = resume_candidates(cfg);
+  if (candidates.empty()) {
+    if (cfg.checkpoint.resume != "none")
+      std::printf("resume: no checkpoint in %s, starting fresh\n", cfg.checkpoint.dir.c_str());
+    return RunPosition{};
+  }
+  std::string first_failure;
+  for (const std::string& path : candidates) {
+    CheckpointInfo info;
+    try {
+      info = checkpoint_read_info(path);
+    } catch (const UserError& e) {
+      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
+      if (first_failure.empty()) first_failure = e.what();
+      continue;
+    }
+    // A config that changes the model stops the run: falling back would not help.
+    const Config saved = config_parse(info.config_toml, path + " (saved config)", {});
+    const std::vector<std::string> changes = config_resume_changes(saved, cfg, path);
+    try {
+      info = checkpoint_load(s, path);
+    } catch (const UserError& e) {
+      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
+      if (first_failure.empty()) first_failure = e.what();
+      continue;
+    }
+    std::printf("resume: %s at step %lld (%lld tokens seen, loss %.4f)\n", path.c_str(),
+                static_cast<long long>(info.pos.step),
+                static_cast<long long>(info.pos.tokens_seen), info.pos.loss);
+    for (const std::string& c : changes) std::printf("resume: changed %s\n", c.c_str());
+    return info.pos;
+  }
+  user_error("%s: no valid checkpoint among %zu tried (newest: %s); set checkpoint.resume = "
+             "\"none\" and another checkpoint.dir to start fresh",
+             cfg.checkpoint.dir.c_str(), candidates.size(), first_failure.c_str());
+}
+
 }  // namespace
 
 int train_main(const Config& cfg) {
+  const double t_launch = now_s();
   reject_unsupported(cfg);
   // Open and validate the data before any memory is allocated.
   TokenShard train(cfg.data.train);
@@ -82,7 +129,9 @@ int train_main(const Config& cfg) {
 
   TrainState s;
   train_state_init(s, cfg);
-  const double peak = sgemm_peak_flops();
+  RunPosition pos = resume_run(s, cfg);
+  const bool resumed = pos.step > 0;
+  const double peak = sgemm_peak_flops(true);
   const double flops_per_token = model_flops_per_token(s.model.d);
   std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
   std::fflush(stdout);
@@ -98,13 +147,36 @@ int train_main(const Config& cfg) {
     dataset_val_batch(*val, out, first, n, val_windows, T_, vocab);
   };
 
-  MetricsFile metrics(cfg.log.metrics_file, false);
+  if (resumed) metrics_truncate_after(cfg.log.metrics_file, pos.step);
+  MetricsFile metrics(cfg.log.metrics_file, resumed);
+  const CheckpointDir ckdir{cfg.checkpoint.dir};
+  auto save = [&](const char* why) {
+    const double t0 = now_s();
+    const std::string path = ckdir.path_for_step(pos.step);
+    checkpoint_save(s, pos, path);
+    ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
+    std::printf("checkpoint: step %lld -> %s (%.1f MB in %.2f s; %s)\n",
+                static_cast<long long>(pos.step), path.c_str(),
+                static_cast<double>(std::filesystem::file_size(path)) / 1e6, now_s() - t0, why);
+    std::fflush(stdout);
+  };
+
   const int64_t steps = cfg.training.steps;
+  const int64_t exit_at = cfg.training.exit_at_step;
+  if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
+    std::printf("already at step %lld >= training.exit_at_step = %lld: nothing to do\n",
+                static_cast<long long>(pos.step), static_cast<long long>(exit_at));
+    return 0;
+  }
+  if (pos.step >= steps)
+    std::printf("run already complete at step %lld of %lld\n", static_cast<long long>(pos.step),
+                static_cast<long long>(steps));
+  stop_signals_install();
   const double tokens_per_step = static_cast<double>(cfg.training.global_batch) * T_;
-  ProgressBar bar(0, steps);
+  ProgressBar bar(pos.step, steps);
   const double t_start = now_s();
-  double last_val = NAN;
-  for (int64_t step = 0; step < steps; ++step) {
+  double last_val = pos.val_loss >= 0 ? pos.val_loss : NAN;
+  for (int64_t step = pos.step; step < steps; ++step) {
     const double t0 = now_s();
     const StepStats st = train_step(s, step, train_source);
     const double dt = now_s() - t0;
@@ -124,6 +196,10 @@ int train_main(const Config& cfg) {
       rec.add("val_loss", last_val);
     }
     metrics.write(rec);
+    pos.step = step + 1;
+    pos.tokens_seen += static_cast<int64_t>(tokens_per_step);
+    pos.loss = st.loss;
+    if (std::isfinite(last_val)) pos.val_loss = last_val;
     if ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps) {
       bar.clear();
       std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
@@ -133,17 +209,41 @@ int train_main(const Config& cfg) {
                   eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
       std::fflush(stdout);
     }
+    // Save, and possibly stop, between steps: never with a half-applied update.
+    const char* reason = nullptr;
+    bool stop = true;
+    if (const int sig = stop_signal_received()) {
+      reason = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    } else if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
+      reason = "training.exit_at_step";
+    } else if (cfg.training.exit_after_minutes > 0 && pos.step < steps &&
+               now_s() - t_launch >= 60.0 * cfg.training.exit_after_minutes) {
+      reason = "training.exit_after_minutes";
+    } else {
+      stop = false;
+      if (pos.step == steps) reason = "end of training";
+      else if (cfg.checkpoint.every > 0 && pos.step % cfg.checkpoint.every == 0) reason = "checkpoint.every";
+    }
+    if (reason) {
+      bar.clear();
+      save(reason);
+    }
+    if (stop) {
+      std::printf("stopped at step %lld of %lld (%s); continue with --resume\n",
+                  static_cast<long long>(pos.step), static_cast<long long>(steps), reason);
+      return 0;
+    }
     bar.update(step + 1, now_s() - t_start, strprintf("loss %.3f", st.loss));
   }
   bar.clear();
-  std::printf("done: %lld steps in %s", static_cast<long long>(steps),
+  std::printf("done: step %lld in %s", static_cast<long long>(pos.step),
               format_duration(now_s() - t_start).c_str());
   if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);
   std::printf("\n");
   static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
   for (int i = 0; i < cfg.log.samples; ++i) {
     const std::string prompt = kPrompts[i % 5];
-    const std::string text = generate_text(s.model, prompt, cfg.log.sample_tokens, 0.8, seed,
+    const std::string text = generate_text(s.model, prompt, cfg.log.sample_tokens, 0.8, 0, seed,
                                            static_cast<uint64_t>(i));
     std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
   }

@@ -35,6 +35,7 @@ void train_state_init(TrainState& s, const Config& cfg) {
   s.window.assign(static_cast<size_t>(B * (d.T + 1)), 0);
   s.inputs.assign(static_cast<size_t>(B * d.T), 0);
   s.targets.assign(static_cast<size_t>(B * d.T), 0);
+  s.norm_partials.assign(static_cast<size_t>(grad_norm_blocks(static_cast<int64_t>(n))), 0.0);
   s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * cfg.parallel.dp);
   s.lr_plan.kind = cfg.lr.schedule;
   s.lr_plan.peak = cfg.optim.lr;
@@ -66,7 +67,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   }
   st.loss = loss_sum / static_cast<double>(s.micro_batches);
   st.aux_loss = aux_sum / static_cast<double>(global_batch);
-  st.grad_norm = std::sqrt(grad_sum_squares(m.grads, static_cast<int64_t>(m.n_params)));
+  st.grad_norm = std::sqrt(grad_sum_squares(m.grads, static_cast<int64_t>(m.n_params), s.norm_partials.data()));
   st.lr = lr_at(s.lr_plan, step);
   AdamWStep as;
   as.lr = static_cast<float>(st.lr);

@@ -25,6 +25,7 @@ struct TrainState {
   std::vector<int32_t> window;   // (micro_batch, seq_len + 1)
   std::vector<int32_t> inputs;   // (micro_batch, seq_len)
   std::vector<int32_t> targets;  // (micro_batch, seq_len)
+  std::vector<double> norm_partials;  // grad_norm_blocks(n_params)
   LrSchedulePlan lr_plan;
   int64_t micro_batches = 1;     // per step
 };

@@ -1,0 +1,47 @@
+// Saving and restoring a training run: the model's logical tensors, both Adam moments,
+// the router biases and the run's position, through io/checkpoint_file.
+//
+// File layout (documented for users in docs/CHECKPOINTS.md):
+//   /meta              attrs: format_version, moetrain_version, step, tokens_seen, loss,
+//                             val_loss, config_toml, dp, ep, pp, schedule, created_unix
+//   /model/<name>      FP32 master weights, logical layout (model_logical_tensors)
+//   /optim/m/<name>    Adam first moments, same names and shapes
+//   /optim/v/<name>    Adam second moments;  /optim attrs: step (Adam t), lr
+//   /router/layers/<l>/bias   selection bias of MoE layer l (global layer index)
+//   /data              attrs: seed, next_step (the counter the sampler resumes from)
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "trainer/train_step.h"
+
+namespace moe {
+
+struct RunPosition {
+  int64_t step = 0;         // optimizer steps completed
+  int64_t tokens_seen = 0;  // training tokens consumed so far
+  double loss = 0;          // loss of the last completed step
+  double val_loss = -1;     // last validation loss, -1 if none yet
+};
+
+// Writes the run to `path` atomically (temp file, fsync, rename).
+void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::string& path);
+
+struct CheckpointInfo {
+  RunPosition pos;
+  std::string config_toml;
+  std::string version;
+};
+
+// Reads only /meta (fast; for inspect and for choosing a config before building a model).
+CheckpointInfo checkpoint_read_info(const std::string& path);
+
+// Restores params, moments and router biases into an already built state whose model shape
+// must match the file (UserError naming the tensor otherwise). Verifies every checksum.
+CheckpointInfo checkpoint_load(TrainState& s, const std::string& path);
+
+// Loads only the model weights and router biases (eval, generate, export).
+CheckpointInfo checkpoint_load_model(Model<float>& m, const std::string& path);
+
+}  // namespace moe
