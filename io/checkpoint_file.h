@@ -20,10 +20,15 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace moe {
+
+namespace ckpt {
+class ChunkPipeline;
+}
 
 constexpr int kCheckpointFormatVersion = 1;
 
@@ -61,7 +66,8 @@ class CheckpointWriter {
   std::string final_path_, temp_path_;
   int64_t file_ = -1;  // hid_t
   bool committed_ = false;
-  std::vector<unsigned char> staging_;  // one chunk plus its checksum, reused across writes
+  // The direct chunk path: staging (copy + checksum) on a worker thread, two chunks deep.
+  std::unique_ptr<ckpt::ChunkPipeline> pipeline_;
 };
 
 struct CheckpointDataset {

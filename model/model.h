@@ -140,6 +140,7 @@ struct Model {
   int64_t B_max = 0;
   std::vector<ParamInfo> table;
   size_t n_params = 0;
+  size_t n_alloc = 0;  // n_params rounded up so data-parallel shards are equal (zero padding)
   Arena param_arena, grad_arena, act_arena, state_arena;
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
@@ -169,8 +170,10 @@ struct LogicalTensor {
 std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d);
 
 // Validates dims, allocates all arenas for micro-batches of up to B_max sequences of d.T.
+// The parameter and gradient buffers hold n_params rounded up to a multiple of pad_multiple
+// (the data-parallel degree, so ZeRO-1 shards are equal); the padding stays zero.
 template <typename T>
-void model_build(Model<T>& m, const ModelDims& d, int64_t B_max);
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_multiple = 1);
 
 // Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases.
 template <typename T>

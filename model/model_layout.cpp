@@ -203,15 +203,17 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
 }
 
 template <typename T>
-void model_build(Model<T>& m, const ModelDims& d, int64_t B_max) {
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_multiple) {
   dims_check(d);
-  CHECK(B_max >= 1);
+  CHECK(B_max >= 1 && pad_multiple >= 1);
   m.d = d;
   m.B_max = B_max;
   m.table = model_param_table(d);
   m.n_params = m.table.back().offset + m.table.back().count;
-  m.param_arena = Arena("parameters", m.n_params * sizeof(T));
-  m.grad_arena = Arena("gradients", m.n_params * sizeof(T));
+  const size_t pad = static_cast<size_t>(pad_multiple);
+  m.n_alloc = (m.n_params + pad - 1) / pad * pad;
+  m.param_arena = Arena("parameters", m.n_alloc * sizeof(T));
+  m.grad_arena = Arena("gradients", m.n_alloc * sizeof(T));
   m.params = reinterpret_cast<T*>(m.param_arena.data());
   m.grads = reinterpret_cast<T*>(m.grad_arena.data());
   param_layout<T>(d, m.params, &m.p, nullptr);
@@ -242,7 +244,7 @@ void model_init(Model<T>& m, uint64_t seed) {
 
 template <typename T>
 void model_zero_grads(Model<T>& m) {
-  std::memset(m.grads, 0, m.n_params * sizeof(T));
+  std::memset(m.grads, 0, m.n_alloc * sizeof(T));
 }
 
 ModelCounts model_counts(const ModelDims& d) {
@@ -273,8 +275,8 @@ size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
   return measure.used();
 }
 
-template void model_build<float>(Model<float>&, const ModelDims&, int64_t);
-template void model_build<double>(Model<double>&, const ModelDims&, int64_t);
+template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t);
+template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t);
 template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);

@@ -15,111 +15,12 @@
 #include <thread>
 #include <vector>
 
-#include "io/checkpoint_file.h"
 #include "model/rng.h"
+#include "tests/binary_harness.h"
 
 namespace {
 
-namespace fs = std::filesystem;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write(const fs::path& p, const std::string& text) {
-  std::ofstream f(p, std::ios::binary);
-  f << text;
-}
-
-// A run folder with prepared data and a small, fast config.
-fs::path make_run(const std::string& name, const std::string& extra = "") {
-  fs::path d = fs::path(::testing::TempDir()) / ("moetrain_resume_" + name);
-  fs::remove_all(d);
-  fs::create_directories(d / "text");
-  std::string text;
-  const char* lines[] = {"It was the best of times, it was the worst of times.\n",
-                         "Call me Ishmael. Some years ago, never mind how long.\n",
-                         "Happy families are all alike.\n", "In the beginning was the word.\n"};
-  for (int i = 0; i < 300; ++i) text += lines[(i * 5) % 4];
-  write(d / "text" / "a.txt", text);
-  const std::string cmd = "cd '" + d.string() + "' && " + MOETRAIN_BINARY +
-                          " prepare --input text --output data >/dev/null";
-  EXPECT_EQ(std::system(cmd.c_str()), 0);
-  write(d / "c.toml",
-        "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 2\nseq_len = 32\ndense_layers = 1\n"
-        "[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 32\n"
-        "[training]\nsteps = 24\nglobal_batch = 8\nmicro_batch = 4\n"
-        "[optim]\nlr = 1e-2\n[lr]\nwarmup_steps = 4\n"
-        "[data]\ntrain = \"data/train.bin\"\nval = \"data/val.bin\"\n"
-        "[checkpoint]\ndir = \"ckpt\"\nevery = 1\nkeep_last = 2\n"
-        "[log]\nevery = 100\neval_every = 8\neval_batches = 2\nsamples = 0\n"
-        "metrics_file = \"metrics.jsonl\"\n" + extra);
-  return d;
-}
-
-struct Proc {
-  pid_t pid = -1;
-};
-
-Proc spawn(const fs::path& dir, const std::string& args) {
-  Proc p;
-  p.pid = fork();
-  if (p.pid == 0) {
-    if (chdir(dir.c_str()) != 0) _exit(127);
-    // One thread: ctest runs tests in parallel, and spinning OpenMP teams of two processes on
-    // two cores would slow each step a hundredfold. Bit-exactness holds for any fixed count.
-    setenv("OMP_NUM_THREADS", "1", 1);
-    const std::string cmd = std::string("exec ") + MOETRAIN_BINARY + " " + args +
-                            " >>log.txt 2>>err.txt";
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  return p;
-}
-
-int wait_exit(Proc p) {
-  int status = 0;
-  waitpid(p.pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-int run(const fs::path& dir, const std::string& args) { return wait_exit(spawn(dir, args)); }
-
-// "loss" values per step, as written (17 significant digits: bit-exact for a double).
-std::vector<std::string> losses(const fs::path& metrics) {
-  std::vector<std::string> out;
-  std::istringstream in(slurp(metrics));
-  std::string line;
-  while (std::getline(in, line)) {
-    const size_t at = line.find("\"loss\": ");
-    if (at == std::string::npos) continue;
-    out.push_back(line.substr(at + 8, line.find(',', at) - at - 8));
-  }
-  return out;
-}
-
-// Every dataset of two checkpoints equal byte for byte.
-void expect_same_checkpoint(const fs::path& a, const fs::path& b) {
-  moe::CheckpointReader ra(a.string()), rb(b.string());
-  const auto la = ra.list(), lb = rb.list();
-  ASSERT_EQ(la.size(), lb.size());
-  ASSERT_GT(la.size(), 10u);
-  for (size_t i = 0; i < la.size(); ++i) {
-    ASSERT_EQ(la[i].path, lb[i].path);
-    if (la[i].dtype != "float32") continue;
-    int64_t n = 1;
-    for (int64_t s : la[i].shape) n *= s;
-    std::vector<float> va(static_cast<size_t>(n)), vb(static_cast<size_t>(n));
-    const int64_t ld = la[i].shape.back();
-    ra.read_f32(la[i].path, la[i].shape, va.data(), ld);
-    rb.read_f32(lb[i].path, lb[i].shape, vb.data(), ld);
-    ASSERT_EQ(std::memcmp(va.data(), vb.data(), va.size() * sizeof(float)), 0) << la[i].path;
-  }
-  EXPECT_EQ(ra.attr_i64("/meta", "step"), rb.attr_i64("/meta", "step"));
-}
+using namespace moe_test;
 
 TEST(Resume, KilledAtRandomMomentsContinuesBitExact) {
   // Long enough (a few seconds, a save after every step) that most kills land mid-run.

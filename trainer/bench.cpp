@@ -1,4 +1,5 @@
 #include "trainer/bench.h"
+#include "trainer/progress.h"
 
 #include <omp.h>
 
@@ -11,15 +12,10 @@
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/rng.h"
+#include "parallel/grid.h"
 #include "trainer/train_step.h"
 
 namespace moe {
-
-namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
 
 double sgemm_peak_flops(bool quick) {
   double best = 0;
@@ -47,8 +43,10 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   // The peak is measured before and after the timed steps and the higher one is used, so a
   // busy moment during one measurement cannot inflate the MFU.
   double peak = sgemm_peak_flops();
+  const ProcessGrid grid = grid_build(cfg);
+  grid_check_consistent(grid, cfg);
   TrainState s;
-  train_state_init(s, cfg);
+  train_state_init(s, cfg, &grid);
   const int64_t T_ = s.model.d.T;
   const int vocab = cfg.model.vocab_size;
   // Synthetic tokens: the bench measures compute, so it needs no data files.
@@ -63,7 +61,11 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   const double t0 = now_s();
   for (int i = 1; i <= opt.steps; ++i) train_step(s, i, source);
   const double dt = (now_s() - t0) / opt.steps;
+  // With several ranks on one machine each measures a share of the cores; the machine's
+  // peak is the sum, which is what MFU must be taken against.
   peak = std::max(peak, sgemm_peak_flops());
+  if (grid.world) grid.world->all_reduce_sum(&peak, 1);
+  if (!grid.is_root()) return 0;
   const double tokens = static_cast<double>(cfg.training.global_batch) * static_cast<double>(T_);
   const double tps = tokens / dt;
   const double fpt = model_flops_per_token(s.model.d);
@@ -73,12 +75,13 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
     std::printf(
         "{\"config\": \"%s\", \"threads\": %d, \"peak_flops\": %.6g, \"step_s\": %.6g, "
         "\"tokens_per_s\": %.6g, \"flops_per_token\": %.6g, \"mfu\": %.6f, "
-        "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d}\n",
+        "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d, \"ranks\": %d}\n",
         cfg.source.c_str(), omp_get_max_threads(), peak, dt, tps, fpt, mfu,
         static_cast<long long>(counts.total), static_cast<long long>(counts.active_matmul),
-        opt.steps);
+        opt.steps, grid.world_size);
   } else {
-    std::printf("bench %s: %d threads\n", cfg.source.c_str(), omp_get_max_threads());
+    std::printf("bench %s: %d rank%s x %d threads\n", cfg.source.c_str(), grid.world_size,
+                grid.world_size > 1 ? "s" : "", omp_get_max_threads());
     std::printf("  sgemm peak (OpenBLAS, measured): %.1f GFLOP/s\n", peak / 1e9);
     std::printf("  step: %.3f s for %.0f tokens -> %.0f tokens/s\n", dt, tokens, tps);
     std::printf("  model FLOPs/token: %.4g (6 x %lld active + attention)\n", fpt,

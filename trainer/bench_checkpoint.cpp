@@ -13,15 +13,12 @@
 
 #include "model/check.h"
 #include "trainer/bench.h"
+#include "trainer/progress.h"
 #include "trainer/train_checkpoint.h"
 
 namespace moe {
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Writes `bytes` from `buf` (cycled) with write() in large blocks, then fsync: the disk's
 // speed for exactly what a checkpoint must do. Returns seconds.

@@ -12,6 +12,7 @@
 #include "io/config.h"
 #include "io/dataset.h"
 #include "model/check.h"
+#include "parallel/comm.h"
 #include "trainer/bench.h"
 #include "trainer/checkpoint_tools.h"
 #include "trainer/run_summary.h"
@@ -125,6 +126,10 @@ int main(int argc, char** argv) {
     const moe::Config cfg = moe::config_load(config_path, overrides);
     omp_set_num_threads(threads_for(cfg));
     if (*train) {
+      if (!dry_run) {
+        moe::mpi_start(&argc, &argv);
+        std::atexit(moe::mpi_finish);
+      }
       if (dry_run) {
         std::printf("# resolved config (%s)\n%s\n%s", cfg.source.c_str(),
                     moe::config_to_toml(cfg).c_str(), moe::run_summary(cfg).c_str());
@@ -132,11 +137,22 @@ int main(int argc, char** argv) {
       }
       return moe::train_main(cfg);
     }
+    if (*bench && !bench_opt.checkpoint_io) {
+      moe::mpi_start(&argc, &argv);
+      std::atexit(moe::mpi_finish);
+    }
     if (*bench)
       return bench_opt.checkpoint_io ? moe::bench_checkpoint_main(cfg, bench_opt)
                                      : moe::bench_main(cfg, bench_opt);
   } catch (const moe::UserError& e) {
     std::fflush(stdout);
+    if (moe::mpi_world_size() > 1) {
+      // Under MPI the other ranks may be waiting in a collective: name the rank, then bring
+      // the whole job down rather than leave it hanging.
+      std::fprintf(stderr, "error: rank %d: %s\n", moe::mpi_world_rank(), e.what());
+      std::fflush(stderr);
+      moe::mpi_abort_job(1);
+    }
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

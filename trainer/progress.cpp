@@ -15,8 +15,8 @@ std::string format_duration(double seconds) {
   return strprintf("%02ld:%02ld", s / 60, s % 60);
 }
 
-ProgressBar::ProgressBar(int64_t first, int64_t total)
-    : first_(first), total_(total), active_(isatty(STDOUT_FILENO) == 1) {}
+ProgressBar::ProgressBar(int64_t first, int64_t total, bool enabled)
+    : first_(first), total_(total), active_(enabled && isatty(STDOUT_FILENO) == 1) {}
 
 void ProgressBar::update(int64_t done, double elapsed_s, const std::string& status) {
   if (!active_) return;

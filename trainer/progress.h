@@ -1,6 +1,7 @@
 // A one-line progress bar with ETA, drawn only when stdout is a terminal.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -8,7 +9,8 @@ namespace moe {
 
 class ProgressBar {
  public:
-  ProgressBar(int64_t first, int64_t total);
+  // `enabled` false (e.g. on ranks other than 0) draws nothing.
+  ProgressBar(int64_t first, int64_t total, bool enabled = true);
   // Redraws the bar after step `done` (exclusive count) with a short status text.
   void update(int64_t done, double elapsed_s, const std::string& status);
   // Clears the bar so a log line can be printed in its place.
@@ -22,5 +24,10 @@ class ProgressBar {
 };
 
 std::string format_duration(double seconds);
+
+// Monotonic wall-clock seconds, for step timing and time limits.
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 }  // namespace moe

@@ -19,22 +19,17 @@
 #include "trainer/run_summary.h"
 #include "trainer/stop_signal.h"
 #include "trainer/train_checkpoint.h"
+#include "parallel/grid.h"
 #include "trainer/train_step.h"
 
 namespace moe {
 
 namespace {
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // Features whose keys the config already validates but whose implementation lands with a
 // later part of the project: refuse them clearly instead of silently training without them.
 void reject_unsupported(const Config& cfg) {
   const char* src = cfg.source.c_str();
-  if (cfg.parallel.dp * cfg.parallel.pp != 1 || cfg.parallel.ep != 1)
-    user_error("%s: parallel.dp/ep/pp > 1 is not supported by this build yet (single process only)", src);
   if (cfg.precision.mode != PrecisionMode::kFp32)
     user_error("%s: precision.mode = \"%s\" is not supported by this build yet (only \"fp32\")", src,
                to_string(cfg.precision.mode));
@@ -61,10 +56,10 @@ void check_shard_vocab(const TokenShard& shard, const Config& cfg, const char* k
 
 // Restores the newest valid checkpoint into `s`, falling back past corrupted ones.
 // Returns the position to continue from (step 0 for a fresh start).
-RunPosition resume_run(TrainState& s, const Config& cfg) {
+RunPosition resume_run(TrainState& s, const Config& cfg, bool root) {
   const std::vector<std::string> candidates = resume_candidates(cfg);
   if (candidates.empty()) {
-    if (cfg.checkpoint.resume != "none")
+    if (cfg.checkpoint.resume != "none" && root)
       std::printf("resume: no checkpoint in %s, starting fresh\n", cfg.checkpoint.dir.c_str());
     return RunPosition{};
   }
@@ -74,7 +69,7 @@ RunPosition resume_run(TrainState& s, const Config& cfg) {
     try {
       info = checkpoint_read_info(path);
     } catch (const UserError& e) {
-      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
+      if (root) std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
       if (first_failure.empty()) first_failure = e.what();
       continue;
     }
@@ -84,10 +79,11 @@ RunPosition resume_run(TrainState& s, const Config& cfg) {
     try {
       info = checkpoint_load(s, path);
     } catch (const UserError& e) {
-      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
+      if (root) std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
       if (first_failure.empty()) first_failure = e.what();
       continue;
     }
+    if (!root) return info.pos;
     std::printf("resume: %s at step %lld (%lld tokens seen, loss %.4f)\n", path.c_str(),
                 static_cast<long long>(info.pos.step),
                 static_cast<long long>(info.pos.tokens_seen), info.pos.loss);
@@ -104,6 +100,9 @@ RunPosition resume_run(TrainState& s, const Config& cfg) {
 int train_main(const Config& cfg) {
   const double t_launch = now_s();
   reject_unsupported(cfg);
+  const ProcessGrid grid = grid_build(cfg);
+  grid_check_consistent(grid, cfg);
+  const bool root = grid.is_root();
   // Open and validate the data before any memory is allocated.
   TokenShard train(cfg.data.train);
   check_shard_vocab(train, cfg, "data.train");
@@ -120,20 +119,23 @@ int train_main(const Config& cfg) {
     user_error("%s: %lld tokens is fewer than model.seq_len + 1 = %lld", val->path().c_str(),
                static_cast<long long>(val->size()), static_cast<long long>(T_ + 1));
 
-  std::printf("moetrain %s: run \"%s\" from %s\n%s", MOETRAIN_VERSION, cfg.run.name.c_str(),
-              cfg.source.c_str(), run_summary(cfg).c_str());
-  std::printf("data: %s (%lld tokens)%s%s\n", train.path().c_str(),
-              static_cast<long long>(train.size()), val ? ", validation " : "",
-              val ? strprintf("%s (%lld tokens)", val->path().c_str(),
-                              static_cast<long long>(val->size())).c_str() : "");
+  if (root) {
+    std::printf("moetrain %s: run \"%s\" from %s, %d rank%s (dp %d)\n%s", MOETRAIN_VERSION,
+                cfg.run.name.c_str(), cfg.source.c_str(), grid.world_size,
+                grid.world_size > 1 ? "s" : "", grid.dp, run_summary(cfg).c_str());
+    std::printf("data: %s (%lld tokens)%s%s\n", train.path().c_str(),
+                static_cast<long long>(train.size()), val ? ", validation " : "",
+                val ? strprintf("%s (%lld tokens)", val->path().c_str(),
+                                static_cast<long long>(val->size())).c_str() : "");
+  }
 
   TrainState s;
-  train_state_init(s, cfg);
-  RunPosition pos = resume_run(s, cfg);
+  train_state_init(s, cfg, &grid);
+  RunPosition pos = resume_run(s, cfg, root);
   const bool resumed = pos.step > 0;
   const double peak = sgemm_peak_flops(true);
   const double flops_per_token = model_flops_per_token(s.model.d);
-  std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
+  if (root) std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
   std::fflush(stdout);
 
   const int vocab = cfg.model.vocab_size;
@@ -147,13 +149,14 @@ int train_main(const Config& cfg) {
     dataset_val_batch(*val, out, first, n, val_windows, T_, vocab);
   };
 
-  if (resumed) metrics_truncate_after(cfg.log.metrics_file, pos.step);
-  MetricsFile metrics(cfg.log.metrics_file, resumed);
+  if (resumed && root) metrics_truncate_after(cfg.log.metrics_file, pos.step);
+  MetricsFile metrics(root ? cfg.log.metrics_file : std::string(), resumed);
   const CheckpointDir ckdir{cfg.checkpoint.dir};
   auto save = [&](const char* why) {
     const double t0 = now_s();
     const std::string path = ckdir.path_for_step(pos.step);
-    checkpoint_save(s, pos, path);
+    checkpoint_save(s, pos, path);  // collective: every rank takes part, rank 0 writes
+    if (!root) return;
     ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
     std::printf("checkpoint: step %lld -> %s (%.1f MB in %.2f s; %s)\n",
                 static_cast<long long>(pos.step), path.c_str(),
@@ -164,16 +167,16 @@ int train_main(const Config& cfg) {
   const int64_t steps = cfg.training.steps;
   const int64_t exit_at = cfg.training.exit_at_step;
   if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
-    std::printf("already at step %lld >= training.exit_at_step = %lld: nothing to do\n",
+    if (root) std::printf("already at step %lld >= training.exit_at_step = %lld: nothing to do\n",
                 static_cast<long long>(pos.step), static_cast<long long>(exit_at));
     return 0;
   }
-  if (pos.step >= steps)
+  if (pos.step >= steps && root)
     std::printf("run already complete at step %lld of %lld\n", static_cast<long long>(pos.step),
                 static_cast<long long>(steps));
   stop_signals_install();
   const double tokens_per_step = static_cast<double>(cfg.training.global_batch) * T_;
-  ProgressBar bar(pos.step, steps);
+  ProgressBar bar(pos.step, steps, root);
   const double t_start = now_s();
   double last_val = pos.val_loss >= 0 ? pos.val_loss : NAN;
   for (int64_t step = pos.step; step < steps; ++step) {
@@ -200,7 +203,7 @@ int train_main(const Config& cfg) {
     pos.tokens_seen += static_cast<int64_t>(tokens_per_step);
     pos.loss = st.loss;
     if (std::isfinite(last_val)) pos.val_loss = last_val;
-    if ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps) {
+    if (root && ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps)) {
       bar.clear();
       std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
                   "MFU %.1f%% | imbalance %.2f%s\n",
@@ -209,15 +212,21 @@ int train_main(const Config& cfg) {
                   eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
       std::fflush(stdout);
     }
-    // Save, and possibly stop, between steps: never with a half-applied update.
+    // Save, and possibly stop, between steps: never with a half-applied update. Ranks see
+    // signals and clocks at different moments, so they agree on the decision first.
+    double flags[2] = {static_cast<double>(stop_signal_received()),
+                       cfg.training.exit_after_minutes > 0 &&
+                               now_s() - t_launch >= 60.0 * cfg.training.exit_after_minutes
+                           ? 1.0
+                           : 0.0};
+    if (grid.world) grid.world->all_reduce_max(flags, 2);
     const char* reason = nullptr;
     bool stop = true;
-    if (const int sig = stop_signal_received()) {
+    if (const int sig = static_cast<int>(flags[0])) {
       reason = sig == SIGINT ? "SIGINT" : "SIGTERM";
     } else if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
       reason = "training.exit_at_step";
-    } else if (cfg.training.exit_after_minutes > 0 && pos.step < steps &&
-               now_s() - t_launch >= 60.0 * cfg.training.exit_after_minutes) {
+    } else if (flags[1] > 0 && pos.step < steps) {
       reason = "training.exit_after_minutes";
     } else {
       stop = false;
@@ -229,13 +238,14 @@ int train_main(const Config& cfg) {
       save(reason);
     }
     if (stop) {
-      std::printf("stopped at step %lld of %lld (%s); continue with --resume\n",
+      if (root) std::printf("stopped at step %lld of %lld (%s); continue with --resume\n",
                   static_cast<long long>(pos.step), static_cast<long long>(steps), reason);
       return 0;
     }
     bar.update(step + 1, now_s() - t_start, strprintf("loss %.3f", st.loss));
   }
   bar.clear();
+  if (!root) return 0;
   std::printf("done: step %lld in %s", static_cast<long long>(pos.step),
               format_duration(now_s() - t_start).c_str());
   if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);

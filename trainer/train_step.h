@@ -9,18 +9,27 @@
 #include "io/config.h"
 #include "model/model.h"
 #include "optim/adamw.h"
+#include "parallel/grid.h"
 
 namespace moe {
 
 // Fills `out` (n_seqs, seq_len + 1) with sequences [first_seq, first_seq + n_seqs) of `step`.
 using BatchSource = std::function<void(int32_t* out, int64_t step, int64_t first_seq, int64_t n_seqs)>;
 
+// Data parallelism with ZeRO-1: every rank holds the full FP32 parameters and gradients, but
+// only its shard [shard_begin, shard_begin + shard) of the Adam moments. A step reduce-scatters
+// the gradients, updates the local shard, and all-gathers the parameters. With one process the
+// shard is everything.
 struct TrainState {
   Config cfg;
+  const ProcessGrid* grid = nullptr;  // null or world size 1: single process
   Model<float> model;
-  Arena opt_arena;    // Adam moments
-  float* adam_m = nullptr;
-  float* adam_v = nullptr;
+  int64_t shard = 0;        // elements per rank (n_alloc / dp)
+  int64_t shard_begin = 0;  // this rank's first element
+  Arena opt_arena;          // Adam moments of the shard, and the reduced gradient shard
+  float* adam_m = nullptr;  // (shard)
+  float* adam_v = nullptr;  // (shard)
+  float* grad_shard = nullptr;  // (shard) reduce-scatter target (dp > 1)
   std::vector<uint8_t> decay;    // per parameter table entry
   std::vector<int32_t> window;   // (micro_batch, seq_len + 1)
   std::vector<int32_t> inputs;   // (micro_batch, seq_len)
@@ -39,7 +48,11 @@ struct StepStats {
 };
 
 // Allocates everything a step needs (nothing is allocated by train_step afterwards).
-void train_state_init(TrainState& s, const Config& cfg);
+// `grid` may be null (single process); it must outlive the state.
+void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid = nullptr);
+
+// The data-parallel group, or null when there is none.
+Comm* train_dp_comm(const TrainState& s);
 
 StepStats train_step(TrainState& s, int64_t step, const BatchSource& source);
 

@@ -1,0 +1,69 @@
+// Communicators: one group of ranks and the collectives the trainer needs. MPI implements
+// it now (CPU); NCCL will implement the same interface for device buffers.
+//
+// Every collective is called by all ranks of the group with the same sizes; the sizes come
+// from the plan (never from local data), which is what keeps stages from hanging.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+// A started non-blocking operation; wait() completes it.
+struct CommRequest {
+  void* handle = nullptr;  // the implementation's request (MPI_Request for MPI)
+  bool active = false;
+};
+
+class Comm {
+ public:
+  virtual ~Comm() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // "world", "dp", "ep", ... for messages
+
+  virtual void all_reduce_sum(float* data, int64_t n) = 0;
+  virtual void all_reduce_sum(double* data, int64_t n) = 0;
+  virtual void all_reduce_sum(int64_t* data, int64_t n) = 0;
+  virtual void all_reduce_max(double* data, int64_t n) = 0;
+  // Non-blocking in-place sum, so a gradient bucket reduces while backward continues.
+  virtual CommRequest all_reduce_sum_start(float* data, int64_t n) = 0;
+  virtual void wait(CommRequest& req) = 0;
+  // recv (n) = the sum over ranks of send[rank * n, (rank + 1) * n).
+  virtual void reduce_scatter_sum(float* recv, const float* send, int64_t n) = 0;
+  // recv (size * n) = every rank's send (n), in rank order. send == nullptr means in place:
+  // this rank's block is already at recv + rank * n.
+  virtual void all_gather(float* recv, const float* send, int64_t n) = 0;
+  // Variable all-to-all of `elem` -byte elements; counts and displacements in elements,
+  // one per rank.
+  virtual void all_to_all_v(const void* send, const int64_t* send_counts,
+                            const int64_t* send_displs, void* recv, const int64_t* recv_counts,
+                            const int64_t* recv_displs, size_t elem) = 0;
+  // Fixed all-to-all of n int64 per rank (the token counts before a dispatch).
+  virtual void all_to_all(const int64_t* send, int64_t* recv, int64_t n) = 0;
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  virtual void send(const void* data, size_t bytes, int peer, int tag) = 0;
+  virtual void recv(void* data, size_t bytes, int peer, int tag) = 0;
+  virtual void barrier() = 0;
+};
+
+// MPI: the world communicator, and subgroups of it by color (ranks with the same color form
+// one group, ordered by key).
+std::unique_ptr<Comm> comm_mpi_world();
+std::unique_ptr<Comm> comm_mpi_split(const Comm& parent, int color, int key, const std::string& name);
+
+// MPI start-up and shut-down for the process (MPI_Init_thread with FUNNELED), and the
+// job-wide abort used when a rank hits an error: the message is printed with the rank and
+// every other rank is brought down instead of hanging in a collective.
+void mpi_start(int* argc, char*** argv);
+void mpi_finish();
+bool mpi_started();
+int mpi_world_rank();
+int mpi_world_size();
+[[noreturn]] void mpi_abort_job(int code);
+
+}  // namespace moe

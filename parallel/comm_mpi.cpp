@@ -1,0 +1,157 @@
+// The MPI communicator. Large messages are split so every count fits MPI's int.
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+
+#include "model/check.h"
+#include "parallel/comm.h"
+
+namespace moe {
+
+namespace {
+
+constexpr int64_t kMaxCount = INT_MAX / 2;  // per MPI call, in elements
+
+class MpiComm final : public Comm {
+ public:
+  MpiComm(MPI_Comm comm, std::string name, bool owned) : comm_(comm), name_(std::move(name)), owned_(owned) {
+    MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  ~MpiComm() override {
+    if (owned_ && mpi_started()) MPI_Comm_free(&comm_);
+  }
+  MPI_Comm raw() const { return comm_; }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+
+  template <typename T>
+  void reduce(T* data, int64_t n, MPI_Datatype type, MPI_Op op) {
+    for (int64_t off = 0; off < n; off += kMaxCount) {
+      const int c = static_cast<int>(std::min(kMaxCount, n - off));
+      MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, c, type, op, comm_));
+    }
+  }
+  void all_reduce_sum(float* d, int64_t n) override { reduce(d, n, MPI_FLOAT, MPI_SUM); }
+  void all_reduce_sum(double* d, int64_t n) override { reduce(d, n, MPI_DOUBLE, MPI_SUM); }
+  void all_reduce_sum(int64_t* d, int64_t n) override { reduce(d, n, MPI_INT64_T, MPI_SUM); }
+  void all_reduce_max(double* d, int64_t n) override { reduce(d, n, MPI_DOUBLE, MPI_MAX); }
+
+  CommRequest all_reduce_sum_start(float* data, int64_t n) override {
+    CHECK(n <= kMaxCount, "bucket of %lld floats is too large for one request", (long long)n);
+    auto* req = new MPI_Request;
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_, req));
+    return CommRequest{req, true};
+  }
+  void wait(CommRequest& r) override {
+    if (!r.active) return;
+    auto* req = static_cast<MPI_Request*>(r.handle);
+    MPI_CHECK(MPI_Wait(req, MPI_STATUS_IGNORE));
+    delete req;
+    r = CommRequest{};
+  }
+  void reduce_scatter_sum(float* recv, const float* send, int64_t n) override {
+    CHECK(n <= kMaxCount);
+    MPI_CHECK(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_));
+  }
+  void all_gather(float* recv, const float* send, int64_t n) override {
+    CHECK(n <= kMaxCount);
+    MPI_CHECK(MPI_Allgather(send ? send : MPI_IN_PLACE, send ? static_cast<int>(n) : 0, MPI_FLOAT,
+                            recv, static_cast<int>(n), MPI_FLOAT, comm_));
+  }
+  void all_to_all_v(const void* send, const int64_t* sc, const int64_t* sd, void* recv,
+                    const int64_t* rc, const int64_t* rd, size_t elem) override {
+    // Counts in bytes as MPI ints: per-peer messages must stay under 2 GiB.
+    std::vector<int> isc(static_cast<size_t>(size_)), isd(isc.size()), irc(isc.size()), ird(isc.size());
+    for (int p = 0; p < size_; ++p) {
+      const int64_t b[4] = {sc[p] * static_cast<int64_t>(elem), sd[p] * static_cast<int64_t>(elem),
+                            rc[p] * static_cast<int64_t>(elem), rd[p] * static_cast<int64_t>(elem)};
+      for (int64_t v : b) CHECK(v <= INT_MAX, "all_to_all_v message over 2 GiB");
+      isc[static_cast<size_t>(p)] = static_cast<int>(b[0]);
+      isd[static_cast<size_t>(p)] = static_cast<int>(b[1]);
+      irc[static_cast<size_t>(p)] = static_cast<int>(b[2]);
+      ird[static_cast<size_t>(p)] = static_cast<int>(b[3]);
+    }
+    MPI_CHECK(MPI_Alltoallv(send, isc.data(), isd.data(), MPI_BYTE, recv, irc.data(), ird.data(),
+                            MPI_BYTE, comm_));
+  }
+  void all_to_all(const int64_t* send, int64_t* recv, int64_t n) override {
+    MPI_CHECK(MPI_Alltoall(send, static_cast<int>(n), MPI_INT64_T, recv, static_cast<int>(n),
+                           MPI_INT64_T, comm_));
+  }
+  void broadcast(void* data, size_t bytes, int root) override {
+    CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    MPI_CHECK(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_));
+  }
+  void send(const void* data, size_t bytes, int peer, int tag) override {
+    CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    MPI_CHECK(MPI_Send(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_));
+  }
+  void recv(void* data, size_t bytes, int peer, int tag) override {
+    CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    MPI_CHECK(MPI_Recv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, MPI_STATUS_IGNORE));
+  }
+  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+
+ private:
+  MPI_Comm comm_;
+  std::string name_;
+  bool owned_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+void mpi_start(int* argc, char*** argv) {
+  int provided = 0;
+  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+  // Errors come back as codes so MPI_CHECK can name the call, instead of MPI's own abort.
+  MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  check_set_context(mpi_world_rank(), -1);
+}
+
+bool mpi_started() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+
+void mpi_finish() {
+  if (mpi_started()) MPI_Finalize();
+}
+
+int mpi_world_rank() {
+  int r = 0;
+  if (mpi_started()) MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+int mpi_world_size() {
+  int s = 1;
+  if (mpi_started()) MPI_Comm_size(MPI_COMM_WORLD, &s);
+  return s;
+}
+
+void mpi_abort_job(int code) {
+  if (mpi_started() && mpi_world_size() > 1) MPI_Abort(MPI_COMM_WORLD, code);
+  std::exit(code);
+}
+
+std::unique_ptr<Comm> comm_mpi_world() {
+  CHECK(mpi_started(), "MPI is not initialized");
+  return std::make_unique<MpiComm>(MPI_COMM_WORLD, "world", false);
+}
+
+std::unique_ptr<Comm> comm_mpi_split(const Comm& parent, int color, int key, const std::string& name) {
+  const auto& p = dynamic_cast<const MpiComm&>(parent);
+  MPI_Comm out;
+  MPI_CHECK(MPI_Comm_split(p.raw(), color, key, &out));
+  MPI_CHECK(MPI_Comm_set_errhandler(out, MPI_ERRORS_RETURN));
+  return std::make_unique<MpiComm>(out, name, true);
+}
+
+}  // namespace moe

@@ -1,0 +1,211 @@
+// Expert-parallel dispatch and combine. Layouts and contracts in expert_dispatch.h.
+//
+// Dimension letters: ep ranks, E experts, EL = E / ep local experts, C row width, R rows
+// received. Every offset is in rows, every byte count widened to int64_t before multiplying.
+#include "parallel/expert_dispatch.h"
+
+#include <algorithm>
+
+#include "model/check.h"
+
+namespace moe {
+
+namespace {
+
+// Copies the ep EL blocks of n_rows[b] rows from src + src_off[b] rows to dst + dst_off[b]
+// rows. Each destination row has exactly one writer, so the blocks run in parallel.
+void copy_blocks(float* dst, const int64_t* dst_off, const float* src, const int64_t* src_off,
+                 const int64_t* n_rows, int64_t blocks, int64_t C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n = n_rows[b] * C;
+    if (n == 0) continue;  // buffers may be null when nothing moves
+    const float* s = src + src_off[b] * C;
+    std::copy(s, s + n, dst + dst_off[b] * C);
+  }
+}
+
+void check_call(const EpPlan& plan, int64_t C, const Comm& comm) {
+  CHECK(comm.size() == plan.ep && comm.rank() == plan.rank,
+        "plan for rank %d of %d used on rank %d of %d ('%s')", plan.rank, plan.ep, comm.rank(),
+        comm.size(), comm.name().c_str());
+  CHECK(C >= 0, "C=%lld", (long long)C);
+  CHECK(plan.rows_recv <= plan.rows_capacity, "R=%lld rows over capacity %lld",
+        (long long)plan.rows_recv, (long long)plan.rows_capacity);
+}
+
+}  // namespace
+
+EpPlan ep_plan_create(int ep, int64_t E, int64_t rows_capacity) {
+  CHECK(ep >= 1 && E >= 1 && E % ep == 0, "ep=%d must divide E=%lld", ep, (long long)E);
+  CHECK(rows_capacity >= 0, "rows_capacity=%lld", (long long)rows_capacity);
+  EpPlan p;
+  p.ep = ep;
+  p.E = E;
+  p.EL = E / ep;
+  p.rows_capacity = rows_capacity;
+  const size_t peers = static_cast<size_t>(ep);
+  const size_t blocks = static_cast<size_t>(E);  // ep EL
+  p.send_counts.assign(peers, 0);
+  p.send_displs.assign(peers, 0);
+  p.recv_counts.assign(peers, 0);
+  p.recv_displs.assign(peers, 0);
+  p.recv_expert_counts.assign(blocks, 0);
+  p.block_wire_off.assign(blocks, 0);
+  p.block_grouped_off.assign(blocks, 0);
+  p.local_offsets.assign(static_cast<size_t>(p.EL + 1), 0);
+  return p;
+}
+
+void ep_plan_fill(EpPlan& plan, int rank, const int64_t* local_counts,
+                  const int64_t* recv_expert_counts) {
+  const int ep = plan.ep;
+  const int64_t EL = plan.EL;
+  CHECK(rank >= 0 && rank < ep, "rank=%d ep=%d", rank, ep);
+  CHECK(static_cast<int64_t>(plan.recv_expert_counts.size()) == ep * EL &&
+            static_cast<int64_t>(plan.local_offsets.size()) == EL + 1,
+        "plan not made by ep_plan_create");
+  plan.rank = rank;
+
+  // Send side: xp's rows for peer q are its experts' ranges, contiguous because moe_plan
+  // sorted them by global expert.
+  int64_t sent = 0;
+  for (int q = 0; q < ep; ++q) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < EL; ++j) {
+      const int64_t c = local_counts[q * EL + j];
+      CHECK(c >= 0, "local_counts[%lld]=%lld", (long long)(q * EL + j), (long long)c);
+      n += c;
+    }
+    plan.send_displs[static_cast<size_t>(q)] = sent;
+    plan.send_counts[static_cast<size_t>(q)] = n;
+    sent += n;
+  }
+  plan.rows_sent = sent;
+
+  // Receive side, wire layout: [sender p][local expert j].
+  int64_t recv = 0;
+  for (int p = 0; p < ep; ++p) {
+    plan.recv_displs[static_cast<size_t>(p)] = recv;
+    for (int64_t j = 0; j < EL; ++j) {
+      const size_t b = static_cast<size_t>(p * EL + j);
+      const int64_t c = recv_expert_counts[b];
+      CHECK(c >= 0, "recv_expert_counts[%zu]=%lld from rank %d", b, (long long)c, p);
+      plan.recv_expert_counts[b] = c;
+      plan.block_wire_off[b] = recv;
+      recv += c;
+    }
+    plan.recv_counts[static_cast<size_t>(p)] = recv - plan.recv_displs[static_cast<size_t>(p)];
+  }
+  plan.rows_recv = recv;
+
+  // Grouped layout: [local expert j][sender p].
+  int64_t row = 0;
+  for (int64_t j = 0; j < EL; ++j) {
+    plan.local_offsets[static_cast<size_t>(j)] = row;
+    for (int p = 0; p < ep; ++p) {
+      const size_t b = static_cast<size_t>(p * EL + j);
+      plan.block_grouped_off[b] = row;
+      row += plan.recv_expert_counts[b];
+    }
+  }
+  plan.local_offsets[static_cast<size_t>(EL)] = row;
+
+  CHECK(recv <= plan.rows_capacity,
+        "rank %d receives %lld rows, over the buffers' capacity of %lld", rank, (long long)recv,
+        (long long)plan.rows_capacity);
+}
+
+void ep_plan(EpPlan& plan, const int64_t* local_counts, Comm& comm) {
+  CHECK(comm.size() == plan.ep, "plan for ep=%d used on '%s' of %d ranks", plan.ep,
+        comm.name().c_str(), comm.size());
+  // local_counts is [peer q][q's local expert j], the all_to_all's block order already.
+  comm.all_to_all(local_counts, plan.recv_expert_counts.data(), plan.EL);
+  ep_plan_fill(plan, comm.rank(), local_counts, plan.recv_expert_counts.data());
+}
+
+void ep_dispatch(float* x_grouped, float* scratch, const float* xp, const EpPlan& plan,
+                 int64_t C, Comm& comm) {
+  check_call(plan, C, comm);
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(float);
+  // One element = one row, so counts and displacements stay in rows.
+  comm.all_to_all_v(xp, plan.send_counts.data(), plan.send_displs.data(), scratch,
+                    plan.recv_counts.data(), plan.recv_displs.data(), row_bytes);
+  copy_blocks(x_grouped, plan.block_grouped_off.data(), scratch, plan.block_wire_off.data(),
+              plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
+}
+
+void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan& plan, int64_t C,
+                Comm& comm) {
+  check_call(plan, C, comm);
+  copy_blocks(scratch, plan.block_wire_off.data(), y_grouped, plan.block_grouped_off.data(),
+              plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(float);
+  // The dispatch's all_to_all_v with the sides swapped.
+  comm.all_to_all_v(scratch, plan.recv_counts.data(), plan.recv_displs.data(), yp,
+                    plan.send_counts.data(), plan.send_displs.data(), row_bytes);
+}
+
+int64_t ep_bytes_sent(const EpPlan& plan, int64_t C) {
+  int64_t rows = 0;
+  for (int q = 0; q < plan.ep; ++q)
+    if (q != plan.rank) rows += plan.send_counts[static_cast<size_t>(q)];
+  return rows * C * static_cast<int64_t>(sizeof(float));
+}
+
+void EpPlan::check_validity() const {
+  CHECK(ep >= 1 && E >= 1 && EL * ep == E, "ep=%d E=%lld EL=%lld", ep, (long long)E,
+        (long long)EL);
+  CHECK(rank >= 0 && rank < ep, "rank=%d ep=%d", rank, ep);
+  const size_t peers = static_cast<size_t>(ep), blocks = static_cast<size_t>(E);
+  CHECK(send_counts.size() == peers && send_displs.size() == peers &&
+        recv_counts.size() == peers && recv_displs.size() == peers);
+  CHECK(recv_expert_counts.size() == blocks && block_wire_off.size() == blocks &&
+        block_grouped_off.size() == blocks && local_offsets.size() == static_cast<size_t>(EL + 1));
+  int64_t s = 0, r = 0;
+  for (size_t q = 0; q < peers; ++q) {
+    CHECK(send_counts[q] >= 0 && send_displs[q] == s, "peer %zu send", q);
+    CHECK(recv_counts[q] >= 0 && recv_displs[q] == r, "peer %zu recv", q);
+    s += send_counts[q];
+    r += recv_counts[q];
+  }
+  CHECK(s == rows_sent && r == rows_recv, "sent %lld/%lld recv %lld/%lld", (long long)s,
+        (long long)rows_sent, (long long)r, (long long)rows_recv);
+  CHECK(rows_recv <= rows_capacity);
+  CHECK(local_offsets[0] == 0 && local_offsets[static_cast<size_t>(EL)] == rows_recv);
+  for (int64_t j = 0; j < EL; ++j) {
+    int64_t row = local_offsets[static_cast<size_t>(j)];
+    for (int p = 0; p < ep; ++p) {
+      const size_t b = static_cast<size_t>(p * EL + j);
+      CHECK(block_grouped_off[b] == row, "block (%d, %lld) grouped", p, (long long)j);
+      row += recv_expert_counts[b];
+    }
+    CHECK(local_offsets[static_cast<size_t>(j + 1)] == row, "local expert %lld", (long long)j);
+  }
+  for (int p = 0; p < ep; ++p) {
+    int64_t row = recv_displs[static_cast<size_t>(p)];
+    for (int64_t j = 0; j < EL; ++j) {
+      const size_t b = static_cast<size_t>(p * EL + j);
+      CHECK(block_wire_off[b] == row, "block (%d, %lld) wire", p, (long long)j);
+      row += recv_expert_counts[b];
+    }
+    CHECK(row == recv_displs[static_cast<size_t>(p)] + recv_counts[static_cast<size_t>(p)]);
+  }
+}
+
+std::string EpPlan::to_string() const {
+  std::string s = strprintf("EpPlan{rank %d of ep %d, E=%lld EL=%lld, sent %lld rows, recv %lld "
+                            "of %lld rows; send",
+                            rank, ep, (long long)E, (long long)EL, (long long)rows_sent,
+                            (long long)rows_recv, (long long)rows_capacity);
+  for (int64_t c : send_counts) s += strprintf(" %lld", (long long)c);
+  s += "; recv";
+  for (int64_t c : recv_counts) s += strprintf(" %lld", (long long)c);
+  s += "; local experts";
+  for (int64_t j = 0; j < EL; ++j)
+    s += strprintf(" %lld", (long long)(local_offsets[static_cast<size_t>(j + 1)] -
+                                        local_offsets[static_cast<size_t>(j)]));
+  return s + "}";
+}
+
+}  // namespace moe

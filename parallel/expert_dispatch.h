@@ -1,0 +1,110 @@
+// Expert-parallel dispatch and combine: moving moe_plan's permuted rows to the ranks that own
+// their experts, and the results back.
+//
+// Dimension letters: ep ranks in the expert-parallel group, E routed experts (global),
+// EL = E / ep local experts per rank, N tokens on this rank, K slots per token, C row width
+// (floats), R rows received by this rank.
+//
+// Ownership: rank p of the EP group owns global experts [p EL, (p + 1) EL); its local expert j
+// is global expert p EL + j.
+//
+// Layouts (written down once; the tests check each of them row by row):
+//  - xp (N K, C), "sender layout": moe_plan's permuted rows, sorted by (global expert, token,
+//    slot). Sorted by expert means sorted by destination rank, so the rows for rank q are the
+//    contiguous range [send_displs[q], send_displs[q] + send_counts[q]); within it, the rows
+//    of q's local expert j come in order of j. xp is sent as is.
+//  - scratch (R, C), "wire layout": what all_to_all_v delivers, blocks [sender p][local expert
+//    j] in that order; block (p, j) holds recv_expert_counts[p EL + j] rows and starts at row
+//    block_wire_off[p EL + j]; sender p's blocks start at recv_displs[p].
+//  - x_grouped (R, C), "grouped layout": what the local experts compute on. Local expert j
+//    owns the contiguous rows [local_offsets[j], local_offsets[j + 1]); inside them the rows
+//    come from senders in rank order, each sender's rows in the sender's (token, slot) order.
+//    Block (p, j) starts at row block_grouped_off[p EL + j]. An expert with no rows has an
+//    empty range. No padding; no row is ever dropped.
+//
+// Forward:  x_grouped = ep_dispatch(xp)   experts: y_grouped   yp = ep_combine(y_grouped),
+// then moe_combine_forward(out, yp, ...) unchanged. Backward reuses the same plan:
+// dy_grouped = ep_dispatch(dyp), dxp = ep_combine(dx_grouped).
+//
+// Collectives: ep_plan makes one all_to_all of EL int64 per peer; ep_dispatch and ep_combine
+// one all_to_all_v each. All ranks of the group call them together with the same C. Nothing
+// allocates after ep_plan_create; results are deterministic (copies only, no arithmetic).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel/comm.h"
+
+namespace moe {
+
+// The dispatch problem of one micro-batch on one rank: sized at creation (ep, E, capacity),
+// filled by ep_plan each time the routing changes. Printable (to_string) and self-checking
+// (check_validity).
+struct EpPlan {
+  int ep = 1;                 // ranks in the EP group
+  int rank = 0;               // this rank in the EP group
+  int64_t E = 0;              // routed experts, global
+  int64_t EL = 0;             // local experts per rank, E / ep
+  int64_t rows_capacity = 0;  // rows that x_grouped / y_grouped / scratch hold (>= R)
+
+  int64_t rows_sent = 0;      // N K: rows of xp, all sent (to self included)
+  int64_t rows_recv = 0;      // R: rows of x_grouped, all received (from self included)
+
+  // Per peer (ep), in rows:
+  std::vector<int64_t> send_counts, send_displs;  // into xp
+  std::vector<int64_t> recv_counts, recv_displs;  // into scratch (wire layout)
+  // Per (sender p, local expert j), index p EL + j (ep EL):
+  std::vector<int64_t> recv_expert_counts;  // rows p sends for local expert j
+  std::vector<int64_t> block_wire_off;      // first row of block (p, j) in the wire layout
+  std::vector<int64_t> block_grouped_off;   // first row of block (p, j) in the grouped layout
+  // Per local expert (EL + 1): local expert j owns grouped rows [local_offsets[j],
+  // local_offsets[j + 1]); local_offsets[EL] = R.
+  std::vector<int64_t> local_offsets;
+
+  // Every invariant between the fields above (CHECK on failure).
+  void check_validity() const;
+  std::string to_string() const;
+};
+
+// Worst case of R: every rank of the group sends all its N K rows here. N is the largest
+// token count of any rank in the group.
+inline int64_t ep_rows_worst_case(int ep, int64_t N, int64_t K) {
+  return static_cast<int64_t>(ep) * N * K;
+}
+
+// Sizes every vector once (ep, EL); ep must divide E. rows_capacity: rows each grouped /
+// scratch buffer the caller passes to ep_dispatch / ep_combine holds; ep_rows_worst_case
+// is always enough.
+EpPlan ep_plan_create(int ep, int64_t E, int64_t rows_capacity);
+
+// Host-side planning, no communication:
+//   local_counts (E): rows of xp per global expert (moe_plan's counts);
+//   recv_expert_counts (ep EL): from every sender p, its local_counts[rank EL + j] at p EL + j
+//   (what the all_to_all in ep_plan delivers). Fills every field of plan for this rank.
+void ep_plan_fill(EpPlan& plan, int rank, const int64_t* local_counts,
+                  const int64_t* recv_expert_counts);
+
+// The plan of one micro-batch: exchanges per-expert counts (one all_to_all of EL int64 per
+// peer, sent straight from local_counts, whose [peer][local expert] order is the all_to_all's
+// block order) and fills plan. comm is the EP group: comm.size() == plan.ep.
+//   local_counts (E): moe_plan's counts on this rank.
+void ep_plan(EpPlan& plan, const int64_t* local_counts, Comm& comm);
+
+// Data movement (no allocation; one all_to_all_v each):
+//   ep_dispatch: x_grouped (R, C) <- xp (N K, C), through scratch (R, C) in the wire layout.
+//   ep_combine:  yp (N K, C) <- y_grouped (R, C), through scratch (R, C); the exact reverse,
+//                so yp comes back in xp's row order.
+// x_grouped / y_grouped and scratch hold plan.rows_capacity rows of C floats and must not
+// overlap each other or xp / yp.
+void ep_dispatch(float* x_grouped, float* scratch, const float* xp, const EpPlan& plan,
+                 int64_t C, Comm& comm);
+void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan& plan, int64_t C,
+                Comm& comm);
+
+// Bytes this rank sends to other ranks (itself excluded) in one ep_dispatch of C floats per
+// row; ep_combine receives the same amount.
+int64_t ep_bytes_sent(const EpPlan& plan, int64_t C);
+
+}  // namespace moe

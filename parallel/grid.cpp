@@ -1,0 +1,54 @@
+#include "parallel/grid.h"
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "model/check.h"
+
+namespace moe {
+
+ProcessGrid grid_build(const Config& cfg) {
+  ProcessGrid g;
+  const ParallelConfig& p = cfg.parallel;
+  g.dp = p.dp;
+  g.ep = p.ep;
+  g.pp = p.pp;
+  g.world_size = mpi_world_size();
+  g.world_rank = mpi_world_rank();
+  if (g.world_size != p.dp * p.pp)
+    user_error("%s: parallel.dp = %d x parallel.pp = %d needs %d ranks, but the job has %d",
+               cfg.source.c_str(), p.dp, p.pp, p.dp * p.pp, g.world_size);
+  if (p.ep != 1 || p.pp != 1)
+    user_error("%s: parallel.ep and parallel.pp > 1 are not supported by this build yet "
+               "(data parallelism only)", cfg.source.c_str());
+  g.dp_rank = g.world_rank;
+  if (g.world_size > 1) {
+    g.world = comm_mpi_world();
+    g.dp_comm = comm_mpi_split(*g.world, 0, g.world_rank, "dp");
+  }
+  return g;
+}
+
+void grid_check_consistent(const ProcessGrid& g, const Config& cfg) {
+  if (!g.world) return;
+  // Each rank contributes (hash, version hash) at its slot; all compare against rank 0.
+  const std::string version = MOETRAIN_VERSION;
+  uint64_t vh = 1469598103934665603ULL;
+  for (char c : version) vh = (vh ^ static_cast<unsigned char>(c)) * 1099511628211ULL;
+  const int n = g.world_size;
+  std::vector<int64_t> mine(2 * static_cast<size_t>(n), 0);
+  mine[2 * static_cast<size_t>(g.world_rank)] = static_cast<int64_t>(config_hash(cfg));
+  mine[2 * static_cast<size_t>(g.world_rank) + 1] = static_cast<int64_t>(vh);
+  g.world->all_reduce_sum(mine.data(), 2 * n);
+  for (int r = 1; r < n; ++r) {
+    if (mine[2 * r + 1] != mine[1])
+      user_error("rank %d runs a different moetrain binary than rank 0", r);
+    if (mine[2 * r] != mine[0])
+      user_error("rank %d resolved a different config than rank 0 (config hash %016llx vs %016llx)",
+                 r, static_cast<unsigned long long>(mine[2 * r]),
+                 static_cast<unsigned long long>(mine[0]));
+  }
+}
+
+}  // namespace moe

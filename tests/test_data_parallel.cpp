@@ -1,0 +1,131 @@
+// Data parallelism with ZeRO-1 through mpirun: the same training run as one process (the
+// equivalence principle), resumable across layouts, and refusing bad launches without hangs.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <thread>
+
+#include "tests/binary_harness.h"
+
+namespace {
+
+using namespace moe_test;
+
+// global_batch 8 = micro_batch 2 x (dp 1, 2 or 4) x micro-batches per rank.
+std::string dp_args(int dp, const std::string& extra = "") {
+  return "train --config c.toml --set training.micro_batch=2 --set parallel.dp=" +
+         std::to_string(dp) + " --set training.steps=20" + extra;
+}
+
+TEST(DataParallel, MatchesSingleProcess) {
+  const fs::path one = make_run("dp1");
+  ASSERT_EQ(run(one, dp_args(1)), 0) << slurp(one / "err.txt");
+  const std::vector<std::string> ref = losses(one / "metrics.jsonl");
+  ASSERT_EQ(ref.size(), 20u);
+  for (int dp : {2, 4}) {
+    const fs::path d = make_run("dp" + std::to_string(dp));
+    ASSERT_EQ(run(d, dp_args(dp), dp), 0) << slurp(d / "err.txt");
+    expect_close_losses(losses(d / "metrics.jsonl"), ref, 1e-5);
+    expect_close_checkpoint(one / "ckpt" / "step-00000020.h5", d / "ckpt" / "step-00000020.h5", 1e-5);
+    // Only rank 0 logs.
+    const std::string log = slurp(d / "log.txt");
+    EXPECT_EQ(log.find("done:"), log.rfind("done:")) << log;
+  }
+}
+
+// A checkpoint written with dp = 2 resumes with dp = 4 and then with one process, continuing
+// the same run (the moments are stored whole, never as a rank's shard).
+TEST(DataParallel, ResumesAcrossLayouts) {
+  const fs::path one = make_run("dp_layout_ref");
+  ASSERT_EQ(run(one, dp_args(1)), 0);
+  const fs::path d = make_run("dp_layout");
+  ASSERT_EQ(run(d, dp_args(2, " --set training.exit_at_step=7"), 2), 0) << slurp(d / "err.txt");
+  ASSERT_EQ(run(d, dp_args(4, " --resume --set training.exit_at_step=14"), 4), 0) << slurp(d / "err.txt");
+  ASSERT_EQ(run(d, dp_args(1, " --resume")), 0) << slurp(d / "err.txt");
+  expect_close_losses(losses(d / "metrics.jsonl"), losses(one / "metrics.jsonl"), 1e-5);
+  expect_close_checkpoint(one / "ckpt" / "step-00000020.h5", d / "ckpt" / "step-00000020.h5", 1e-5);
+}
+
+TEST(DataParallel, BadLaunchesFailFastWithOneLine) {
+  const fs::path d = make_run("dp_bad");
+  // Three ranks for dp = 2: every rank refuses, naming the numbers.
+  EXPECT_NE(run(d, dp_args(2), 3), 0);
+  EXPECT_NE(slurp(d / "err.txt").find("needs 2 ranks, but the job has 3"), std::string::npos)
+      << slurp(d / "err.txt");
+  // Two ranks that resolved different configs (MPMD launch): refused at start.
+  write(d / "err.txt", "");
+  write(d / "c2.toml", slurp(d / "c.toml") + "[run]\nname = \"other\"\n");
+  const std::string mpmd = dp_args(2) + " : -np 1 " + std::string(MOETRAIN_BINARY) +
+                           " train --config c2.toml --set training.micro_batch=2 --set parallel.dp=2";
+  EXPECT_NE(run(d, mpmd, 1), 0);
+  EXPECT_NE(slurp(d / "err.txt").find("different config"), std::string::npos) << slurp(d / "err.txt");
+}
+
+}  // namespace
+
+namespace {
+
+using namespace moe_test;
+
+// The training ranks started under `root` (mpirun's children), found through /proc so a test
+// never touches another test's processes.
+std::vector<pid_t> rank_pids(pid_t root) {
+  std::vector<std::pair<pid_t, pid_t>> procs;  // (pid, parent)
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    procs.emplace_back(static_cast<pid_t>(std::stol(name)), ppid);
+  }
+  std::vector<pid_t> tree = {root}, ranks;
+  for (size_t i = 0; i < tree.size(); ++i)
+    for (const auto& [pid, ppid] : procs)
+      if (ppid == tree[i]) {
+        tree.push_back(pid);
+        std::ifstream comm(fs::path("/proc") / std::to_string(pid) / "comm");
+        std::string c;
+        std::getline(comm, c);
+        if (c == "moetrain") ranks.push_back(pid);
+      }
+  return ranks;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// A killed rank, or one that fails on its own, brings the whole job down within seconds,
+// with a message naming the rank: no rank is left waiting in a collective.
+TEST(DataParallel, LostRankStopsTheJob) {
+  const fs::path d = make_run("dp_fault");
+  const std::string args = "train --config c.toml --set training.micro_batch=2 --set parallel.dp=2 "
+                           "--set training.steps=100000 --set checkpoint.every=0";
+  Proc p = spawn(d, args, 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  const std::vector<pid_t> ranks = rank_pids(p.pid);
+  ASSERT_EQ(ranks.size(), 2u);
+  kill(ranks.back(), SIGKILL);
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_NE(wait_exit(p), 0);
+  EXPECT_LT(seconds_since(t0), 10.0);
+  EXPECT_NE(slurp(d / "err.txt").find("rank"), std::string::npos) << slurp(d / "err.txt");
+
+  // One rank fails on its own before MPI starts (its config file is missing).
+  write(d / "err.txt", "");
+  const auto t1 = std::chrono::steady_clock::now();
+  const std::string mpmd = "train --config c.toml --set training.micro_batch=2 --set parallel.dp=2 : -np 1 " +
+                           std::string(MOETRAIN_BINARY) + " train --config missing.toml";
+  EXPECT_NE(run(d, mpmd, 1), 0);
+  EXPECT_LT(seconds_since(t1), 10.0);
+  EXPECT_NE(slurp(d / "err.txt").find("missing.toml"), std::string::npos) << slurp(d / "err.txt");
+}
+
+}  // namespace
