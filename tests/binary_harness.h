@@ -14,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/checkpoint_file.h"
@@ -85,6 +86,12 @@ inline Proc spawn(const fs::path& dir, const std::string& args, int np = 0) {
     _exit(127);
   }
   return p;
+}
+
+// Waits (up to 20 s) until the run has finished a step, i.e. its metrics file has a line.
+inline void wait_for_first_step(const fs::path& d) {
+  for (int i = 0; i < 400 && slurp(d / "metrics.jsonl").empty(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
 }
 
 inline int wait_exit(Proc p) {

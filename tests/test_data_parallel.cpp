@@ -109,7 +109,7 @@ TEST(DataParallel, LostRankStopsTheJob) {
   const std::string args = "train --config c.toml --set training.micro_batch=2 --set parallel.dp=2 "
                            "--set training.steps=100000 --set checkpoint.every=0";
   Proc p = spawn(d, args, 2);
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  wait_for_first_step(d);
   const std::vector<pid_t> ranks = rank_pids(p.pid);
   ASSERT_EQ(ranks.size(), 2u);
   kill(ranks.back(), SIGKILL);

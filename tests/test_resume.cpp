@@ -84,7 +84,7 @@ TEST(Resume, ExitAtStepThenResumeEqualsStraight) {
 TEST(Resume, SigtermSavesAndExitsZero) {
   const fs::path d = make_run("sigterm");
   Proc p = spawn(d, "train --config c.toml --set training.steps=100000 --set checkpoint.every=0");
-  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  wait_for_first_step(d);
   kill(p.pid, SIGTERM);
   EXPECT_EQ(wait_exit(p), 0);
   const std::string log = slurp(d / "log.txt");
@@ -92,6 +92,30 @@ TEST(Resume, SigtermSavesAndExitsZero) {
   const std::string latest = slurp(d / "ckpt" / "latest");
   ASSERT_FALSE(latest.empty());
   EXPECT_TRUE(fs::exists(d / "ckpt" / latest.substr(0, latest.size() - 1)));
+}
+
+// A second signal while the job is stopping does not prevent or corrupt the save.
+TEST(Resume, SecondSignalStillSaves) {
+  const fs::path d = make_run("sigterm2");
+  Proc p = spawn(d, "train --config c.toml --set training.steps=100000 --set checkpoint.every=0");
+  wait_for_first_step(d);
+  kill(p.pid, SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  kill(p.pid, SIGINT);
+  EXPECT_EQ(wait_exit(p), 0);
+  const std::string latest = slurp(d / "ckpt" / "latest");
+  ASSERT_FALSE(latest.empty());
+  moe::CheckpointReader r((d / "ckpt" / latest.substr(0, latest.size() - 1)).string());
+  EXPECT_EQ(r.verify_all(), "");
+}
+
+TEST(Resume, ExitAfterMinutesSavesAndStops) {
+  const fs::path d = make_run("minutes");
+  ASSERT_EQ(run(d, "train --config c.toml --set training.steps=100000 --set checkpoint.every=0 "
+                   "--set training.exit_after_minutes=0.01"), 0);
+  const std::string log = slurp(d / "log.txt");
+  EXPECT_NE(log.find("training.exit_after_minutes"), std::string::npos) << log;
+  EXPECT_FALSE(slurp(d / "ckpt" / "latest").empty());
 }
 
 TEST(Resume, CorruptNewestFallsBackToPrevious) {

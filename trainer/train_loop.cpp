@@ -99,6 +99,8 @@ RunPosition resume_run(TrainState& s, const Config& cfg, bool root) {
 
 int train_main(const Config& cfg) {
   const double t_launch = now_s();
+  // From the start: a preemption during set-up must not kill the process with nothing saved.
+  stop_signals_install();
   reject_unsupported(cfg);
   const ProcessGrid grid = grid_build(cfg);
   grid_check_consistent(grid, cfg);
@@ -174,7 +176,6 @@ int train_main(const Config& cfg) {
   if (pos.step >= steps && root)
     std::printf("run already complete at step %lld of %lld\n", static_cast<long long>(pos.step),
                 static_cast<long long>(steps));
-  stop_signals_install();
   const double tokens_per_step = static_cast<double>(cfg.training.global_batch) * T_;
   ProgressBar bar(pos.step, steps, root);
   const double t_start = now_s();
