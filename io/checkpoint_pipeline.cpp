@@ -1,7 +1,11 @@
 // The writer's two-deep direct chunk path (see io/checkpoint_pipeline.h).
 #include "io/checkpoint_pipeline.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cerrno>
+#include <cstdlib>
 #include <system_error>
 
 #include "model/check.h"
@@ -60,9 +64,13 @@ void ChunkPipeline::Worker::run() {
   }
 }
 
-ChunkPipeline::ChunkPipeline(const std::string& temp_path) : temp_path_(temp_path) {}
+ChunkPipeline::ChunkPipeline(const std::string& temp_path) : temp_path_(temp_path) {
+  if (!getenv("NOWB")) writeback_fd_ = ::open(temp_path.c_str(), O_RDONLY | O_CLOEXEC);
+}
 
-ChunkPipeline::~ChunkPipeline() = default;  // worker_ joins; pending_ releases its dataset
+ChunkPipeline::~ChunkPipeline() {
+  if (writeback_fd_ >= 0) ::close(writeback_fd_);
+}
 
 void ChunkPipeline::push(hid_t dset, const std::string& path, hsize_t row0, hsize_t col0,
                          const ChunkCopy& copy) {
@@ -109,6 +117,11 @@ void ChunkPipeline::flush() {
                      staging_[p->buf].data()) < 0 ||
       p->dset.close() < 0)
     write_failed(temp_path_, "cannot write", p->path);
+  unflushed_ += p->bytes;
+  if (writeback_fd_ >= 0 && unflushed_ >= (size_t(16) << 20)) {
+    (void)::sync_file_range(writeback_fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
+    unflushed_ = 0;
+  }
 }
 
 }  // namespace moe::ckpt

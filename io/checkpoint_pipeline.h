@@ -71,6 +71,8 @@ class ChunkPipeline {
   int free_ = 0;                           // the staging buffer not pending
   std::unique_ptr<Pending> pending_;
   std::unique_ptr<Worker> worker_;  // started on the first chunk worth a hand-off
+  int writeback_fd_ = -1;
+  size_t unflushed_ = 0;
 };
 
 }  // namespace moe::ckpt

@@ -29,6 +29,7 @@ TEST(DataParallel, MatchesSingleProcess) {
     expect_close_checkpoint(one / "ckpt" / "step-00000020.h5", d / "ckpt" / "step-00000020.h5", 1e-5);
     // Only rank 0 logs.
     const std::string log = slurp(d / "log.txt");
+    ASSERT_NE(log.find("done:"), std::string::npos) << log;
     EXPECT_EQ(log.find("done:"), log.rfind("done:")) << log;
   }
 }

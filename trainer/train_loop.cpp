@@ -134,6 +134,16 @@ int train_main(const Config& cfg) {
   TrainState s;
   train_state_init(s, cfg, &grid);
   RunPosition pos = resume_run(s, cfg, root);
+  if (grid.world) {
+    // Every rank chose its checkpoint on its own (a node-local folder or a stale pointer could
+    // make them differ): training from different steps would hang in the first collective.
+    double steps[2] = {static_cast<double>(pos.step), -static_cast<double>(pos.step)};
+    grid.world->all_reduce_max(steps, 2);
+    if (static_cast<int64_t>(steps[0]) != -static_cast<int64_t>(steps[1]))
+      user_error("%s: ranks resumed at different steps (%lld to %lld): checkpoint.dir must be "
+                 "one folder every rank sees", cfg.checkpoint.dir.c_str(),
+                 static_cast<long long>(-steps[1]), static_cast<long long>(steps[0]));
+  }
   const bool resumed = pos.step > 0;
   const double peak = sgemm_peak_flops(true);
   const double flops_per_token = model_flops_per_token(s.model.d);

@@ -45,7 +45,7 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   s.inputs.assign(static_cast<size_t>(B * d.T), 0);
   s.targets.assign(static_cast<size_t>(B * d.T), 0);
   s.norm_partials.assign(static_cast<size_t>(grad_norm_blocks(s.shard)), 0.0);
-  s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * cfg.parallel.dp);
+  s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * dp);
   s.lr_plan.kind = cfg.lr.schedule;
   s.lr_plan.peak = cfg.optim.lr;
   s.lr_plan.warmup = cfg.lr.warmup_steps;
