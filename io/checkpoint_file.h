@@ -13,10 +13,16 @@
 // All errors are UserError with one line naming the file (and dataset). A failing HDF5 call
 // that can only be a bug in moetrain goes through H5_CHECK instead.
 //
+// Speed: the writer copies and checksums the next chunk on a thread of its own while HDF5
+// writes the last one, and has the kernel start writing the file out as it grows, so commit()'s
+// fsync finds little left (io/checkpoint_pipeline.h). A write returns once its source has been
+// read, but its last chunk may reach the file only at the next call: a disk failure can thus
+// surface one call later (or in commit()), still naming its dataset.
+//
 // NOTE: the writer and reader turn off HDF5's automatic error-stack printing
 // (H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr)), which is process-wide in HDF5, so that a bad
 // file prints only our one line. Serial HDF5 is not thread-safe: use these classes from one
-// thread at a time.
+// thread at a time (the writer's own threads never call HDF5).
 #pragma once
 
 #include <cstdint>
@@ -27,7 +33,7 @@
 namespace moe {
 
 namespace ckpt {
-class ChunkPipeline;
+struct WriterState;
 }
 
 constexpr int kCheckpointFormatVersion = 1;
@@ -43,7 +49,7 @@ class CheckpointWriter {
 
   // Creates a float32 dataset (intermediate groups included) with `shape` (1-D or 2-D) and
   // writes all of it from `data`, whose rows are `ld` elements apart (ld >= last dim; pass
-  // the last dim for contiguous data).
+  // the last dim for contiguous data). `data` may change as soon as the call returns.
   void write_f32(const std::string& path, const std::vector<int64_t>& shape, const float* data,
                  int64_t ld);
   // For multi-rank writes of one logical tensor: create once with the global shape, then
@@ -66,8 +72,8 @@ class CheckpointWriter {
   std::string final_path_, temp_path_;
   int64_t file_ = -1;  // hid_t
   bool committed_ = false;
-  // The direct chunk path: staging (copy + checksum) on a worker thread, two chunks deep.
-  std::unique_ptr<ckpt::ChunkPipeline> pipeline_;
+  // io/checkpoint_writer.cpp: the chunk pipeline and the objects made so far.
+  std::unique_ptr<ckpt::WriterState> state_;
 };
 
 struct CheckpointDataset {

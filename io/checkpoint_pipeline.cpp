@@ -5,8 +5,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdlib>
 #include <system_error>
+#include <utility>
 
 #include "model/check.h"
 
@@ -16,6 +16,8 @@ namespace {
 
 // Chunks smaller than this are staged on the calling thread: waking the worker costs more.
 constexpr size_t kHandOffBytes = size_t(64) << 10;
+// Bytes written between two early-writeback requests.
+constexpr size_t kWritebackBytes = size_t(16) << 20;
 
 }  // namespace
 
@@ -30,15 +32,19 @@ ChunkPipeline::Worker::~Worker() {
   thread_.join();
 }
 
-void ChunkPipeline::Worker::start(const ChunkCopy& copy, unsigned char* dst) {
+void ChunkPipeline::Worker::start(std::function<void()> job) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    CHECK(!busy_, "staging worker: a job is running");
-    job_ = copy;
-    dst_ = dst;
+    CHECK(!busy_, "checkpoint worker: a job is running");
+    job_ = std::move(job);
     busy_ = true;
   }
   cv_.notify_all();
+}
+
+bool ChunkPipeline::Worker::busy() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return busy_;
 }
 
 void ChunkPipeline::Worker::wait() {
@@ -50,78 +56,106 @@ void ChunkPipeline::Worker::run() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait(lock, [this] { return busy_ || quit_; });
-    if (busy_) {
-      const ChunkCopy job = job_;
-      unsigned char* dst = dst_;
-      lock.unlock();
-      checkpoint_chunk_stage(job, dst);  // no HDF5 here
-      lock.lock();
-      busy_ = false;
-      cv_.notify_all();
-    } else {
-      return;  // quit_, nothing running
-    }
+    if (!busy_) return;  // quit_, nothing running
+    const std::function<void()> job = std::move(job_);
+    lock.unlock();
+    job();  // no HDF5 here
+    lock.lock();
+    busy_ = false;
+    cv_.notify_all();
   }
 }
 
-ChunkPipeline::ChunkPipeline(const std::string& temp_path) : temp_path_(temp_path) {
-  if (!getenv("NOWB")) writeback_fd_ = ::open(temp_path.c_str(), O_RDONLY | O_CLOEXEC);
-}
+ChunkPipeline::ChunkPipeline(const std::string& temp_path) : temp_path_(temp_path) {}
 
 ChunkPipeline::~ChunkPipeline() {
+  stager_.reset();
+  flusher_.reset();  // before its descriptor closes
   if (writeback_fd_ >= 0) ::close(writeback_fd_);
 }
 
-void ChunkPipeline::push(hid_t dset, const std::string& path, hsize_t row0, hsize_t col0,
-                         const ChunkCopy& copy) {
+// Lazily, on the first chunk worth a hand-off: small files never start threads. Without
+// threads (none to be had) everything runs on the calling thread, without early writeback.
+void ChunkPipeline::start_threads() {
+  threads_tried_ = true;
+  try {
+    stager_ = std::make_unique<Worker>();
+    flusher_ = std::make_unique<Worker>();
+  } catch (const std::system_error&) {
+    stager_.reset();
+    flusher_.reset();
+    return;
+  }
+#ifdef SYNC_FILE_RANGE_WRITE
+  writeback_fd_ = ::open(temp_path_.c_str(), O_RDONLY | O_CLOEXEC);  // -1: none, no harm
+#endif
+}
+
+void ChunkPipeline::stage(const ChunkCopy& copy) {
+  CHECK(staged_bytes_ == 0, "%s: a chunk is staged already", temp_path_.c_str());
   const size_t bytes = copy.chunk_bytes + 4;
   std::vector<unsigned char>& buf = staging_[free_];
   if (buf.size() < bytes) buf.resize(bytes);
-  if (!worker_ && copy.chunk_bytes >= kHandOffBytes) {
-    try {
-      worker_ = std::make_unique<Worker>();
-    } catch (const std::system_error&) {
-      // No thread to be had: stage on this thread, as for small chunks.
-    }
-  }
-  if (worker_ && copy.chunk_bytes >= kHandOffBytes) {
-    worker_->start(copy, buf.data());
-    try {
-      flush();
-    } catch (...) {
-      worker_->wait();  // it reads the caller's rows and our buffer: done before unwinding
-      throw;
-    }
-    worker_->wait();
+  const bool hand_off = copy.chunk_bytes >= kHandOffBytes;
+  if (hand_off && !threads_tried_) start_threads();
+  staging_async_ = hand_off && stager_;
+  if (staging_async_) {
+    unsigned char* dst = buf.data();
+    stager_->start([copy, dst] { checkpoint_chunk_stage(copy, dst); });
   } else {
     checkpoint_chunk_stage(copy, buf.data());
-    flush();
   }
+  staged_bytes_ = bytes;
+}
+
+void ChunkPipeline::push(hid_t dset, const std::string& path, hsize_t row0, hsize_t col0) {
+  CHECK(staged_bytes_ > 0, "%s: %s: push without a staged chunk", temp_path_.c_str(), path.c_str());
+  try {
+    flush();
+  } catch (...) {
+    settle();  // the stager reads the caller's rows: done before unwinding
+    throw;
+  }
+  settle_wait();
   auto p = std::make_unique<Pending>();
   H5_CHECK(H5Iinc_ref(dset));
   p->dset.reset(dset);
   p->path = path;
   p->offset[0] = row0;
   p->offset[1] = col0;
-  p->bytes = bytes;
+  p->bytes = std::exchange(staged_bytes_, 0);
   p->buf = free_;
   pending_ = std::move(p);
   free_ ^= 1;
+}
+
+void ChunkPipeline::settle_wait() {
+  if (staging_async_) stager_->wait();
+  staging_async_ = false;
+}
+
+void ChunkPipeline::settle() {
+  settle_wait();
+  staged_bytes_ = 0;
 }
 
 void ChunkPipeline::flush() {
   if (!pending_) return;
   const std::unique_ptr<Pending> p = std::move(pending_);
   errno = 0;
-  if (H5Dwrite_chunk(p->dset.get(), H5P_DEFAULT, 0, p->offset, p->bytes,
-                     staging_[p->buf].data()) < 0 ||
+  const unsigned char* chunk = staging_[p->buf].data();  // all filters applied: mask 0
+  if (H5Dwrite_chunk(p->dset.get(), H5P_DEFAULT, 0, p->offset, p->bytes, chunk) < 0 ||
       p->dset.close() < 0)
     write_failed(temp_path_, "cannot write", p->path);
-  unflushed_ += p->bytes;
-  if (writeback_fd_ >= 0 && unflushed_ >= (size_t(16) << 20)) {
-    (void)::sync_file_range(writeback_fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
-    unflushed_ = 0;
+  written_since_kick_ += p->bytes;
+#ifdef SYNC_FILE_RANGE_WRITE
+  // Whole file: pages already on their way are skipped. A busy flusher covers these next time.
+  if (writeback_fd_ >= 0 && written_since_kick_ >= kWritebackBytes && !flusher_->busy()) {
+    const int fd = writeback_fd_;
+    flusher_->start([fd] { (void)::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); });
+    written_since_kick_ = 0;
   }
+#endif
 }
 
 }  // namespace moe::ckpt

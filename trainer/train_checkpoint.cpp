@@ -103,6 +103,11 @@ CheckpointInfo checkpoint_load(TrainState& s, const std::string& path) {
   CheckpointInfo info = read_info(r);
   // Every rank reads the whole tensors and keeps its own shard of the moments, so any
   // data-parallel layout can resume any checkpoint.
+  if (s.shard == static_cast<int64_t>(s.model.n_alloc)) {  // one rank holds everything
+    float* moments[2] = {s.adam_m, s.adam_v};
+    load_model_tensors(s.model, r, moments);
+    return info;
+  }
   std::vector<float> full_m(s.model.n_alloc, 0.0f), full_v(s.model.n_alloc, 0.0f);
   float* moments[2] = {full_m.data(), full_v.data()};
   load_model_tensors(s.model, r, moments);
