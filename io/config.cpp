@@ -4,6 +4,7 @@
 // order, each typed on assignment (type errors point at the value); then one validation
 // of the final values (range errors point at the key, see config_schema.cpp).
 #include "io/config.h"
+#include "io/quoted_string.h"
 
 #include <algorithm>
 #include <cinttypes>
@@ -47,26 +48,6 @@ const char* type_name(toml::node_type t) {
     case toml::node_type::date_time: return "date-time";
     default: return "nothing";
   }
-}
-
-// A TOML basic string: quoted, with quotes, backslashes and control characters escaped.
-std::string toml_quote(std::string_view s) {
-  std::string out = "\"";
-  for (unsigned char ch : s) {
-    switch (ch) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\t': out += "\\t"; break;
-      case '\n': out += "\\n"; break;
-      case '\f': out += "\\f"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (ch < 0x20 || ch == 0x7f) out += strprintf("\\u%04x", ch);
-        else out += static_cast<char>(ch);
-    }
-  }
-  return out + "\"";
 }
 
 // The shortest decimal that reads back as the same double, always spelled as a TOML float.
@@ -116,7 +97,7 @@ E read_enum(const toml::node& n, const std::string& name, const std::string& whe
       if (n.as_string()->get() == e.name) return e.value;
   std::string choices;
   for (const auto& e : names) choices += (choices.empty() ? "\"" : ", \"") + std::string(e.name) + "\"";
-  const std::string got = n.is_string() ? toml_quote(n.as_string()->get()) : type_name(n.type());
+  const std::string got = n.is_string() ? quoted_string(n.as_string()->get()) : type_name(n.type());
   config_fail(where, "%s expects one of %s, got %s", name.c_str(), choices.c_str(), got.c_str());
 }
 
@@ -255,9 +236,9 @@ std::string format_value(const FieldRef& field) {
         } else if constexpr (std::is_same_v<T, double>) {
           return toml_float(*f);
         } else if constexpr (std::is_same_v<T, std::string>) {
-          return toml_quote(*f);
+          return quoted_string(*f);
         } else if constexpr (std::is_enum_v<T>) {
-          return toml_quote(to_string(*f));
+          return quoted_string(to_string(*f));
         } else {
           // NOTE: a uint64 seed above INT64_MAX (only settable from code) does not re-parse.
           return std::to_string(*f);

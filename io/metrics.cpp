@@ -7,27 +7,11 @@
 #include <filesystem>
 #include <fstream>
 
+#include "io/quoted_string.h"
 #include "model/check.h"
 
 namespace moe {
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  out.reserve(s.size() + 2);
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (c < 0x20) out += strprintf("\\u%04x", c);
-        else out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
 
 MetricsRecord& MetricsRecord::add(const std::string& key, double value) {
   // JSON has no NaN/Infinity; null keeps the line parseable and the gap visible.
@@ -41,7 +25,7 @@ MetricsRecord& MetricsRecord::add_int(const std::string& key, long long value) {
 }
 
 MetricsRecord& MetricsRecord::add_str(const std::string& key, const std::string& value) {
-  fields_.emplace_back(key, "\"" + json_escape(value) + "\"");
+  fields_.emplace_back(key, quoted_string(value));
   return *this;
 }
 
@@ -49,7 +33,7 @@ std::string MetricsRecord::json() const {
   std::string out = "{";
   for (size_t i = 0; i < fields_.size(); ++i) {
     if (i) out += ", ";
-    out += "\"" + json_escape(fields_[i].first) + "\": " + fields_[i].second;
+    out += quoted_string(fields_[i].first) + ": " + fields_[i].second;
   }
   return out + "}";
 }

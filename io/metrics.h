@@ -37,8 +37,6 @@ class MetricsFile {
   std::string path_;
 };
 
-std::string json_escape(const std::string& s);
-
 // On resume: drops the records of steps after `step` (they will be recomputed) and any
 // torn last line, so the file again describes exactly one run.
 void metrics_truncate_after(const std::string& path, int64_t step);
