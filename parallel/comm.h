@@ -60,6 +60,10 @@ std::unique_ptr<Comm> comm_mpi_split(const Comm& parent, int color, int key, con
 // job-wide abort used when a rank hits an error: the message is printed with the rank and
 // every other rank is brought down instead of hanging in a collective.
 void mpi_start(int* argc, char*** argv);
+// Whether a launcher (mpirun, srun with PMI/PMIx) started this process. A plain single
+// process skips MPI entirely: no singleton start-up cost, nothing shared between unrelated
+// runs on one machine.
+bool mpi_launched();
 void mpi_finish();
 bool mpi_started();
 int mpi_world_rank();

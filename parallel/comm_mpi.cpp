@@ -113,6 +113,12 @@ void mpi_start(int* argc, char*** argv) {
   check_set_context(mpi_world_rank(), -1);
 }
 
+bool mpi_launched() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"})
+    if (std::getenv(var)) return true;
+  return false;
+}
+
 bool mpi_started() {
   int init = 0, fin = 0;
   MPI_Initialized(&init);

@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
     const moe::Config cfg = moe::config_load(config_path, overrides);
     omp_set_num_threads(threads_for(cfg));
     if (*train) {
-      if (!dry_run) {
+      if (!dry_run && moe::mpi_launched()) {
         moe::mpi_start(&argc, &argv);
         std::atexit(moe::mpi_finish);
       }
@@ -137,7 +137,7 @@ int main(int argc, char** argv) {
       }
       return moe::train_main(cfg);
     }
-    if (*bench && !bench_opt.checkpoint_io) {
+    if (*bench && !bench_opt.checkpoint_io && moe::mpi_launched()) {
       moe::mpi_start(&argc, &argv);
       std::atexit(moe::mpi_finish);
     }
