@@ -35,6 +35,8 @@ class Comm {
   virtual void wait(CommRequest& req) = 0;
   // recv (n) = the sum over ranks of send[rank * n, (rank + 1) * n).
   virtual void reduce_scatter_sum(float* recv, const float* send, int64_t n) = 0;
+  // recv (n, on root only) = the sum over ranks of send (n).
+  virtual void reduce_sum(float* recv, const float* send, int64_t n, int root) = 0;
   // recv (size * n) = every rank's send (n), in rank order. send == nullptr means in place:
   // this rank's block is already at recv + rank * n.
   virtual void all_gather(float* recv, const float* send, int64_t n) = 0;

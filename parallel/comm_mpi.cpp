@@ -57,6 +57,13 @@ class MpiComm final : public Comm {
     CHECK(n <= kMaxCount);
     MPI_CHECK(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_));
   }
+  void reduce_sum(float* recv, const float* send, int64_t n, int root) override {
+    for (int64_t off = 0; off < n; off += kMaxCount) {
+      const int c = static_cast<int>(std::min(kMaxCount, n - off));
+      MPI_CHECK(MPI_Reduce(send + off, rank_ == root ? recv + off : nullptr, c, MPI_FLOAT, MPI_SUM,
+                           root, comm_));
+    }
+  }
   void all_gather(float* recv, const float* send, int64_t n) override {
     CHECK(n <= kMaxCount);
     MPI_CHECK(MPI_Allgather(send ? send : MPI_IN_PLACE, send ? static_cast<int>(n) : 0, MPI_FLOAT,
