@@ -289,13 +289,15 @@ std::string config_to_toml(const Config& cfg) {
   return out;
 }
 
-uint64_t config_hash(const Config& cfg) {
+uint64_t text_hash(std::string_view text) {
   uint64_t h = 14695981039346656037ull;  // FNV-1a 64 offset basis
-  for (unsigned char ch : config_to_toml(cfg)) {
+  for (unsigned char ch : text) {
     h ^= ch;
     h *= 1099511628211ull;  // FNV prime
   }
   return h;
 }
+
+uint64_t config_hash(const Config& cfg) { return text_hash(config_to_toml(cfg)); }
 
 }  // namespace moe

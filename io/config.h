@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "model/types.h"  // the mode enums
@@ -176,7 +177,10 @@ Config config_parse(const std::string& toml_text, const std::string& source_name
 // an identical Config.
 std::string config_to_toml(const Config& cfg);
 
-// 64-bit FNV-1a of config_to_toml(cfg): equal on all ranks or the job stops.
+// 64-bit FNV-1a of any text.
+uint64_t text_hash(std::string_view text);
+
+// text_hash(config_to_toml(cfg)): equal on all ranks or the job stops.
 uint64_t config_hash(const Config& cfg);
 
 const char* to_string(Device v);

@@ -7,6 +7,7 @@
 
 #include "io/dataset.h"
 #include "model/check.h"
+#include "model/rng.h"
 
 namespace moe {
 
@@ -15,19 +16,11 @@ namespace {
 // Distinguishes training-data draws from other users of (seed, step, ...) hashes.
 constexpr uint64_t kPurposeTrainWindow = 0x7472'6169'6e77'696eull;  // "trainwin"
 
-// splitmix64's finalizer: a bijection on 64 bits with full avalanche.
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 // Counter-based hash of (seed, step, seq): no state, any rank can draw any sequence.
 uint64_t hash_mix(uint64_t seed, uint64_t step, uint64_t seq) {
-  uint64_t h = splitmix64(seed ^ kPurposeTrainWindow);
-  h = splitmix64(h ^ step);
-  return splitmix64(h ^ seq);
+  uint64_t h = rng_mix(seed ^ kPurposeTrainWindow);
+  h = rng_mix(h ^ step);
+  return rng_mix(h ^ seq);
 }
 
 // Uniform in [0, n) by multiply-high (bias <= n / 2^64).

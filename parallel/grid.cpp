@@ -33,9 +33,7 @@ ProcessGrid grid_build(const Config& cfg) {
 void grid_check_consistent(const ProcessGrid& g, const Config& cfg) {
   if (!g.world) return;
   // Each rank contributes (hash, version hash) at its slot; all compare against rank 0.
-  const std::string version = MOETRAIN_VERSION;
-  uint64_t vh = 1469598103934665603ULL;
-  for (char c : version) vh = (vh ^ static_cast<unsigned char>(c)) * 1099511628211ULL;
+  const uint64_t vh = text_hash(MOETRAIN_VERSION);
   const int n = g.world_size;
   std::vector<int64_t> mine(2 * static_cast<size_t>(n), 0);
   mine[2 * static_cast<size_t>(g.world_rank)] = static_cast<int64_t>(config_hash(cfg));
