@@ -116,6 +116,7 @@ struct ParallelConfig {
   int ep = 1;
   int pp = 1;
   PipeSchedule schedule = PipeSchedule::k1F1B;
+  double bucket_mb = 4.0;  // gradient reduction bucket size (MiB)
 
   bool operator==(const ParallelConfig&) const = default;
 };

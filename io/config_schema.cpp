@@ -72,6 +72,7 @@ constexpr Key kKeys[] = {
     MOE_KEY(lr, decay_fraction),
 
     MOE_KEY(parallel, dp), MOE_KEY(parallel, ep), MOE_KEY(parallel, pp), MOE_KEY(parallel, schedule),
+    MOE_KEY(parallel, bucket_mb),
 
     MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8),
 
@@ -241,12 +242,19 @@ void check_parallel(const ParallelConfig& p, const ModelConfig& m, const MoeConf
   r.at_least("parallel.dp", p.dp, 1);
   r.at_least("parallel.ep", p.ep, 1);
   r.at_least("parallel.pp", p.pp, 1);
+  r.positive("parallel.bucket_mb", p.bucket_mb);
   if (p.dp % p.ep != 0)
     r.fail({"parallel.dp", "parallel.ep"}, "parallel.dp = %d is not divisible by parallel.ep = %d",
            p.dp, p.ep);
   if (has_moe_layers(m) && e.num_experts % p.ep != 0)
     r.fail({"moe.num_experts", "parallel.ep"}, "moe.num_experts = %d is not divisible by parallel.ep = %d",
            e.num_experts, p.ep);
+  // Node-limited routing bounds traffic only if every expert group lives on whole ranks.
+  if (has_moe_layers(m) && p.ep > 1 && e.num_groups > 1 && e.num_groups % p.ep != 0 &&
+      p.ep % e.num_groups != 0)
+    r.fail({"moe.num_groups", "parallel.ep"},
+           "moe.num_groups = %d and parallel.ep = %d: one must divide the other so that each "
+           "expert group maps to whole ranks", e.num_groups, p.ep);
   const bool dual = p.schedule == PipeSchedule::kDualPipe || p.schedule == PipeSchedule::kDualPipeV;
   if (p.schedule == PipeSchedule::kDualPipe && p.pp % 2 != 0)
     r.fail({"parallel.schedule", "parallel.pp"},

@@ -1,5 +1,8 @@
 // The feed-forward layers: dense SwiGLU and the MoE layer (router -> dispatch ->
 // per-expert SwiGLU -> combine, plus the shared experts).
+#include <algorithm>
+#include <type_traits>
+
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/kernels/cpu/moe_ops.h"
@@ -50,23 +53,54 @@ void dense_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const
                          d.C, d.F, false);
 }
 
+// The exchange moves float rows only; the double instantiation (gradient checks) runs with
+// every expert local.
+template <typename T>
+void exchange_rows(ExpertExchange* ex, bool dispatch, int64_t moe_l, T* to, const T* from,
+                   int64_t C) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dispatch) {
+      ex->dispatch(moe_l, to, from, C);
+    } else {
+      ex->combine(moe_l, to, from, C);
+    }
+  } else {
+    CHECK(false, "expert parallelism needs float parameters");
+  }
+}
+
 template <typename T>
 double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                        const float* bias, int64_t* load, Activations<T>& a, const ModelDims& d,
-                       int64_t B, int64_t T_) {
-  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE;
+                       int64_t B, int64_t T_, ExpertExchange* ex, int64_t moe_l) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE, EL = d.EL();
+  CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
   // Router in full precision of T: logits -> scores -> top-k with the selection bias.
   cpu::matmul_forward<T>(a.router_logits, x, lp.router, N, C, E);
   cpu::router_forward<T>(la.scores, la.expert_ids, la.gate_weights, a.router_logits, bias, N, E,
                          K, d.score, d.route_scale, d.G, d.KG);
   cpu::moe_plan(la.counts, la.offsets, la.row_of, la.token_of, la.expert_ids, N, E, K);
   cpu::moe_permute_forward<T>(la.xp, x, la.token_of, N * K, C);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = la.counts[e], r0 = la.offsets[e];
+  // The local experts' rows: xp itself, or what the EP group sends here.
+  const T* xg = la.xp;
+  T* yg = la.yp;
+  if (ex) {
+    la.rows_recv = ex->plan(moe_l, la.counts, la.expert_ids, N, K, la.local_offsets);
+    CHECK(la.rows_recv <= moe_rows_max(d, N));
+    exchange_rows<T>(ex, true, moe_l, la.xg, la.xp, C);
+    xg = la.xg;
+    yg = a.yg;
+  } else {
+    std::copy(la.offsets, la.offsets + E + 1, la.local_offsets);
+    la.rows_recv = N * K;
+  }
+  for (int64_t e = 0; e < EL; ++e) {
+    const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
-    swiglu_mlp_forward<T>(la.yp + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, la.xp + r0 * C,
+    swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
                           lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE);
   }
+  if (ex) exchange_rows<T>(ex, false, moe_l, la.yp, yg, C);
   cpu::moe_combine_forward<T>(out, la.yp, la.gate_weights, la.row_of, N, K, C);
   if (d.S > 0) {
     swiglu_mlp_forward<T>(a.tmp, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, C, d.S);
@@ -83,17 +117,28 @@ double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T
 template <typename T>
 void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
                       const T* x, const LayerParams<T>& lp, Activations<T>& a,
-                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux) {
-  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE;
+                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux,
+                      ExpertExchange* ex, int64_t moe_l) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE, EL = d.EL();
   cpu::moe_combine_backward<T>(a.dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = la.counts[e], r0 = la.offsets[e];
+  // Mirror of the forward: output gradients travel to the experts, input gradients back.
+  const T* xg = ex ? la.xg : la.xp;
+  const T* dyg = a.dyp;
+  T* dxg = a.dxp;
+  if (ex) {
+    exchange_rows<T>(ex, true, moe_l, a.yg, a.dyp, C);
+    dyg = a.yg;
+    dxg = a.dxg;
+  }
+  for (int64_t e = 0; e < EL; ++e) {
+    const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
-    swiglu_mlp_backward<T>(a.dxp + r0 * C, lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE, a.dgu,
-                           a.dh, a.dyp + r0 * C, la.xp + r0 * C, la.egu + r0 * 2 * FE,
+    swiglu_mlp_backward<T>(dxg + r0 * C, lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE, a.dgu,
+                           a.dh, dyg + r0 * C, xg + r0 * C, la.egu + r0 * 2 * FE,
                            la.eh + r0 * FE, lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C,
                            FE, false);
   }
+  if (ex) exchange_rows<T>(ex, false, moe_l, a.dxp, dxg, C);
   cpu::moe_permute_backward<T>(dx, a.dxp, la.row_of, N, K, C);
   const T* dscores_extra = nullptr;
   if (d.aux_alpha > 0) {
@@ -118,10 +163,11 @@ void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T
                                       const ModelDims&, int64_t);                             \
   template double moe_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
                                      const float*, int64_t*, Activations<T>&, const ModelDims&, \
-                                     int64_t, int64_t);                                       \
+                                     int64_t, int64_t, ExpertExchange*, int64_t);             \
   template void moe_ffn_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*,       \
                                     const T*, const LayerParams<T>&, Activations<T>&,         \
-                                    const ModelDims&, int64_t, int64_t, T);
+                                    const ModelDims&, int64_t, int64_t, T, ExpertExchange*,    \
+                                    int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

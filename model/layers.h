@@ -37,15 +37,17 @@ void dense_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const
 
 // MoE FFN: routed experts (top-K of E, dropless) plus the fused shared experts.
 // Returns this batch's balance loss summed over sequences (0 when aux_alpha = 0);
-// adds the routing counts to `load` (E) when it is not null.
+// adds the routing counts to `load` (E) when it is not null. With ep > 1, `ex` carries the
+// rows of MoE layer `moe_l` to and from the ranks that own their experts.
 template <typename T>
 double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                        const float* bias, int64_t* load, Activations<T>& a, const ModelDims& d,
-                       int64_t B, int64_t T_);
+                       int64_t B, int64_t T_, ExpertExchange* ex, int64_t moe_l);
 // dx (N, C) assigned; dloss_aux is the weight of this layer's summed balance loss.
 template <typename T>
 void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
                       const T* x, const LayerParams<T>& lp, Activations<T>& a,
-                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux);
+                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux,
+                      ExpertExchange* ex, int64_t moe_l);
 
 }  // namespace moe

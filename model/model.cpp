@@ -35,7 +35,7 @@ double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets,
       const int64_t moe_l = l - d.dense_layers;
       m.aux_loss_sum += moe_ffn_forward<T>(res_out, la, la.ln2, lp, m.router_bias + moe_l * d.E,
                                            training ? m.expert_load + moe_l * d.E : nullptr, a,
-                                           d, B, T_);
+                                           d, B, T_, m.exchange, moe_l);
     } else {
       dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
     }
@@ -69,21 +69,25 @@ void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
   std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
   cpu::rmsnorm_backward_input<T>(a.dres, a.dln, res_last, m.p.final_norm, a.rstdf, N, C);
   cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dln, res_last, a.rstdf, N, C);
+  if (m.grads_ready) m.grads_ready(0);
   for (int64_t l = d.L - 1; l >= 0; --l) {
     const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
     LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
     // FFN branch: dres is dL/d(res_out); the branch's input gradient lands in dln.
     if (d.is_moe(l)) {
-      moe_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, B, T_, dloss_aux);
+      moe_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, B, T_, dloss_aux, m.exchange,
+                          l - d.dense_layers);
     } else {
       dense_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, N);
     }
     cpu::rmsnorm_backward_input<T>(a.dres, a.dln, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
     cpu::rmsnorm_backward_weight<T>(lg.ffn_norm, a.dln, la.res_mid, la.rstd2, N, C);
     attention_block_backward<T>(a.dres, lg, la, a.res + l * N * C, lp, a, d, B, T_);
+    if (m.grads_ready) m.grads_ready(d.L - l);
   }
   cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
+  if (m.grads_ready) m.grads_ready(d.L + 1);
 }
 
 template double model_forward<float>(Model<float>&, const int32_t*, const int32_t*, int64_t,

@@ -17,10 +17,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "model/arena.h"
+#include "model/expert_exchange.h"
 #include "model/types.h"
 
 namespace moe {
@@ -36,7 +38,12 @@ struct ModelDims {
   double rope_theta = 10000.0;
   double init_std = 0.02;
   bool tie_embeddings = false;
+  // Expert parallelism: this model holds routed experts [ep_rank EL, (ep_rank + 1) EL) of E
+  // (EL = E / ep); everything else is replicated. ep = 1 holds them all.
+  int64_t ep = 1, ep_rank = 0;
 
+  int64_t EL() const { return E / ep; }
+  int64_t expert0() const { return ep_rank * EL(); }
   int64_t qkv() const { return (NH + 2 * NKV) * HD; }
   int64_t d_attn() const { return NH * HD; }
   bool is_moe(int64_t l) const { return l >= dense_layers; }
@@ -50,7 +57,13 @@ struct ParamInfo {
   size_t offset = 0;           // in elements from the start of the buffer
   size_t count = 0;
   bool decay = true;           // weight decay applies (not to norms)
+  bool routed_experts = false; // in the expert region: (EL, ...) local experts of the E
+  int64_t layer = 0;           // -1 embedding, 0..L-1 layers, L final norm and head
 };
+
+// When backward makes a tensor's gradient final: stages complete in increasing order,
+// 0 (head and final norm), then L - l for layer l, then L + 1 (embedding).
+inline int64_t model_grad_stage(const ModelDims& d, const ParamInfo& p) { return d.L - p.layer; }
 
 template <typename T>
 struct LayerParams {
@@ -61,8 +74,8 @@ struct LayerParams {
   T* w13;        // dense (2F, C)
   T* w2;         // dense (C, F)
   T* router;     // moe (E, C)
-  T* ew13;       // moe (E, 2FE, C)
-  T* ew2;        // moe (E, C, FE)
+  T* ew13;       // moe local routed experts (EL, 2FE, C)
+  T* ew2;        // moe local routed experts (EL, C, FE)
   T* sw13;       // moe shared (2S, C), null when S = 0
   T* sw2;        // moe shared (C, S)
 };
@@ -95,10 +108,16 @@ struct LayerActs {
   int64_t* offsets;     // (E + 1)
   int32_t* row_of;      // (N K)
   int32_t* token_of;    // (N K)
-  T* xp;   // (N K, C) permuted inputs
-  T* egu;  // (N K, 2FE)
-  T* eh;   // (N K, FE)
-  T* yp;   // (N K, C) expert outputs
+  T* xp;   // (N K, C) permuted inputs, sorted by global expert
+  // What the local experts compute on: rows [local_offsets[j], local_offsets[j + 1]) belong
+  // to local expert j. With ep = 1 these are xp's own rows (xg is null); with ep > 1 they
+  // arrive from the EP group (rows_recv <= R_max = ep N min(K, EL), dropless).
+  T* xg;                   // (R_max, C), ep > 1 only
+  int64_t* local_offsets;  // (EL + 1)
+  int64_t rows_recv;
+  T* egu;  // (R_max, 2FE)
+  T* eh;   // (R_max, FE)
+  T* yp;   // (N K, C) expert outputs, back in xp's row order
   T* sgu;  // (N, 2S)
   T* sh;   // (N, S)
 };
@@ -128,10 +147,26 @@ struct Activations {
   T* dh;            // (max(N F, N K FE, N S))
   T* dxp;           // (N K, C)
   T* dyp;           // (N K, C)
+  T* yg;            // (R_max, C) local experts' outputs; in backward their output gradient (ep > 1)
+  T* dxg;           // (R_max, C) local experts' input gradient (ep > 1)
   T* dgate;         // (N, K)
   T* dscores;       // (N, E)
   T* dlogits_r;     // (N, E)
   T* dlogits;       // (N, V)
+};
+
+// Rows the local experts of one MoE layer may receive, whatever the routing: every token of
+// every rank in the EP group picks at most min(K, EL) of this rank's experts.
+inline int64_t moe_rows_max(const ModelDims& d, int64_t N) {
+  return d.ep == 1 ? N * d.K : d.ep * N * (d.K < d.EL() ? d.K : d.EL());
+}
+
+// The flat parameter buffer is two regions, each padded with zeros so that its data-parallel
+// shards are equal: replicated tensors first (sharded over dp), then the local routed
+// experts (sharded over the dp / ep ranks that hold the same experts).
+struct ParamRegion {
+  size_t offset = 0;  // first element
+  size_t count = 0;   // elements, padding included
 };
 
 template <typename T>
@@ -139,8 +174,13 @@ struct Model {
   ModelDims d;
   int64_t B_max = 0;
   std::vector<ParamInfo> table;
-  size_t n_params = 0;
-  size_t n_alloc = 0;  // n_params rounded up so data-parallel shards are equal (zero padding)
+  size_t n_params = 0;  // elements of the tensors (no padding)
+  size_t n_alloc = 0;   // both regions with their padding
+  ParamRegion replicated, experts;
+  ExpertExchange* exchange = nullptr;  // set when ep > 1 (float only)
+  // Called by model_backward as each stage's weight gradients become final (see
+  // model_grad_stage); empty: not called. Lets the trainer start reducing them early.
+  std::function<void(int64_t stage)> grads_ready;
   Arena param_arena, grad_arena, act_arena, state_arena;
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
@@ -153,29 +193,42 @@ struct Model {
   double aux_loss_sum = 0;  // sum over sequences and MoE layers of the balance loss
 };
 
-// The parameter table (names, shapes, offsets) of a model; the same for every T.
-std::vector<ParamInfo> model_param_table(const ModelDims& d);
+// The parameter table (names, shapes, offsets) of a model; the same for every T. Replicated
+// tensors come first in model order, then each MoE layer's local experts; the order and the
+// number of entries do not depend on ep. The expert region starts at the replicated
+// elements rounded up to pad_replicated.
+std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replicated = 1);
 
 // A parameter as users and checkpoints see it: unfused and per expert, e.g.
 // "layers/3/moe/experts/17/w_gate" (FE, C) or "layers/0/attn/wq" (NH*HD, C). Each is a
 // (rows, cols) block of the flat parameter buffer starting at `offset`, rows `ld` apart
 // (ld == cols except for a shared expert's slice of the fused w_down). The same views apply
-// to the gradient and optimizer-state buffers, which share the parameter layout.
+// to the gradient and optimizer-state buffers, which share the parameter layout. Only the
+// local experts are listed, under their global ids, at the offsets of `table`.
 struct LogicalTensor {
   std::string name;
   std::vector<int64_t> shape;  // {n} or {rows, cols}
   size_t offset = 0;
   int64_t ld = 0;
+  int64_t expert = -1;  // global id of the routed expert it belongs to, -1 for the rest
 };
-std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d);
+std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
+                                                 const std::vector<ParamInfo>& table);
+inline std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
+  return model_logical_tensors(d, model_param_table(d));
+}
 
 // Validates dims, allocates all arenas for micro-batches of up to B_max sequences of d.T.
-// The parameter and gradient buffers hold n_params rounded up to a multiple of pad_multiple
-// (the data-parallel degree, so ZeRO-1 shards are equal); the padding stays zero.
+// The replicated region is padded to a multiple of pad_replicated and the expert region to
+// one of pad_experts (the sizes of the groups that shard them, so ZeRO-1 shards are equal);
+// the padding stays zero.
 template <typename T>
-void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_multiple = 1);
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated = 1,
+                 int64_t pad_experts = 1);
 
-// Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases.
+// Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases. Every
+// element's value depends on its global position only, so any expert-parallel layout holds
+// the same experts as one process.
 template <typename T>
 void model_init(Model<T>& m, uint64_t seed);
 

@@ -12,25 +12,34 @@ namespace moe {
 
 namespace {
 
-// Walks the parameters in their fixed order. With base == nullptr it only fills the table.
+size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Walks the parameters in their fixed order: the replicated tensors in model order, then the
+// local routed experts of every MoE layer, starting at the replicated size rounded up to
+// pad_replicated. With base == nullptr it only fills the table. Returns the replicated size.
 template <typename T>
-void param_layout(const ModelDims& d, T* base, ModelParams<T>* views, std::vector<ParamInfo>* table) {
+size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelParams<T>* views,
+                    std::vector<ParamInfo>* table) {
   size_t offset = 0;
-  auto take = [&](const std::string& name, std::vector<int64_t> shape, bool decay) -> T* {
+  int64_t layer = -1;
+  auto take = [&](const std::string& name, std::vector<int64_t> shape, bool decay,
+                  bool experts = false) -> T* {
     size_t count = 1;
     for (int64_t s : shape) count *= static_cast<size_t>(s);
-    if (table) table->push_back(ParamInfo{name, shape, offset, count, decay});
+    if (table) table->push_back(ParamInfo{name, shape, offset, count, decay, experts, layer});
     T* p = base ? base + offset : nullptr;
     offset += count;
     return p;
   };
+  auto prefix = [](int64_t l) { return "layers/" + std::to_string(l) + "/"; };
   ModelParams<T> v{};
   v.wte = take("embed/wte", {d.V, d.C}, true);
   v.layers.resize(static_cast<size_t>(d.L));
   for (int64_t l = 0; l < d.L; ++l) {
     LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     lp = LayerParams<T>{};
-    std::string pre = "layers/" + std::to_string(l) + "/";
+    layer = l;
+    const std::string pre = prefix(l);
     lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
     lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
     lp.wo = take(pre + "attn/wo", {d.C, d.d_attn()}, true);
@@ -40,23 +49,34 @@ void param_layout(const ModelDims& d, T* base, ModelParams<T>* views, std::vecto
       lp.w2 = take(pre + "mlp/w2", {d.C, d.F}, true);
     } else {
       lp.router = take(pre + "moe/router", {d.E, d.C}, true);
-      lp.ew13 = take(pre + "moe/experts/w13", {d.E, 2 * d.FE, d.C}, true);
-      lp.ew2 = take(pre + "moe/experts/w2", {d.E, d.C, d.FE}, true);
       if (d.S > 0) {
         lp.sw13 = take(pre + "moe/shared/w13", {2 * d.S, d.C}, true);
         lp.sw2 = take(pre + "moe/shared/w2", {d.C, d.S}, true);
       }
     }
   }
+  layer = d.L;
   v.final_norm = take("final_norm", {d.C}, false);
   v.lm_head = d.tie_embeddings ? v.wte : take("lm_head", {d.V, d.C}, true);
+  const size_t n_replicated = offset;
+  offset = round_up(offset, pad_replicated);
+  for (int64_t l = d.dense_layers; l < d.L; ++l) {
+    LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
+    layer = l;
+    const std::string pre = prefix(l);
+    lp.ew13 = take(pre + "moe/experts/w13", {d.EL(), 2 * d.FE, d.C}, true, true);
+    lp.ew2 = take(pre + "moe/experts/w2", {d.EL(), d.C, d.FE}, true, true);
+  }
   if (views) *views = std::move(v);
+  return n_replicated;
 }
 
 template <typename T>
 void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
+  const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
+  const bool ep = d.ep > 1;
   const size_t TT = static_cast<size_t>(B * d.NH * d.T * d.T);
   a.tokens = c.take<int32_t>(N);
   a.targets = c.take<int32_t>(N);
@@ -85,8 +105,10 @@ void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
       la.row_of = c.take<int32_t>(NK);
       la.token_of = c.take<int32_t>(NK);
       la.xp = c.take<T>(NK * C);
-      la.egu = c.take<T>(NK * 2 * static_cast<size_t>(d.FE));
-      la.eh = c.take<T>(NK * static_cast<size_t>(d.FE));
+      la.xg = ep ? c.take<T>(R * C) : nullptr;
+      la.local_offsets = c.take<int64_t>(static_cast<size_t>(d.EL()) + 1);
+      la.egu = c.take<T>(R * 2 * static_cast<size_t>(d.FE));
+      la.eh = c.take<T>(R * static_cast<size_t>(d.FE));
       la.yp = c.take<T>(NK * C);
       if (d.S > 0) {
         la.sgu = c.take<T>(N * 2 * static_cast<size_t>(d.S));
@@ -108,12 +130,14 @@ void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
   a.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
   a.dattn = c.take<T>(N * static_cast<size_t>(d.d_attn()));
   a.attn_scratch = c.take<T>(TT);
-  const size_t ffn_rows_w = std::max({N * static_cast<size_t>(d.F), NK * static_cast<size_t>(d.FE),
+  const size_t ffn_rows_w = std::max({N * static_cast<size_t>(d.F), R * static_cast<size_t>(d.FE),
                                       N * static_cast<size_t>(d.S)});
   a.dgu = c.take<T>(2 * ffn_rows_w);
   a.dh = c.take<T>(ffn_rows_w);
   a.dxp = c.take<T>(NK * C);
   a.dyp = c.take<T>(NK * C);
+  a.yg = ep ? c.take<T>(R * C) : nullptr;
+  a.dxg = ep ? c.take<T>(R * C) : nullptr;
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
   a.dlogits_r = c.take<T>(N * E);
@@ -129,27 +153,31 @@ void dims_check(const ModelDims& d) {
   if (d.n_moe_layers() > 0) {
     CHECK(d.E >= 1 && d.K >= 1 && d.K <= d.E && d.FE >= 1 && d.S >= 0);
     CHECK(d.G >= 1 && d.E % d.G == 0 && d.KG >= 1 && d.KG <= d.G);
+    CHECK(d.ep >= 1 && d.E % d.ep == 0 && d.ep_rank >= 0 && d.ep_rank < d.ep, "E %lld ep %lld",
+          (long long)d.E, (long long)d.ep);
   }
   if (d.dense_layers > 0) CHECK(d.F >= 1);
 }
 
 }  // namespace
 
-std::vector<ParamInfo> model_param_table(const ModelDims& d) {
+std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replicated) {
   std::vector<ParamInfo> table;
-  param_layout<float>(d, nullptr, nullptr, &table);
+  param_layout<float>(d, static_cast<size_t>(pad_replicated), nullptr, nullptr, &table);
   return table;
 }
 
-std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
+std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
+                                                 const std::vector<ParamInfo>& table) {
   std::vector<LogicalTensor> out;
-  auto add = [&](const std::string& name, int64_t rows, int64_t cols, size_t offset, int64_t ld) {
+  auto add = [&](const std::string& name, int64_t rows, int64_t cols, size_t offset, int64_t ld,
+                 int64_t expert = -1) {
     out.push_back(LogicalTensor{name, rows == 0 ? std::vector<int64_t>{cols}
                                                 : std::vector<int64_t>{rows, cols},
-                                offset, ld});
+                                offset, ld, expert});
   };
   const size_t C = static_cast<size_t>(d.C);
-  for (const ParamInfo& p : model_param_table(d)) {
+  for (const ParamInfo& p : table) {
     const std::string& n = p.name;
     auto ends = [&](const char* suffix) {
       const std::string s(suffix);
@@ -171,14 +199,15 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
     } else if (ends("experts/w13") || ends("experts/w2")) {
       const bool up_gate = ends("experts/w13");
       const size_t per = up_gate ? 2 * static_cast<size_t>(d.FE) * C : C * static_cast<size_t>(d.FE);
-      for (int64_t e = 0; e < d.E; ++e) {
+      for (int64_t e = 0; e < d.EL(); ++e) {
         const size_t base = p.offset + static_cast<size_t>(e) * per;
-        const std::string ep = pre + std::to_string(e) + "/";
+        const int64_t id = d.expert0() + e;
+        const std::string ep = pre + std::to_string(id) + "/";
         if (up_gate) {
-          add(ep + "w_gate", d.FE, d.C, base, d.C);
-          add(ep + "w_up", d.FE, d.C, base + static_cast<size_t>(d.FE) * C, d.C);
+          add(ep + "w_gate", d.FE, d.C, base, d.C, id);
+          add(ep + "w_up", d.FE, d.C, base + static_cast<size_t>(d.FE) * C, d.C, id);
         } else {
-          add(ep + "w_down", d.C, d.FE, base, d.FE);
+          add(ep + "w_down", d.C, d.FE, base, d.FE, id);
         }
       }
     } else if (ends("shared/w13") || ends("shared/w2")) {
@@ -203,21 +232,27 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
 }
 
 template <typename T>
-void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_multiple) {
+void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated,
+                 int64_t pad_experts) {
   dims_check(d);
-  CHECK(B_max >= 1 && pad_multiple >= 1);
+  CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1);
   m.d = d;
   m.B_max = B_max;
-  m.table = model_param_table(d);
-  m.n_params = m.table.back().offset + m.table.back().count;
-  const size_t pad = static_cast<size_t>(pad_multiple);
-  m.n_alloc = (m.n_params + pad - 1) / pad * pad;
+  m.table.clear();
+  const size_t n_rep = param_layout<T>(d, static_cast<size_t>(pad_replicated), nullptr, nullptr,
+                                       &m.table);
+  m.replicated = ParamRegion{0, round_up(n_rep, static_cast<size_t>(pad_replicated))};
+  size_t n_exp = 0;
+  for (const ParamInfo& p : m.table) n_exp += p.routed_experts ? p.count : 0;
+  m.experts = ParamRegion{m.replicated.count, round_up(n_exp, static_cast<size_t>(pad_experts))};
+  m.n_params = n_rep + n_exp;
+  m.n_alloc = m.replicated.count + m.experts.count;
   m.param_arena = Arena("parameters", m.n_alloc * sizeof(T));
   m.grad_arena = Arena("gradients", m.n_alloc * sizeof(T));
   m.params = reinterpret_cast<T*>(m.param_arena.data());
   m.grads = reinterpret_cast<T*>(m.grad_arena.data());
-  param_layout<T>(d, m.params, &m.p, nullptr);
-  param_layout<T>(d, m.grads, &m.g, nullptr);
+  param_layout<T>(d, static_cast<size_t>(pad_replicated), m.params, &m.p, nullptr);
+  param_layout<T>(d, static_cast<size_t>(pad_replicated), m.grads, &m.g, nullptr);
   m.act_arena = arena_build("activations", [&](Carver& c) { act_layout<T>(d, B_max, c, m.a); });
   const size_t moe_e = static_cast<size_t>(d.n_moe_layers() * d.E);
   m.state_arena = arena_build("router state", [&](Carver& c) {
@@ -234,9 +269,13 @@ void model_init(Model<T>& m, uint64_t seed) {
     T* p = m.params + info.offset;
     const bool is_norm = info.shape.size() == 1;
     const uint64_t stream = rng_stream(RngPurpose::kInit, i);
+    // Local experts continue the global tensor's counter where their first expert starts.
+    const uint64_t first = info.routed_experts
+                               ? static_cast<uint64_t>(m.d.expert0()) * (info.count / static_cast<size_t>(m.d.EL()))
+                               : 0;
 #pragma omp parallel for schedule(static)
     for (size_t j = 0; j < info.count; ++j)
-      p[j] = is_norm ? T(1) : static_cast<T>(m.d.init_std * rng_normal(seed, stream, j));
+      p[j] = is_norm ? T(1) : static_cast<T>(m.d.init_std * rng_normal(seed, stream, first + j));
   }
   std::memset(m.router_bias, 0, sizeof(float) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
   std::memset(m.expert_load, 0, sizeof(int64_t) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
@@ -247,7 +286,10 @@ void model_zero_grads(Model<T>& m) {
   std::memset(m.grads, 0, m.n_alloc * sizeof(T));
 }
 
-ModelCounts model_counts(const ModelDims& d) {
+ModelCounts model_counts(const ModelDims& dims) {
+  ModelDims d = dims;  // the whole model, whatever this rank holds
+  d.ep = 1;
+  d.ep_rank = 0;
   ModelCounts c;
   for (const ParamInfo& p : model_param_table(d)) c.total += static_cast<int64_t>(p.count);
   c.embedding = d.V * d.C;
@@ -275,8 +317,8 @@ size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
   return measure.used();
 }
 
-template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t);
-template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t);
+template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t, int64_t);
+template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t, int64_t);
 template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);

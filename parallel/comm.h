@@ -13,9 +13,10 @@
 
 namespace moe {
 
-// A started non-blocking operation; wait() completes it.
+// A started non-blocking operation; wait() completes it. The implementation's request
+// handle lives inside (no allocation per operation).
 struct CommRequest {
-  void* handle = nullptr;  // the implementation's request (MPI_Request for MPI)
+  alignas(8) unsigned char handle[16] = {};
   bool active = false;
 };
 
@@ -32,6 +33,13 @@ class Comm {
   virtual void all_reduce_max(double* data, int64_t n) = 0;
   // Non-blocking in-place sum, so a gradient bucket reduces while backward continues.
   virtual CommRequest all_reduce_sum_start(float* data, int64_t n) = 0;
+  // Non-blocking reduce-scatter with a count per rank: send holds sum(recv_counts) floats,
+  // rank r's block (after the blocks of ranks < r) is summed over ranks into r's recv. The
+  // buffers must stay untouched until wait().
+  virtual CommRequest reduce_scatter_sum_start(float* recv, const float* send,
+                                               const int* recv_counts) = 0;
+  // Drives progress of a started operation; true once it has completed (then inactive).
+  virtual bool test(CommRequest& req) = 0;
   virtual void wait(CommRequest& req) = 0;
   // recv (n) = the sum over ranks of send[rank * n, (rank + 1) * n).
   virtual void reduce_scatter_sum(float* recv, const float* send, int64_t n) = 0;

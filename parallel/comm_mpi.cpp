@@ -40,17 +40,35 @@ class MpiComm final : public Comm {
   void all_reduce_sum(int64_t* d, int64_t n) override { reduce(d, n, MPI_INT64_T, MPI_SUM); }
   void all_reduce_max(double* d, int64_t n) override { reduce(d, n, MPI_DOUBLE, MPI_MAX); }
 
+  static MPI_Request* request(CommRequest& r) {
+    static_assert(sizeof(MPI_Request) <= sizeof(CommRequest::handle));
+    return reinterpret_cast<MPI_Request*>(r.handle);
+  }
   CommRequest all_reduce_sum_start(float* data, int64_t n) override {
     CHECK(n <= kMaxCount, "bucket of %lld floats is too large for one request", (long long)n);
-    auto* req = new MPI_Request;
-    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_, req));
-    return CommRequest{req, true};
+    CommRequest r;
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_,
+                             request(r)));
+    r.active = true;
+    return r;
+  }
+  CommRequest reduce_scatter_sum_start(float* recv, const float* send,
+                                       const int* recv_counts) override {
+    CommRequest r;
+    MPI_CHECK(MPI_Ireduce_scatter(send, recv, recv_counts, MPI_FLOAT, MPI_SUM, comm_, request(r)));
+    r.active = true;
+    return r;
+  }
+  bool test(CommRequest& r) override {
+    if (!r.active) return true;
+    int done = 0;
+    MPI_CHECK(MPI_Test(request(r), &done, MPI_STATUS_IGNORE));
+    if (done) r = CommRequest{};
+    return done != 0;
   }
   void wait(CommRequest& r) override {
     if (!r.active) return;
-    auto* req = static_cast<MPI_Request*>(r.handle);
-    MPI_CHECK(MPI_Wait(req, MPI_STATUS_IGNORE));
-    delete req;
+    MPI_CHECK(MPI_Wait(request(r), MPI_STATUS_IGNORE));
     r = CommRequest{};
   }
   void reduce_scatter_sum(float* recv, const float* send, int64_t n) override {

@@ -19,13 +19,22 @@ ProcessGrid grid_build(const Config& cfg) {
   if (g.world_size != p.dp * p.pp)
     user_error("%s: parallel.dp = %d x parallel.pp = %d needs %d ranks, but the job has %d",
                cfg.source.c_str(), p.dp, p.pp, p.dp * p.pp, g.world_size);
-  if (p.ep != 1 || p.pp != 1)
-    user_error("%s: parallel.ep and parallel.pp > 1 are not supported by this build yet "
-               "(data parallelism only)", cfg.source.c_str());
+  if (p.pp != 1)
+    user_error("%s: parallel.pp > 1 is not supported by this build yet (data and expert "
+               "parallelism only)", cfg.source.c_str());
+  CHECK(p.ep >= 1 && p.dp % p.ep == 0);  // the config validator already refused this
   g.dp_rank = g.world_rank;
+  g.ep_rank = g.dp_rank % p.ep;
+  g.edp = p.dp / p.ep;
+  g.edp_rank = g.dp_rank / p.ep;
   if (g.world_size > 1) {
     g.world = comm_mpi_world();
     g.dp_comm = comm_mpi_split(*g.world, 0, g.world_rank, "dp");
+    // Every rank joins every split (MPI_Comm_split is collective); sizes-1 groups are dropped.
+    std::unique_ptr<Comm> ep = comm_mpi_split(*g.world, g.dp_rank / p.ep, g.ep_rank, "ep");
+    std::unique_ptr<Comm> edp = comm_mpi_split(*g.world, g.ep_rank, g.edp_rank, "edp");
+    if (p.ep > 1) g.ep_comm = std::move(ep);
+    if (g.edp > 1) g.edp_comm = std::move(edp);
   }
   return g;
 }

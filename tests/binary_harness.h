@@ -140,8 +140,12 @@ inline void expect_same_checkpoint(const fs::path& a, const fs::path& b) {
   EXPECT_EQ(ra.attr_i64("/meta", "step"), rb.attr_i64("/meta", "step"));
 }
 
-// Every float dataset of two checkpoints equal within `rel` of the largest magnitude of
-// each tensor (different data-parallel layouts sum gradients in different orders).
+// Every float dataset of two checkpoints close: for weights and router biases the relative
+// error of the tensor, |a - b| / |a| in the 2-norm, is within `rel`; the Adam moments are
+// gradient statistics, which react to the weights' rounding differences more strongly, and
+// get 10 rel; no single element differs by more than 10 rel of the tensor's largest
+// magnitude. (Different layouts sum gradients in different orders; over a run, Adam turns
+// those last-bit differences into slightly larger ones.)
 inline void expect_close_checkpoint(const fs::path& a, const fs::path& b, double rel) {
   moe::CheckpointReader ra(a.string()), rb(b.string());
   const auto la = ra.list(), lb = rb.list();
@@ -154,12 +158,17 @@ inline void expect_close_checkpoint(const fs::path& a, const fs::path& b, double
     std::vector<float> va(static_cast<size_t>(n)), vb(static_cast<size_t>(n));
     ra.read_f32(la[i].path, la[i].shape, va.data(), la[i].shape.back());
     rb.read_f32(lb[i].path, lb[i].shape, vb.data(), lb[i].shape.back());
-    double max_abs = 0, max_diff = 0;
+    double max_abs = 0, max_diff = 0, norm2 = 0, diff2 = 0;
     for (size_t j = 0; j < va.size(); ++j) {
-      max_abs = std::max(max_abs, std::fabs(static_cast<double>(va[j])));
-      max_diff = std::max(max_diff, std::fabs(static_cast<double>(va[j]) - vb[j]));
+      const double x = va[j], dx = static_cast<double>(va[j]) - vb[j];
+      max_abs = std::max(max_abs, std::fabs(x));
+      max_diff = std::max(max_diff, std::fabs(dx));
+      norm2 += x * x;
+      diff2 += dx * dx;
     }
-    EXPECT_LE(max_diff, rel * max_abs) << la[i].path;
+    const bool moment = la[i].path.rfind("/optim/", 0) == 0;
+    EXPECT_LE(std::sqrt(diff2), (moment ? 10 : 1) * rel * std::sqrt(norm2)) << la[i].path;
+    EXPECT_LE(max_diff, 10 * rel * max_abs) << la[i].path;
   }
 }
 

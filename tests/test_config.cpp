@@ -138,6 +138,9 @@ const BadCase kBadCases[] = {
     {"ep_divides_dp", "[parallel]\ndp = 4\nep = 3\n", {}, "x.toml:3:1: parallel.dp = 4 is not divisible by parallel.ep = 3"},
     {"ep_divides_experts", "[parallel]\nep = 3\ndp = 6\n", {},
      "x.toml:2:1: moe.num_experts = 16 is not divisible by parallel.ep = 3"},
+    {"groups_on_whole_ranks", "[moe]\nnum_experts = 24\nnum_groups = 3\n[parallel]\ndp = 2\nep = 2\n", {},
+     "x.toml:6:1: moe.num_groups = 3 and parallel.ep = 2: one must divide the other so that each "
+     "expert group maps to whole ranks"},
     {"dualpipe_odd_pp", "[parallel]\npp = 3\nschedule = \"dualpipe\"\n", {},
      "x.toml:3:1: parallel.schedule = \"dualpipe\" needs an even parallel.pp, got 3"},
     {"pp_exceeds_layers", "[parallel]\npp = 8\n", {}, "x.toml:2:1: parallel.pp = 8 exceeds model.n_layers = 6"},
@@ -328,7 +331,7 @@ const std::vector<Overrides> kOneKeyChanges = {
     {"optim.lr=1e-4"}, {"optim.betas=[0.8, 0.99]"}, {"optim.eps=1e-6"}, {"optim.weight_decay=0"},
     {"optim.grad_clip=0"}, {"optim.state_dtype=bf16"},
     {"lr.schedule=wsd"}, {"lr.warmup_steps=0"}, {"lr.min_lr_ratio=0"}, {"lr.decay_fraction=0.5"},
-    {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"},
+    {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"}, {"parallel.bucket_mb=2.5"},
     {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"},
     {"checkpoint.dir=ck"}, {"checkpoint.every=0"}, {"checkpoint.keep_last=1"}, {"checkpoint.resume=auto"},
     {"log.every=1"}, {"log.eval_every=0"}, {"log.eval_batches=2"}, {"log.metrics_file=\"\""},

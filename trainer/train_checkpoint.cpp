@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <ctime>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -61,19 +62,22 @@ int64_t dense_span(const LogicalTensor& t) {
   return (rows - 1) * t.ld + t.shape.back();
 }
 
-// Reads the weights into m.params and, when s is not null, this rank's shard of both Adam
-// moments (one tensor at a time: never a full-size moment buffer).
+// Reads the weights this model holds into m.params and, when s is not null, this rank's
+// shards of both Adam moments (one tensor at a time: never a full-size moment buffer).
 void load_model_tensors(Model<float>& m, const CheckpointReader& r, TrainState* s) {
   std::vector<float> dense;
-  const int64_t lo = s ? s->shard_begin : 0, hi = s ? s->shard_begin + s->shard : 0;
-  for (const LogicalTensor& t : model_logical_tensors(m.d)) {
+  for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) {
     r.read_f32("/model/" + t.name, t.shape, m.params + t.offset, t.ld);
     if (!s) continue;
     dense.resize(static_cast<size_t>(dense_span(t)));
-    r.read_f32("/optim/m/" + t.name, t.shape, dense.data(), t.ld);
-    dense_to_shard(s->adam_m, dense.data(), t, lo, hi);
-    r.read_f32("/optim/v/" + t.name, t.shape, dense.data(), t.ld);
-    dense_to_shard(s->adam_v, dense.data(), t, lo, hi);
+    float* moments[2] = {s->adam_m, s->adam_v};
+    const char* names[2] = {"/optim/m/", "/optim/v/"};
+    for (int k = 0; k < 2; ++k) {
+      r.read_f32(names[k] + t.name, t.shape, dense.data(), t.ld);
+      for (const ShardRegion& g : s->regions)
+        dense_to_shard(moments[k] + g.state_offset, dense.data(), t, g.shard_begin,
+                       g.shard_begin + g.shard);
+    }
   }
   for (int64_t l = 0; l < m.d.n_moe_layers(); ++l)
     r.read_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
@@ -84,9 +88,10 @@ void load_model_tensors(Model<float>& m, const CheckpointReader& r, TrainState* 
 void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::string& path) {
   const Model<float>& m = s.model;
   const Config& cfg = s.cfg;
-  // ZeRO-1 shards the moments. The checkpoint never stores a rank's shard layout: each
-  // moment tensor is assembled on rank 0 by a reduction in which every rank contributes its
-  // own elements and zeros elsewhere (exact), one tensor at a time, while rank 0 writes.
+  // The checkpoint never stores a rank's layout: every tensor is written whole, under its
+  // global name. Rank 0 writes. A tensor rank 0 does not hold (another EP rank's experts),
+  // and every moment (ZeRO-1 shards), is assembled on rank 0 by a reduction in which each
+  // rank contributes its own elements and zeros elsewhere (exact), one tensor at a time.
   Comm* dp = train_dp_comm(s);
   const bool writer = !dp || s.grid->is_root();
   std::unique_ptr<CheckpointWriter> w;
@@ -109,22 +114,48 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     w->attr_i64("/data", "seed", static_cast<int64_t>(cfg.run.seed));
     w->attr_i64("/data", "next_step", pos.step);
   }
-  const int64_t lo = s.shard_begin, hi = s.shard_begin + s.shard;
-  std::vector<float> mine, whole;
-  for (const LogicalTensor& t : model_logical_tensors(m.d)) {
-    if (writer) w->write_f32("/model/" + t.name, t.shape, m.params + t.offset, t.ld);
+  // The whole model's tensors in one order on every rank; where this rank holds each.
+  ModelDims whole = m.d;
+  whole.ep = 1;
+  whole.ep_rank = 0;
+  std::map<std::string, LogicalTensor> held;
+  for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) held.emplace(t.name, t);
+  const bool param_owner = !s.grid || s.grid->edp_rank == 0;  // one copy per EP rank
+  std::vector<float> mine, total;
+  for (const LogicalTensor& g : model_logical_tensors(whole)) {
+    const auto it = held.find(g.name);
+    const LogicalTensor* t = it == held.end() ? nullptr : &it->second;
+    const size_t span = static_cast<size_t>(dense_span(g));
+    // Weights: rank 0 writes its own copy; experts of other EP ranks come from their owner.
+    // Whether rank 0 holds a tensor is the same question on every rank (global expert id <
+    // EL), so all ranks agree on which tensors need a reduction.
+    const bool root_holds = g.expert < m.d.EL();
+    if (!dp || root_holds) {
+      if (writer) w->write_f32("/model/" + g.name, g.shape, m.params + t->offset, t->ld);
+    } else {
+      mine.assign(span, 0.0f);
+      total.resize(span);
+      if (t && param_owner)
+        shard_to_dense(mine.data(), m.params + t->offset, *t, static_cast<int64_t>(t->offset),
+                       static_cast<int64_t>(t->offset) + dense_span(*t));
+      dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(span), 0);
+      if (writer) w->write_f32("/model/" + g.name, g.shape, total.data(), g.ld);
+    }
     const float* moments[2] = {s.adam_m, s.adam_v};
     const char* names[2] = {"/optim/m/", "/optim/v/"};
     for (int k = 0; k < 2; ++k) {
       if (!dp) {  // one rank holds everything: write straight from the moment buffer
-        w->write_f32(names[k] + t.name, t.shape, moments[k] + t.offset, t.ld);
+        w->write_f32(names[k] + g.name, g.shape, moments[k] + t->offset, t->ld);
         continue;
       }
-      mine.assign(static_cast<size_t>(dense_span(t)), 0.0f);
-      whole.resize(mine.size());
-      shard_to_dense(mine.data(), moments[k], t, lo, hi);
-      dp->reduce_sum(whole.data(), mine.data(), static_cast<int64_t>(mine.size()), 0);
-      if (writer) w->write_f32(names[k] + t.name, t.shape, whole.data(), t.ld);
+      mine.assign(span, 0.0f);
+      total.resize(span);
+      if (t)
+        for (const ShardRegion& r : s.regions)
+          shard_to_dense(mine.data(), moments[k] + r.state_offset, *t, r.shard_begin,
+                         r.shard_begin + r.shard);
+      dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(span), 0);
+      if (writer) w->write_f32(names[k] + g.name, g.shape, total.data(), g.ld);
     }
   }
   if (writer) {

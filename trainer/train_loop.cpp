@@ -122,9 +122,9 @@ int train_main(const Config& cfg) {
                static_cast<long long>(val->size()), static_cast<long long>(T_ + 1));
 
   if (root) {
-    std::printf("moetrain %s: run \"%s\" from %s, %d rank%s (dp %d)\n%s", MOETRAIN_VERSION,
+    std::printf("moetrain %s: run \"%s\" from %s, %d rank%s (dp %d, ep %d)\n%s", MOETRAIN_VERSION,
                 cfg.run.name.c_str(), cfg.source.c_str(), grid.world_size,
-                grid.world_size > 1 ? "s" : "", grid.dp, run_summary(cfg).c_str());
+                grid.world_size > 1 ? "s" : "", grid.dp, grid.ep, run_summary(cfg).c_str());
     std::printf("data: %s (%lld tokens)%s%s\n", train.path().c_str(),
                 static_cast<long long>(train.size()), val ? ", validation " : "",
                 val ? strprintf("%s (%lld tokens)", val->path().c_str(),

@@ -23,28 +23,78 @@ Comm* train_dp_comm(const TrainState& s) {
   return s.grid && s.grid->dp_comm ? s.grid->dp_comm.get() : nullptr;
 }
 
+namespace {
+
+// Builds a region's shard over `comm` (null: whole) at state offset `state_offset`.
+ShardRegion shard_region(const ParamRegion& r, Comm* comm, int64_t state_offset) {
+  ShardRegion s;
+  s.comm = comm;
+  s.begin = static_cast<int64_t>(r.offset);
+  s.count = static_cast<int64_t>(r.count);
+  const int64_t P = comm ? comm->size() : 1, mine = comm ? comm->rank() : 0;
+  CHECK(s.count % P == 0);
+  s.shard = s.count / P;
+  s.shard_begin = s.begin + mine * s.shard;
+  s.state_offset = state_offset;
+  return s;
+}
+
+// The reduced gradient of a region's shard: the reduce-scatter result, or the buffer itself
+// when the region is not sharded.
+float* region_grad(TrainState& s, const ShardRegion& r) {
+  return r.comm ? s.grad_shard + r.state_offset : s.model.grads + r.shard_begin;
+}
+
+}  // namespace
+
 void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid) {
   s.cfg = cfg;
   s.grid = grid;
-  const ModelDims d = config_model_dims(cfg);
+  ModelDims d = config_model_dims(cfg);
   const int64_t B = cfg.training.micro_batch;
   const int dp = grid ? grid->dp : 1;
-  model_build<float>(s.model, d, B, dp);
+  const int edp = grid ? grid->edp : 1;
+  d.ep = grid ? grid->ep : 1;
+  d.ep_rank = grid ? grid->ep_rank : 0;
+  model_build<float>(s.model, d, B, dp, edp);
   model_init<float>(s.model, cfg.run.seed);
-  s.shard = static_cast<int64_t>(s.model.n_alloc) / dp;
-  s.shard_begin = static_cast<int64_t>(grid ? grid->dp_rank : 0) * s.shard;
-  const size_t n = static_cast<size_t>(s.shard);
+  Model<float>& m = s.model;
+  if (d.ep > 1 && d.n_moe_layers() > 0) {
+    CHECK(grid && grid->ep_comm);
+    s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, d.n_moe_layers(),
+                                              moe_rows_max(d, B * d.T), d.C);
+    m.exchange = s.exchange.get();
+  }
+  Comm* dp_comm = grid ? grid->dp_comm.get() : nullptr;
+  Comm* edp_comm = grid ? grid->edp_comm.get() : nullptr;
+  s.regions[0] = shard_region(m.replicated, dp_comm, 0);
+  s.regions[1] = shard_region(m.experts, edp_comm, s.regions[0].shard);
+  s.state_size = s.regions[0].shard + s.regions[1].shard;
+  const size_t n = static_cast<size_t>(s.state_size);
+  const bool any_sharded = s.regions[0].comm || s.regions[1].comm;
   s.opt_arena = arena_build("optimizer state", [&](Carver& c) {
     s.adam_m = c.take<float>(n);
     s.adam_v = c.take<float>(n);
-    s.grad_shard = dp > 1 ? c.take<float>(n) : nullptr;
+    s.grad_shard = any_sharded ? c.take<float>(n) : nullptr;
   });
   s.decay.clear();
-  for (const ParamInfo& p : s.model.table) s.decay.push_back(p.decay ? 1 : 0);
+  for (const ParamInfo& p : m.table) s.decay.push_back(p.decay ? 1 : 0);
+  // Gradient buckets: each tensor is final once backward passes its stage.
+  std::vector<GradRegion> regions;
+  for (const ShardRegion& r : s.regions)
+    regions.push_back(GradRegion{r.comm, r.begin, r.count, r.comm ? region_grad(s, r) : nullptr});
+  std::vector<GradSpan> spans;
+  for (const ParamInfo& p : m.table)
+    spans.push_back(GradSpan{p.routed_experts ? 1 : 0, static_cast<int64_t>(p.offset),
+                             static_cast<int64_t>(p.offset + p.count), model_grad_stage(d, p)});
+  const int64_t bucket_elems =
+      std::max<int64_t>(1, static_cast<int64_t>(cfg.parallel.bucket_mb * 1024 * 1024 / sizeof(float)));
+  grad_reducer_init(s.reducer, std::move(regions), spans, bucket_elems);
   s.window.assign(static_cast<size_t>(B * (d.T + 1)), 0);
   s.inputs.assign(static_cast<size_t>(B * d.T), 0);
   s.targets.assign(static_cast<size_t>(B * d.T), 0);
-  s.norm_partials.assign(static_cast<size_t>(grad_norm_blocks(s.shard)), 0.0);
+  s.norm_partials.assign(
+      static_cast<size_t>(grad_norm_blocks(std::max(s.regions[0].shard, s.regions[1].shard))), 0.0);
   s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * dp);
   s.lr_plan.kind = cfg.lr.schedule;
   s.lr_plan.peak = cfg.optim.lr;
@@ -70,6 +120,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   const float dloss_ce = 1.0f / static_cast<float>(global_batch * T_);
   const float dloss_aux = 1.0f / static_cast<float>(global_batch);
   double sums[2] = {0, 0};  // cross-entropy means, balance losses
+  grad_reducer_begin(s.reducer, m.grads);
   for (int64_t i = 0; i < s.micro_batches; ++i) {
     // Rank r runs the r-th contiguous block of the step's micro-batches.
     const int64_t mb = dp_rank * s.micro_batches + i;
@@ -77,19 +128,25 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
     windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
     sums[0] += model_forward<float>(m, s.inputs.data(), s.targets.data(), B, T_, true);
     sums[1] += m.aux_loss_sum;
+    // The last micro-batch's backward makes gradients final stage by stage: each bucket's
+    // reduction starts as soon as its stage is done.
+    if (i + 1 == s.micro_batches && s.overlap_reduction)
+      m.grads_ready = [&s](int64_t stage) { grad_reducer_stage_done(s.reducer, stage); };
     model_backward<float>(m, dloss_ce, dloss_aux);
+    m.grads_ready = nullptr;
   }
+  grad_reducer_finish(s.reducer);
   const int64_t n_moe = d.n_moe_layers() * d.E;
-  float* g = m.grads + s.shard_begin;
   if (dp) {
     dp->all_reduce_sum(sums, 2);
     dp->all_reduce_sum(m.expert_load, n_moe);
-    dp->reduce_scatter_sum(s.grad_shard, m.grads, s.shard);
-    g = s.grad_shard;
   }
   st.loss = sums[0] / static_cast<double>(s.micro_batches * dp_size);
   st.aux_loss = sums[1] / static_cast<double>(global_batch);
-  double sq = grad_sum_squares(g, s.shard, s.norm_partials.data());
+  // Every parameter element is in exactly one rank's shard of one region.
+  double sq = 0;
+  for (const ShardRegion& r : s.regions)
+    sq += grad_sum_squares(region_grad(s, r), r.shard, s.norm_partials.data());
   if (dp) dp->all_reduce_sum(&sq, 1);
   st.grad_norm = std::sqrt(sq);
   st.lr = lr_at(s.lr_plan, step);
@@ -101,17 +158,22 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   as.weight_decay = static_cast<float>(s.cfg.optim.weight_decay);
   as.t = step + 1;
   as.grad_scale = grad_clip_scale(st.grad_norm, s.cfg.optim.grad_clip);
-  // Update the part of every tensor that falls inside this rank's shard.
-  const int64_t lo = s.shard_begin, hi = s.shard_begin + s.shard;
-  for (size_t i = 0; i < m.table.size(); ++i) {
-    const ParamInfo& p = m.table[i];
-    const int64_t a = std::max<int64_t>(lo, static_cast<int64_t>(p.offset));
-    const int64_t b = std::min<int64_t>(hi, static_cast<int64_t>(p.offset + p.count));
-    if (a >= b) continue;
-    adamw_update(m.params + a, g + (a - lo), s.adam_m + (a - lo), s.adam_v + (a - lo), b - a, as,
-                 s.decay[i] != 0);
+  // Update the part of every tensor that falls inside this rank's shards.
+  for (const ShardRegion& r : s.regions) {
+    const int64_t lo = r.shard_begin, hi = r.shard_begin + r.shard;
+    const float* g = region_grad(s, r);
+    float* mm = s.adam_m + r.state_offset;
+    float* vv = s.adam_v + r.state_offset;
+    for (size_t i = 0; i < m.table.size(); ++i) {
+      const ParamInfo& p = m.table[i];
+      const int64_t a = std::max<int64_t>(lo, static_cast<int64_t>(p.offset));
+      const int64_t b = std::min<int64_t>(hi, static_cast<int64_t>(p.offset + p.count));
+      if (a >= b) continue;
+      adamw_update(m.params + a, g + (a - lo), mm + (a - lo), vv + (a - lo), b - a, as,
+                   s.decay[i] != 0);
+    }
+    if (r.comm) r.comm->all_gather(m.params + r.begin, nullptr, r.shard);
   }
-  if (dp) dp->all_gather(m.params, nullptr, s.shard);
   // Auxiliary-loss-free balancing: once per step, from the whole global batch's load (the
   // same on every rank after the all-reduce, so every rank updates its biases identically).
   double imbalance = 0;
@@ -128,10 +190,15 @@ double eval_loss(TrainState& s, int64_t n_batches, const BatchSource& source) {
   const int64_t B = s.cfg.training.micro_batch, T_ = s.model.d.T;
   const int64_t dp_rank = s.grid ? s.grid->dp_rank : 0, dp_size = s.grid ? s.grid->dp : 1;
   double sum = 0;
-  for (int64_t i = dp_rank; i < n_batches; i += dp_size) {
-    source(s.window.data(), 0, i * B, B);
+  // Every rank runs the same number of forwards (the expert exchange is collective); a rank
+  // past the end repeats a batch and drops its loss.
+  const int64_t rounds = (n_batches + dp_size - 1) / dp_size;
+  for (int64_t k = 0; k < rounds; ++k) {
+    const int64_t i = k * dp_size + dp_rank;
+    source(s.window.data(), 0, (i < n_batches ? i : 0) * B, B);
     windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
-    sum += model_forward<float>(s.model, s.inputs.data(), s.targets.data(), B, T_, false);
+    const double loss = model_forward<float>(s.model, s.inputs.data(), s.targets.data(), B, T_, false);
+    if (i < n_batches) sum += loss;
   }
   if (Comm* dp = train_dp_comm(s)) dp->all_reduce_sum(&sum, 1);
   return n_batches > 0 ? sum / static_cast<double>(n_batches) : 0.0;

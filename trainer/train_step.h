@@ -4,11 +4,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "io/config.h"
 #include "model/model.h"
 #include "optim/adamw.h"
+#include "parallel/expert_exchange.h"
+#include "parallel/grad_reduce.h"
 #include "parallel/grid.h"
 
 namespace moe {
@@ -16,27 +19,42 @@ namespace moe {
 // Fills `out` (n_seqs, seq_len + 1) with sequences [first_seq, first_seq + n_seqs) of `step`.
 using BatchSource = std::function<void(int32_t* out, int64_t step, int64_t first_seq, int64_t n_seqs)>;
 
-// Data parallelism with ZeRO-1: every rank holds the full FP32 parameters and gradients, but
-// only its shard [shard_begin, shard_begin + shard) of the Adam moments. A step reduce-scatters
-// the gradients, updates the local shard, and all-gathers the parameters. With one process the
-// shard is everything.
+// One ZeRO-1 region of the flat buffers (model.h's ParamRegion) and this rank's shard of it.
+struct ShardRegion {
+  Comm* comm = nullptr;      // the group sharding it; null: this rank holds it whole
+  int64_t begin = 0;         // flat
+  int64_t count = 0;         // flat elements, padding included
+  int64_t shard = 0;         // elements per rank of the group
+  int64_t shard_begin = 0;   // this rank's first flat element
+  int64_t state_offset = 0;  // where the shard starts in adam_m / adam_v / grad_shard
+};
+
+// Data parallelism with ZeRO-1 and expert parallelism: every rank holds the full FP32
+// replicated parameters and its EP rank's routed experts, but only its shard of the Adam
+// moments of each: replicated tensors are sharded over all dp ranks, routed experts over the
+// dp / ep ranks holding the same experts. A step reduce-scatters the gradients (in buckets,
+// during the last micro-batch's backward), updates the local shards, and all-gathers the
+// parameters. With one process the shards are everything.
 struct TrainState {
   Config cfg;
   const ProcessGrid* grid = nullptr;  // null or world size 1: single process
   Model<float> model;
-  int64_t shard = 0;        // elements per rank (n_alloc / dp)
-  int64_t shard_begin = 0;  // this rank's first element
-  Arena opt_arena;          // Adam moments of the shard, and the reduced gradient shard
-  float* adam_m = nullptr;  // (shard)
-  float* adam_v = nullptr;  // (shard)
-  float* grad_shard = nullptr;  // (shard) reduce-scatter target (dp > 1)
+  std::unique_ptr<EpExchange> exchange;  // ep > 1
+  ShardRegion regions[2];   // [0] replicated, [1] routed experts
+  int64_t state_size = 0;   // shard elements over both regions
+  Arena opt_arena;          // Adam moments of the shards, and the reduced gradient shards
+  float* adam_m = nullptr;  // (state_size)
+  float* adam_v = nullptr;  // (state_size)
+  float* grad_shard = nullptr;  // (state_size) reduce-scatter target (dp > 1)
+  GradReducer reducer;
   std::vector<uint8_t> decay;    // per parameter table entry
   std::vector<int32_t> window;   // (micro_batch, seq_len + 1)
   std::vector<int32_t> inputs;   // (micro_batch, seq_len)
   std::vector<int32_t> targets;  // (micro_batch, seq_len)
-  std::vector<double> norm_partials;  // grad_norm_blocks(n_params)
+  std::vector<double> norm_partials;  // grad_norm_blocks(largest shard)
   LrSchedulePlan lr_plan;
   int64_t micro_batches = 1;     // per step
+  bool overlap_reduction = true; // false: reduce after backward (the benchmark's baseline)
 };
 
 struct StepStats {
