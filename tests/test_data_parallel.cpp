@@ -18,7 +18,7 @@ using namespace moe_test;
 std::string dp_args(int dp, int ep = 1, const std::string& extra = "") {
   return "train --config c.toml --set training.micro_batch=2 --set parallel.dp=" +
          std::to_string(dp) + " --set parallel.ep=" + std::to_string(ep) +
-         " --set parallel.bucket_mb=0.0078125 --set training.steps=20" + extra;
+         " --set parallel.bucket_mb=0.0078125 --set training.steps=20 --set log.samples=1 --set log.sample_tokens=4" + extra;
 }
 
 // Every (dp, ep) layout trains the single process's run: per-step losses and the final

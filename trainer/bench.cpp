@@ -58,9 +58,35 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
           static_cast<uint64_t>(vocab));
   };
   train_step(s, 0, source);  // warm-up: first touch of every arena page
+  // Timed steps, gradient reduction overlapped with backward (the trainer's default).
+  s.reducer.wait_s = s.reducer.busy_s = 0;
+  if (s.exchange) s.exchange->reset_traffic();
   const double t0 = now_s();
   for (int i = 1; i <= opt.steps; ++i) train_step(s, i, source);
   const double dt = (now_s() - t0) / opt.steps;
+  // Reduction time the step still pays: blocked at the end, plus starting and testing
+  // requests during backward (with MPI, communication progresses inside those calls).
+  double red[2] = {(s.reducer.wait_s + s.reducer.busy_s) / opt.steps, 0};
+  EpTraffic traffic = s.exchange ? s.exchange->traffic() : EpTraffic{};
+  if (grid.world) {
+    // The same steps with the whole reduction after backward: its full, unhidden cost.
+    s.overlap_reduction = false;
+    s.reducer.wait_s = s.reducer.busy_s = 0;
+    for (int i = 1; i <= opt.steps; ++i) train_step(s, opt.steps + i, source);
+    red[1] = (s.reducer.wait_s + s.reducer.busy_s) / opt.steps;
+    s.overlap_reduction = true;
+    // The slowest rank sets the pace; traffic sums over ranks.
+    grid.world->all_reduce_max(red, 2);
+    int64_t t[3] = {traffic.tokens, traffic.rows_remote, traffic.rows_remote_min};
+    grid.world->all_reduce_sum(t, 3);
+    traffic = EpTraffic{t[0], t[1], t[2]};
+  }
+  const double hidden = red[1] > 0 ? std::max(0.0, 1.0 - red[0] / red[1]) : 0.0;
+  // Dispatch bytes per routed token (per MoE layer), and the least the routing allows.
+  const double row_bytes = static_cast<double>(s.model.d.C) * sizeof(float);
+  const double tok = std::max<double>(1, static_cast<double>(traffic.tokens));
+  const double a2a = static_cast<double>(traffic.rows_remote) * row_bytes / tok;
+  const double a2a_min = static_cast<double>(traffic.rows_remote_min) * row_bytes / tok;
   // With several ranks on one machine each measures a share of the cores; the machine's
   // peak is the sum, which is what MFU must be taken against.
   peak = std::max(peak, sgemm_peak_flops());
@@ -75,10 +101,13 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
     std::printf(
         "{\"config\": \"%s\", \"threads\": %d, \"peak_flops\": %.6g, \"step_s\": %.6g, "
         "\"tokens_per_s\": %.6g, \"flops_per_token\": %.6g, \"mfu\": %.6f, "
-        "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d, \"ranks\": %d}\n",
+        "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d, \"ranks\": %d, "
+        "\"dp\": %d, \"ep\": %d, \"reduction_exposed_s\": %.6g, \"reduction_blocking_s\": %.6g, "
+        "\"reduction_hidden\": %.4f, \"a2a_bytes_per_token\": %.6g, "
+        "\"a2a_min_bytes_per_token\": %.6g}\n",
         cfg.source.c_str(), omp_get_max_threads(), peak, dt, tps, fpt, mfu,
         static_cast<long long>(counts.total), static_cast<long long>(counts.active_matmul),
-        opt.steps, grid.world_size);
+        opt.steps, grid.world_size, grid.dp, grid.ep, red[0], red[1], hidden, a2a, a2a_min);
   } else {
     std::printf("bench %s: %d rank%s x %d threads\n", cfg.source.c_str(), grid.world_size,
                 grid.world_size > 1 ? "s" : "", omp_get_max_threads());
@@ -87,6 +116,12 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
     std::printf("  model FLOPs/token: %.4g (6 x %lld active + attention)\n", fpt,
                 static_cast<long long>(counts.active_matmul));
     std::printf("  achieved: %.1f GFLOP/s  MFU: %.1f%%\n", tps * fpt / 1e9, 100.0 * mfu);
+    if (grid.world)
+      std::printf("  gradient reduction per step: %.4f s exposed with overlap, %.4f s after "
+                  "backward -> %.1f%% hidden\n", red[0], red[1], 100.0 * hidden);
+    if (s.exchange)
+      std::printf("  expert dispatch: %.0f bytes per token per MoE layer to other ranks, "
+                  "routing minimum %.0f (x%.2f)\n", a2a, a2a_min, a2a_min > 0 ? a2a / a2a_min : 0.0);
   }
   return 0;
 }

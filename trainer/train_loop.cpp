@@ -256,17 +256,21 @@ int train_main(const Config& cfg) {
     bar.update(step + 1, now_s() - t_start, strprintf("loss %.3f", st.loss));
   }
   bar.clear();
-  if (!root) return 0;
-  std::printf("done: step %lld in %s", static_cast<long long>(pos.step),
-              format_duration(now_s() - t_start).c_str());
-  if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);
-  std::printf("\n");
+  if (root) {
+    std::printf("done: step %lld in %s", static_cast<long long>(pos.step),
+                format_duration(now_s() - t_start).c_str());
+    if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);
+    std::printf("\n");
+  }
+  // With expert parallelism every forward is collective over the EP group, so all ranks
+  // sample in lockstep (same prompt, seed and length); rank 0 prints.
+  if (!root && !s.exchange) return 0;
   static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
   for (int i = 0; i < cfg.log.samples; ++i) {
     const std::string prompt = kPrompts[i % 5];
     const std::string text = generate_text(s.model, prompt, cfg.log.sample_tokens, 0.8, 0, seed,
                                            static_cast<uint64_t>(i));
-    std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
+    if (root) std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
   }
   return 0;
 }
