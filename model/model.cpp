@@ -81,6 +81,8 @@ void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
     } else {
       dense_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, N);
     }
+    // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
+    if (m.grads_ready) m.grads_ready(d.L - l - 1);
     cpu::rmsnorm_backward_input<T>(a.dres, a.dln, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
     cpu::rmsnorm_backward_weight<T>(lg.ffn_norm, a.dln, la.res_mid, la.rstd2, N, C);
     attention_block_backward<T>(a.dres, lg, la, a.res + l * N * C, lp, a, d, B, T_);
