@@ -16,6 +16,7 @@
 #include "trainer/bench.h"
 #include "trainer/checkpoint_tools.h"
 #include "trainer/run_summary.h"
+#include "trainer/schedule_tool.h"
 #include "trainer/train_loop.h"
 
 namespace {
@@ -98,9 +99,24 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", gen_opt.seed, "sampling seed (same seed, same text)");
   generate->add_option("--samples", gen_opt.samples, "independent samples")->check(CLI::Range(1, 1000));
 
+  moe::ScheduleToolOptions sched_opt;
+  CLI::App* schedule =
+      app.add_subcommand("schedule", "print and simulate a pipeline schedule (no config needed)");
+  schedule->add_option("--kind", sched_opt.kind, "1f1b | zb1p | dualpipe | dualpipev")->required();
+  schedule->add_option("--pp", sched_opt.pp, "pipeline ranks")->required();
+  schedule->add_option("--micro-batches", sched_opt.micro_batches, "micro-batches per step")
+      ->required();
+  schedule->add_option("--f", sched_opt.f, "cost of a forward chunk (default 1)");
+  schedule->add_option("--b", sched_opt.b, "cost of a full backward chunk (default 2)");
+  schedule->add_option("--w", sched_opt.w, "cost of the weight part of a backward (default 1)");
+  double sched_fb = 0;
+  CLI::Option* fb_opt = schedule->add_option(
+      "--fb", sched_fb, "cost of an overlapped forward & backward pair (default F + B)");
+  schedule->add_flag("--json", sched_opt.json, "print one JSON object");
+
   if (argc >= 2 && argv[1][0] != '-' && !is_subcommand(app, argv[1])) {
     // CLI11 would only say "a subcommand is required"; name the word it did not know.
-    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare, bench, inspect, eval or generate)\n", argv[1]);
+    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare, bench, inspect, eval, generate or schedule)\n", argv[1]);
     return 2;
   }
   try {
@@ -122,6 +138,10 @@ int main(int argc, char** argv) {
     if (*inspect) return moe::inspect_main(ckpt);
     if (*eval) return moe::eval_main(ckpt, eval_opt);
     if (*generate) return moe::generate_main(ckpt, gen_opt);
+    if (*schedule) {
+      if (fb_opt->count() > 0) sched_opt.fb = sched_fb;
+      return moe::schedule_main(sched_opt);
+    }
     if (resume) overrides.insert(overrides.begin(), "checkpoint.resume=auto");
     const moe::Config cfg = moe::config_load(config_path, overrides);
     omp_set_num_threads(threads_for(cfg));
