@@ -43,6 +43,13 @@ struct ModelDims {
   int64_t ep = 1, ep_rank = 0;
 
   int64_t EL() const { return E / ep; }
+  // The same model as one process holds it (every routed expert).
+  ModelDims whole_model() const {
+    ModelDims d = *this;
+    d.ep = 1;
+    d.ep_rank = 0;
+    return d;
+  }
   int64_t expert0() const { return ep_rank * EL(); }
   int64_t qkv() const { return (NH + 2 * NKV) * HD; }
   int64_t d_attn() const { return NH * HD; }

@@ -287,9 +287,7 @@ void model_zero_grads(Model<T>& m) {
 }
 
 ModelCounts model_counts(const ModelDims& dims) {
-  ModelDims d = dims;  // the whole model, whatever this rank holds
-  d.ep = 1;
-  d.ep_rank = 0;
+  const ModelDims d = dims.whole_model();  // whatever this rank holds
   ModelCounts c;
   for (const ParamInfo& p : model_param_table(d)) c.total += static_cast<int64_t>(p.count);
   c.embedding = d.V * d.C;

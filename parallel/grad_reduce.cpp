@@ -1,18 +1,14 @@
 #include "parallel/grad_reduce.h"
 
 #include <algorithm>
-#include <chrono>
 #include <climits>
 
 #include "model/check.h"
+#include "model/wall_clock.h"
 
 namespace moe {
 
 namespace {
-
-double seconds_now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 void start(GradReducer& r, GradBucket& b) {
   const GradRegion& g = r.regions[static_cast<size_t>(b.region)];
@@ -93,21 +89,21 @@ void grad_reducer_begin(GradReducer& r, const float* grads) {
 
 void grad_reducer_stage_done(GradReducer& r, int64_t stage) {
   if (r.buckets.empty()) return;
-  const double t0 = seconds_now();
+  const double t0 = now_s();
   while (r.next < r.buckets.size() && r.buckets[r.next].stage <= stage) start(r, r.buckets[r.next++]);
   for (size_t i = 0; i < r.next; ++i) {
     GradBucket& b = r.buckets[i];
     if (b.req.active) r.regions[static_cast<size_t>(b.region)].comm->test(b.req);
   }
-  r.busy_s += seconds_now() - t0;
+  r.busy_s += now_s() - t0;
 }
 
 void grad_reducer_finish(GradReducer& r) {
   if (r.buckets.empty()) return;
-  const double t0 = seconds_now();
+  const double t0 = now_s();
   while (r.next < r.buckets.size()) start(r, r.buckets[r.next++]);
   for (GradBucket& b : r.buckets) r.regions[static_cast<size_t>(b.region)].comm->wait(b.req);
-  r.wait_s += seconds_now() - t0;
+  r.wait_s += now_s() - t0;
 }
 
 int64_t grad_reducer_buckets(const GradReducer& r, int region) {

@@ -1,9 +1,10 @@
 // A one-line progress bar with ETA, drawn only when stdout is a terminal.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <string>
+
+#include "model/wall_clock.h"  // now_s(), used with the bar
 
 namespace moe {
 
@@ -24,10 +25,5 @@ class ProgressBar {
 };
 
 std::string format_duration(double seconds);
-
-// Monotonic wall-clock seconds, for step timing and time limits.
-inline double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 }  // namespace moe

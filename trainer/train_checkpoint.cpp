@@ -115,17 +115,22 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     w->attr_i64("/data", "next_step", pos.step);
   }
   // The whole model's tensors in one order on every rank; where this rank holds each.
-  ModelDims whole = m.d;
-  whole.ep = 1;
-  whole.ep_rank = 0;
   std::map<std::string, LogicalTensor> held;
   for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) held.emplace(t.name, t);
   const bool param_owner = !s.grid || s.grid->edp_rank == 0;  // one copy per EP rank
   std::vector<float> mine, total;
-  for (const LogicalTensor& g : model_logical_tensors(whole)) {
+  // Assembles tensor g on rank 0 from every rank's contribution (fill puts this rank's
+  // elements into a zeroed buffer of g's layout; the sum is exact) and writes it there.
+  auto assemble_and_write = [&](const std::string& path, const LogicalTensor& g, auto&& fill) {
+    mine.assign(static_cast<size_t>(dense_span(g)), 0.0f);
+    total.resize(mine.size());
+    fill(mine.data());
+    dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(mine.size()), 0);
+    if (writer) w->write_f32(path, g.shape, total.data(), g.ld);
+  };
+  for (const LogicalTensor& g : model_logical_tensors(m.d.whole_model())) {
     const auto it = held.find(g.name);
     const LogicalTensor* t = it == held.end() ? nullptr : &it->second;
-    const size_t span = static_cast<size_t>(dense_span(g));
     // Weights: rank 0 writes its own copy; experts of other EP ranks come from their owner.
     // Whether rank 0 holds a tensor is the same question on every rank (global expert id <
     // EL), so all ranks agree on which tensors need a reduction.
@@ -133,13 +138,11 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     if (!dp || root_holds) {
       if (writer) w->write_f32("/model/" + g.name, g.shape, m.params + t->offset, t->ld);
     } else {
-      mine.assign(span, 0.0f);
-      total.resize(span);
-      if (t && param_owner)
-        shard_to_dense(mine.data(), m.params + t->offset, *t, static_cast<int64_t>(t->offset),
-                       static_cast<int64_t>(t->offset) + dense_span(*t));
-      dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(span), 0);
-      if (writer) w->write_f32("/model/" + g.name, g.shape, total.data(), g.ld);
+      assemble_and_write("/model/" + g.name, g, [&](float* dense) {
+        if (t && param_owner)
+          shard_to_dense(dense, m.params + t->offset, *t, static_cast<int64_t>(t->offset),
+                         static_cast<int64_t>(t->offset) + dense_span(*t));
+      });
     }
     const float* moments[2] = {s.adam_m, s.adam_v};
     const char* names[2] = {"/optim/m/", "/optim/v/"};
@@ -148,14 +151,12 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
         w->write_f32(names[k] + g.name, g.shape, moments[k] + t->offset, t->ld);
         continue;
       }
-      mine.assign(span, 0.0f);
-      total.resize(span);
-      if (t)
+      assemble_and_write(names[k] + g.name, g, [&](float* dense) {
+        if (!t) return;
         for (const ShardRegion& r : s.regions)
-          shard_to_dense(mine.data(), moments[k] + r.state_offset, *t, r.shard_begin,
+          shard_to_dense(dense, moments[k] + r.state_offset, *t, r.shard_begin,
                          r.shard_begin + r.shard);
-      dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(span), 0);
-      if (writer) w->write_f32(names[k] + g.name, g.shape, total.data(), g.ld);
+      });
     }
   }
   if (writer) {
