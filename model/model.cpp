@@ -1,4 +1,5 @@
-// Whole-model forward and backward on one process.
+// Forward and backward of model chunks (a contiguous range of layers of one micro-batch's
+// activation slot); the whole model on one process is the chunk [0, L) in slot 0.
 #include "model/model.h"
 
 #include <cstring>
@@ -9,21 +10,56 @@
 
 namespace moe {
 
+namespace {
+
 template <typename T>
-double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets, int64_t B,
-                     int64_t T_, bool training) {
+void chunk_check(const Model<T>& m, int slot, int64_t l0, int64_t l1) {
+  CHECK(slot >= 0 && slot < static_cast<int>(m.slots.size()), "slot %d of %zu", slot,
+        m.slots.size());
+  CHECK(0 <= l0 && l0 < l1 && l1 <= m.d.L, "chunk [%lld, %lld) of %lld layers", (long long)l0,
+        (long long)l1, (long long)m.d.L);
+  for (int64_t l = l0; l < l1; ++l) CHECK(m.part.holds_layer(l), "layer %lld not held", (long long)l);
+  CHECK(l0 > 0 || m.part.embedding, "embedding not held");
+  CHECK(l1 < m.d.L || m.part.head, "head not held");
+}
+
+// The exchange key of MoE layer moe_l for the micro-batch in `slot`: every micro-batch in
+// flight keeps its own routing plan until its backward.
+template <typename T>
+int64_t exchange_key(const Model<T>& m, int slot, int64_t moe_l) {
+  return static_cast<int64_t>(slot) * m.d.n_moe_layers() + moe_l;
+}
+
+}  // namespace
+
+template <typename T>
+T* model_chunk_residual(Model<T>& m, int slot, int64_t l, int64_t B, int64_t T_) {
+  return m.slots[static_cast<size_t>(slot)].res + l * B * T_ * m.d.C;
+}
+
+template <typename T>
+T* model_chunk_grad(Model<T>& m, int slot) {
+  return m.slots[static_cast<size_t>(slot)].dres;
+}
+
+template <typename T>
+ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
+                              const int32_t* tokens, const int32_t* targets, int64_t B,
+                              int64_t T_, bool training) {
   const ModelDims& d = m.d;
+  chunk_check(m, slot, l0, l1);
   CHECK(B >= 1 && B <= m.B_max && T_ >= 1 && T_ <= d.T, "B %lld T %lld", (long long)B,
         (long long)T_);
-  Activations<T>& a = m.a;
+  Activations<T>& a = m.slots[static_cast<size_t>(slot)];
   const int64_t N = B * T_, C = d.C;
-  m.B = B;
-  m.Tcur = T_;
-  std::memcpy(a.tokens, tokens, sizeof(int32_t) * static_cast<size_t>(N));
-  if (targets) std::memcpy(a.targets, targets, sizeof(int32_t) * static_cast<size_t>(N));
-  cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, C);
-  m.aux_loss_sum = 0;
-  for (int64_t l = 0; l < d.L; ++l) {
+  a.B = B;
+  a.Tcur = T_;
+  ChunkLoss out;
+  if (l0 == 0) {
+    std::memcpy(a.tokens, tokens, sizeof(int32_t) * static_cast<size_t>(N));
+    cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, C);
+  }
+  for (int64_t l = l0; l < l1; ++l) {
     LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
     T* res_in = a.res + l * N * C;
@@ -33,19 +69,21 @@ double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets,
                             static_cast<T>(d.norm_eps));
     if (d.is_moe(l)) {
       const int64_t moe_l = l - d.dense_layers;
-      m.aux_loss_sum += moe_ffn_forward<T>(res_out, la, la.ln2, lp, m.router_bias + moe_l * d.E,
-                                           training ? m.expert_load + moe_l * d.E : nullptr, a,
-                                           d, B, T_, m.exchange, moe_l);
+      out.aux_sum += moe_ffn_forward<T>(res_out, la, la.ln2, lp, m.router_bias + moe_l * d.E,
+                                        training ? m.expert_load + moe_l * d.E : nullptr, a, d,
+                                        B, T_, m.exchange, exchange_key(m, slot, moe_l));
     } else {
       dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
     }
     cpu::residual_forward<T>(res_out, res_out, la.res_mid, N * C);
   }
+  if (l1 < d.L) return out;
   const T* res_last = a.res + d.L * N * C;
   cpu::rmsnorm_forward<T>(a.lnf, a.rstdf, res_last, m.p.final_norm, N, C,
                           static_cast<T>(d.norm_eps));
   cpu::matmul_forward<T>(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
-  if (!targets) return 0.0;
+  if (!targets) return out;
+  std::memcpy(a.targets, targets, sizeof(int32_t) * static_cast<size_t>(N));
   cpu::cross_entropy_forward<T>(a.losses, a.probs, a.logits, a.targets, N, d.V);
   double sum = 0;
   int64_t count = 0;
@@ -54,30 +92,38 @@ double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets,
     sum += static_cast<double>(a.losses[i]);
     ++count;
   }
-  return count > 0 ? sum / static_cast<double>(count) : 0.0;
+  out.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  return out;
 }
 
 template <typename T>
-void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
+void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,
+                          T dloss_aux, BackwardPart part) {
   const ModelDims& d = m.d;
-  Activations<T>& a = m.a;
-  const int64_t B = m.B, T_ = m.Tcur, N = B * T_, C = d.C;
-  cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
-  cpu::matmul_backward_input<T>(a.dln, a.dlogits, m.p.lm_head, N, C, d.V);
-  cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
-  const T* res_last = a.res + d.L * N * C;
-  std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
-  cpu::rmsnorm_backward_input<T>(a.dres, a.dln, res_last, m.p.final_norm, a.rstdf, N, C);
-  cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dln, res_last, a.rstdf, N, C);
-  if (m.grads_ready) m.grads_ready(0);
-  for (int64_t l = d.L - 1; l >= 0; --l) {
+  chunk_check(m, slot, l0, l1);
+  CHECK(part == BackwardPart::kFull, "split backward is not built yet");
+  Activations<T>& a = m.slots[static_cast<size_t>(slot)];
+  const int64_t B = a.B, T_ = a.Tcur, N = B * T_, C = d.C;
+  // Stage numbers for grads_ready count from the loss side of the whole model.
+  if (l1 == d.L) {
+    cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
+    cpu::matmul_backward_input<T>(a.dln, a.dlogits, m.p.lm_head, N, C, d.V);
+    cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
+    const T* res_last = a.res + d.L * N * C;
+    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+    cpu::rmsnorm_backward_input<T>(a.dres, a.dln, res_last, m.p.final_norm, a.rstdf, N, C);
+    cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dln, res_last, a.rstdf, N, C);
+    if (m.grads_ready) m.grads_ready(0);
+  }
+  for (int64_t l = l1 - 1; l >= l0; --l) {
     const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
     LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
     // FFN branch: dres is dL/d(res_out); the branch's input gradient lands in dln.
     if (d.is_moe(l)) {
+      const int64_t moe_l = l - d.dense_layers;
       moe_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, B, T_, dloss_aux, m.exchange,
-                          l - d.dense_layers);
+                          exchange_key(m, slot, moe_l));
     } else {
       dense_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, N);
     }
@@ -88,15 +134,36 @@ void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
     attention_block_backward<T>(a.dres, lg, la, a.res + l * N * C, lp, a, d, B, T_);
     if (m.grads_ready) m.grads_ready(d.L - l);
   }
-  cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
-  if (m.grads_ready) m.grads_ready(d.L + 1);
+  if (l0 == 0) {
+    cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
+    if (m.grads_ready) m.grads_ready(d.L + 1);
+  }
 }
 
-template double model_forward<float>(Model<float>&, const int32_t*, const int32_t*, int64_t,
-                                     int64_t, bool);
-template double model_forward<double>(Model<double>&, const int32_t*, const int32_t*, int64_t,
-                                      int64_t, bool);
-template void model_backward<float>(Model<float>&, float, float);
-template void model_backward<double>(Model<double>&, double, double);
+template <typename T>
+double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets, int64_t B,
+                     int64_t T_, bool training) {
+  const ChunkLoss r = model_chunk_forward<T>(m, 0, 0, m.d.L, tokens, targets, B, T_, training);
+  m.aux_loss_sum = targets ? r.aux_sum : 0.0;
+  return r.ce_mean;
+}
+
+template <typename T>
+void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
+  model_chunk_backward<T>(m, 0, 0, m.d.L, dloss_ce, dloss_aux, BackwardPart::kFull);
+}
+
+#define MOE_INSTANTIATE(T)                                                                  \
+  template double model_forward<T>(Model<T>&, const int32_t*, const int32_t*, int64_t,       \
+                                   int64_t, bool);                                          \
+  template void model_backward<T>(Model<T>&, T, T);                                         \
+  template ChunkLoss model_chunk_forward<T>(Model<T>&, int, int64_t, int64_t, const int32_t*, \
+                                            const int32_t*, int64_t, int64_t, bool);        \
+  template void model_chunk_backward<T>(Model<T>&, int, int64_t, int64_t, T, T, BackwardPart); \
+  template T* model_chunk_residual<T>(Model<T>&, int, int64_t, int64_t, int64_t);                             \
+  template T* model_chunk_grad<T>(Model<T>&, int);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
 
 }  // namespace moe

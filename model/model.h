@@ -66,7 +66,20 @@ struct ParamInfo {
   bool decay = true;           // weight decay applies (not to norms)
   bool routed_experts = false; // in the expert region: (EL, ...) local experts of the E
   int64_t layer = 0;           // -1 embedding, 0..L-1 layers, L final norm and head
+  int64_t id = 0;              // index in the whole model's table (fixes its init stream)
 };
+
+// The parts of the model a rank holds (pipeline parallelism): some layers, and whether the
+// embedding and the final norm + head. A rank holds the union of its pipeline stages.
+struct ModelPart {
+  std::vector<uint8_t> layers;  // (L) 1 where held
+  bool embedding = true;
+  bool head = true;
+  bool holds_layer(int64_t l) const { return layers[static_cast<size_t>(l)] != 0; }
+};
+inline ModelPart model_part_whole(const ModelDims& d) {
+  return ModelPart{std::vector<uint8_t>(static_cast<size_t>(d.L), 1), true, true};
+}
 
 // When backward makes a tensor's gradient final: stages complete in increasing order,
 // 0 (head and final norm), then L - l for layer l, then L + 1 (embedding).
@@ -129,19 +142,23 @@ struct LayerActs {
   T* sh;   // (N, S)
 };
 
+// One activation slot: what one micro-batch in flight saves for its backward (every held
+// layer), and the scratch its forward and backward use. A pipeline rank has one slot per
+// micro-batch it may hold at once; one process has one.
 template <typename T>
 struct Activations {
+  int64_t B = 0, Tcur = 0;  // of the micro-batch in the slot, set by its first forward chunk
   int32_t* tokens;   // (N)
   int32_t* targets;  // (N)
   T* res;            // (L + 1, N, C) residual stream entering each layer, and the last
-  std::vector<LayerActs<T>> layers;
+  std::vector<LayerActs<T>> layers;  // (L); only held layers have buffers
   T* lnf;     // (N, C)
   T* rstdf;   // (N)
   T* logits;  // (N, V)
   T* probs;   // (N, V)
   T* losses;  // (N)
-  T* rope_cos;  // (T, HD/2)
-  T* rope_sin;  // (T, HD/2)
+  const T* rope_cos;  // (T, HD/2) shared by every slot
+  const T* rope_sin;  // (T, HD/2)
   // Scratch reused by every layer (forward temporaries and backward gradients).
   T* tmp;           // (N, C)
   T* router_logits; // (N, E)
@@ -184,20 +201,21 @@ struct Model {
   size_t n_params = 0;  // elements of the tensors (no padding)
   size_t n_alloc = 0;   // both regions with their padding
   ParamRegion replicated, experts;
-  ExpertExchange* exchange = nullptr;  // set when ep > 1 (float only)
+  ModelPart part;      // what this model holds (everything on one process)
+  ExpertExchange* exchange = nullptr;  // set when ep > 1 (float only); plans per (slot, MoE layer)
   // Called by model_backward as each stage's weight gradients become final (see
   // model_grad_stage); empty: not called. Lets the trainer start reducing them early.
   std::function<void(int64_t stage)> grads_ready;
   Arena param_arena, grad_arena, act_arena, state_arena;
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
-  ModelParams<T> p, g;
-  Activations<T> a;
+  ModelParams<T> p, g;  // null views for tensors of parts not held
+  std::vector<Activations<T>> slots;  // activation slots, at least one
+  T* rope_cos = nullptr;  // (T, HD/2)
+  T* rope_sin = nullptr;
   float* router_bias = nullptr;   // (L - dense_layers, E): selection-only bias, no gradient
   int64_t* expert_load = nullptr; // (L - dense_layers, E): tokens routed this step
-  // Set by the last forward:
-  int64_t B = 0, Tcur = 0;
-  double aux_loss_sum = 0;  // sum over sequences and MoE layers of the balance loss
+  double aux_loss_sum = 0;  // set by model_forward: summed over sequences and MoE layers
 };
 
 // The parameter table (names, shapes, offsets) of a model; the same for every T. Replicated
@@ -229,9 +247,11 @@ inline std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
 // The replicated region is padded to a multiple of pad_replicated and the expert region to
 // one of pad_experts (the sizes of the groups that shard them, so ZeRO-1 shards are equal);
 // the padding stays zero.
+// `part` (empty layers: the whole model) says which tensors and layer activations exist;
+// n_slots is the number of micro-batches whose activations may be held at once.
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated = 1,
-                 int64_t pad_experts = 1);
+                 int64_t pad_experts = 1, ModelPart part = {}, int n_slots = 1);
 
 // Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases. Every
 // element's value depends on its global position only, so any expert-parallel layout holds
@@ -253,6 +273,36 @@ double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets,
 //   dloss_ce * sum_tokens(CE) + dloss_aux * aux_loss_sum.
 template <typename T>
 void model_backward(Model<T>& m, T dloss_ce, T dloss_aux);
+
+// Model chunks: a contiguous range of layers [l0, l1) run for the micro-batch held in an
+// activation slot. l0 == 0 includes the embedding, l1 == L the final norm, head and loss.
+// model_forward / model_backward are the chunk [0, L) in slot 0.
+struct ChunkLoss {
+  double ce_mean = 0;  // mean cross-entropy over targets >= 0 (l1 == L with targets)
+  double aux_sum = 0;  // balance loss of the chunk's MoE layers, summed over sequences
+};
+// Forward of layers [l0, l1) over (B, T_) tokens. tokens are read when l0 == 0 and targets
+// when l1 == L (may be null: logits only); otherwise the chunk's input must already be in
+// model_chunk_residual(m, slot, l0) (a previous chunk, or a received message).
+template <typename T>
+ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
+                              const int32_t* tokens, const int32_t* targets, int64_t B,
+                              int64_t T_, bool training);
+// The residual stream entering layer l (l == L: leaving the last layer) of the (B, T_)
+// micro-batch in `slot`, (B T_, C): a chunk's input when l == l0 and its output when l == l1.
+template <typename T>
+T* model_chunk_residual(Model<T>& m, int slot, int64_t l, int64_t B, int64_t T_);
+// The residual-stream gradient of slot's micro-batch (N, C). A backward with l1 < L starts
+// from dL/d res[l1] found here (received, or left by the chunk above on this rank); it leaves
+// dL/d res[l0] here.
+template <typename T>
+T* model_chunk_grad(Model<T>& m, int slot);
+// What a backward computes: both gradients, the input gradients only (the weight gradients'
+// inputs are kept in the slot), or the weight gradients of an earlier kInput.
+enum class BackwardPart { kFull, kInput, kWeight };
+template <typename T>
+void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,
+                          T dloss_aux, BackwardPart part = BackwardPart::kFull);
 
 // Parameter counts: total, and active per token (matmul weights a token passes through:
 // attention, dense FFN, router, shared experts, top-K routed experts, head; the embedding

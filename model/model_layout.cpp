@@ -18,15 +18,20 @@ size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multipl
 // local routed experts of every MoE layer, starting at the replicated size rounded up to
 // pad_replicated. With base == nullptr it only fills the table. Returns the replicated size.
 template <typename T>
-size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelParams<T>* views,
-                    std::vector<ParamInfo>* table) {
+size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replicated, T* base,
+                    ModelParams<T>* views, std::vector<ParamInfo>* table) {
   size_t offset = 0;
-  int64_t layer = -1;
+  int64_t layer = -1, id = 0;
+  bool held = part.embedding;
+  // Tensors of parts not held keep their id (their place in the whole model's table) but
+  // take no room and get null views.
   auto take = [&](const std::string& name, std::vector<int64_t> shape, bool decay,
                   bool experts = false) -> T* {
+    const int64_t my_id = id++;
+    if (!held) return nullptr;
     size_t count = 1;
     for (int64_t s : shape) count *= static_cast<size_t>(s);
-    if (table) table->push_back(ParamInfo{name, shape, offset, count, decay, experts, layer});
+    if (table) table->push_back(ParamInfo{name, shape, offset, count, decay, experts, layer, my_id});
     T* p = base ? base + offset : nullptr;
     offset += count;
     return p;
@@ -39,6 +44,7 @@ size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelPar
     LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     lp = LayerParams<T>{};
     layer = l;
+    held = part.holds_layer(l);
     const std::string pre = prefix(l);
     lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
     lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
@@ -56,6 +62,7 @@ size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelPar
     }
   }
   layer = d.L;
+  held = part.head;
   v.final_norm = take("final_norm", {d.C}, false);
   v.lm_head = d.tie_embeddings ? v.wte : take("lm_head", {d.V, d.C}, true);
   const size_t n_replicated = offset;
@@ -63,6 +70,7 @@ size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelPar
   for (int64_t l = d.dense_layers; l < d.L; ++l) {
     LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     layer = l;
+    held = part.holds_layer(l);
     const std::string pre = prefix(l);
     lp.ew13 = take(pre + "moe/experts/w13", {d.EL(), 2 * d.FE, d.C}, true, true);
     lp.ew2 = take(pre + "moe/experts/w2", {d.EL(), d.C, d.FE}, true, true);
@@ -72,7 +80,8 @@ size_t param_layout(const ModelDims& d, size_t pad_replicated, T* base, ModelPar
 }
 
 template <typename T>
-void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
+void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, Carver& c,
+                Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
   const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
@@ -85,6 +94,7 @@ void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
   for (int64_t l = 0; l < d.L; ++l) {
     LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     la = LayerActs<T>{};
+    if (!part.holds_layer(l)) continue;
     la.res_mid = c.take<T>(N * C);
     la.ln1 = c.take<T>(N * C);
     la.rstd1 = c.take<T>(N);
@@ -121,8 +131,6 @@ void act_layout(const ModelDims& d, int64_t B, Carver& c, Activations<T>& a) {
   a.logits = c.take<T>(N * static_cast<size_t>(d.V));
   a.probs = c.take<T>(N * static_cast<size_t>(d.V));
   a.losses = c.take<T>(N);
-  a.rope_cos = c.take<T>(static_cast<size_t>(d.T * d.HD / 2));
-  a.rope_sin = c.take<T>(static_cast<size_t>(d.T * d.HD / 2));
   a.tmp = c.take<T>(N * C);
   a.router_logits = c.take<T>(N * E);
   a.dres = c.take<T>(N * C);
@@ -163,7 +171,8 @@ void dims_check(const ModelDims& d) {
 
 std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replicated) {
   std::vector<ParamInfo> table;
-  param_layout<float>(d, static_cast<size_t>(pad_replicated), nullptr, nullptr, &table);
+  param_layout<float>(d, model_part_whole(d), static_cast<size_t>(pad_replicated), nullptr,
+                      nullptr, &table);
   return table;
 }
 
@@ -233,14 +242,19 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
 
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated,
-                 int64_t pad_experts) {
+                 int64_t pad_experts, ModelPart part, int n_slots) {
   dims_check(d);
-  CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1);
+  CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1 && n_slots >= 1);
+  if (part.layers.empty()) part = model_part_whole(d);
+  CHECK(static_cast<int64_t>(part.layers.size()) == d.L);
+  // A tied head is the embedding: both or neither.
+  CHECK(!d.tie_embeddings || part.embedding == part.head, "tied embeddings split across ranks");
   m.d = d;
   m.B_max = B_max;
+  m.part = part;
   m.table.clear();
-  const size_t n_rep = param_layout<T>(d, static_cast<size_t>(pad_replicated), nullptr, nullptr,
-                                       &m.table);
+  const size_t n_rep = param_layout<T>(d, part, static_cast<size_t>(pad_replicated), nullptr,
+                                       nullptr, &m.table);
   m.replicated = ParamRegion{0, round_up(n_rep, static_cast<size_t>(pad_replicated))};
   size_t n_exp = 0;
   for (const ParamInfo& p : m.table) n_exp += p.routed_experts ? p.count : 0;
@@ -251,15 +265,25 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   m.grad_arena = Arena("gradients", m.n_alloc * sizeof(T));
   m.params = reinterpret_cast<T*>(m.param_arena.data());
   m.grads = reinterpret_cast<T*>(m.grad_arena.data());
-  param_layout<T>(d, static_cast<size_t>(pad_replicated), m.params, &m.p, nullptr);
-  param_layout<T>(d, static_cast<size_t>(pad_replicated), m.grads, &m.g, nullptr);
-  m.act_arena = arena_build("activations", [&](Carver& c) { act_layout<T>(d, B_max, c, m.a); });
+  param_layout<T>(d, part, static_cast<size_t>(pad_replicated), m.params, &m.p, nullptr);
+  param_layout<T>(d, part, static_cast<size_t>(pad_replicated), m.grads, &m.g, nullptr);
+  m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
+  const size_t rope = static_cast<size_t>(d.T * d.HD / 2);
+  m.act_arena = arena_build("activations", [&](Carver& c) {
+    m.rope_cos = c.take<T>(rope);
+    m.rope_sin = c.take<T>(rope);
+    for (Activations<T>& a : m.slots) {
+      act_layout<T>(d, part, B_max, c, a);
+      a.rope_cos = m.rope_cos;
+      a.rope_sin = m.rope_sin;
+    }
+  });
   const size_t moe_e = static_cast<size_t>(d.n_moe_layers() * d.E);
   m.state_arena = arena_build("router state", [&](Carver& c) {
     m.router_bias = c.take<float>(moe_e);
     m.expert_load = c.take<int64_t>(moe_e);
   });
-  cpu::rope_tables<T>(m.a.rope_cos, m.a.rope_sin, d.T, d.HD, d.rope_theta);
+  cpu::rope_tables<T>(m.rope_cos, m.rope_sin, d.T, d.HD, d.rope_theta);
 }
 
 template <typename T>
@@ -268,7 +292,7 @@ void model_init(Model<T>& m, uint64_t seed) {
     const ParamInfo& info = m.table[i];
     T* p = m.params + info.offset;
     const bool is_norm = info.shape.size() == 1;
-    const uint64_t stream = rng_stream(RngPurpose::kInit, i);
+    const uint64_t stream = rng_stream(RngPurpose::kInit, static_cast<uint64_t>(info.id));
     // Local experts continue the global tensor's counter where their first expert starts.
     const uint64_t first = info.routed_experts
                                ? static_cast<uint64_t>(m.d.expert0()) * (info.count / static_cast<size_t>(m.d.EL()))
@@ -307,16 +331,18 @@ size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
   Carver measure;
   if (elem == sizeof(double)) {
     Activations<double> a;
-    act_layout<double>(d, B, measure, a);
+    act_layout<double>(d, model_part_whole(d), B, measure, a);
   } else {
     Activations<float> a;
-    act_layout<float>(d, B, measure, a);
+    act_layout<float>(d, model_part_whole(d), B, measure, a);
   }
   return measure.used();
 }
 
-template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t, int64_t);
-template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t, int64_t);
+template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t, int64_t,
+                                 ModelPart, int);
+template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t, int64_t,
+                                  ModelPart, int);
 template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);

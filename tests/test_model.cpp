@@ -45,7 +45,7 @@ double objective(Model<double>& m, const std::vector<int32_t>& x, const std::vec
 std::vector<int32_t> routing_of(const Model<double>& m, int64_t N) {
   std::vector<int32_t> ids;
   for (int64_t l = m.d.dense_layers; l < m.d.L; ++l) {
-    const int32_t* e = m.a.layers[static_cast<size_t>(l)].expert_ids;
+    const int32_t* e = m.slots[0].layers[static_cast<size_t>(l)].expert_ids;
     ids.insert(ids.end(), e, e + N * m.d.K);
   }
   return ids;

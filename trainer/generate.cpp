@@ -23,7 +23,7 @@ std::string generate_text(Model<float>& m, const std::string& prompt, int n_toke
     const int64_t T_ = std::min<int64_t>(static_cast<int64_t>(ctx.size()), d.T);
     model_forward<float>(m, ctx.data() + ctx.size() - static_cast<size_t>(T_), nullptr, 1, T_,
                          false);
-    const float* logits = m.a.logits + (T_ - 1) * d.V;
+    const float* logits = m.slots[0].logits + (T_ - 1) * d.V;
     // Candidates: the top_k most likely tokens (ties to the lower id), all when top_k = 0.
     for (int64_t v = 0; v < d.V; ++v) order[static_cast<size_t>(v)] = v;
     const int64_t k = top_k > 0 ? std::min<int64_t>(top_k, d.V) : d.V;
