@@ -16,6 +16,7 @@
 #include <sstream>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <toml++/toml.h>
 
@@ -106,6 +107,10 @@ E read_enum(const toml::node& n, const std::string& name, const std::string& whe
 void assign(Config& cfg, const Key& key, const toml::node& n, const std::string& where,
             const std::string* source) {
   const std::string name = std::string(key.section) + "." + key.name;
+  // An array's elements are located in the file; an override's all point at the --set.
+  auto element_at = [&](const toml::array& a, size_t i) {
+    return source ? where_in_file(*source, a[i].source().begin) : where;
+  };
   std::visit(
       [&](auto field) {
         using T = std::remove_pointer_t<decltype(field)>;
@@ -115,11 +120,16 @@ void assign(Config& cfg, const Key& key, const toml::node& n, const std::string&
           if (!a) config_fail(where, "%s expects %s, got %s", name.c_str(), expected, type_name(n.type()));
           if (a->size() != 2)
             config_fail(where, "%s expects %s, got an array of %zu", name.c_str(), expected, a->size());
-          auto at = [&](size_t i) {
-            return source ? where_in_file(*source, (*a)[i].source().begin) : where;
-          };
-          *field.b1 = read_float((*a)[0], name + "[0]", at(0));
-          *field.b2 = read_float((*a)[1], name + "[1]", at(1));
+          *field.b1 = read_float((*a)[0], name + "[0]", element_at(*a, 0));
+          *field.b2 = read_float((*a)[1], name + "[1]", element_at(*a, 1));
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+          const toml::array* a = n.as_array();
+          if (!a)
+            config_fail(where, "%s expects an array of integers, got %s", name.c_str(), type_name(n.type()));
+          std::vector<int64_t> v;
+          for (size_t i = 0; i < a->size(); ++i)
+            v.push_back(read_integer((*a)[i], strprintf("%s[%zu]", name.c_str(), i), element_at(*a, i)));
+          *field = std::move(v);
         } else if constexpr (std::is_same_v<T, bool>) {
           if (!n.is_boolean())
             config_fail(where, "%s expects a boolean, got %s", name.c_str(), type_name(n.type()));
@@ -231,6 +241,8 @@ std::string format_value(const FieldRef& field) {
         using T = std::remove_pointer_t<decltype(f)>;
         if constexpr (std::is_same_v<decltype(f), Betas>) {
           return "[" + toml_float(*f.b1) + ", " + toml_float(*f.b2) + "]";
+        } else if constexpr (std::is_same_v<T, std::vector<int64_t>>) {
+          return config_schema::config_int_list(*f);
         } else if constexpr (std::is_same_v<T, bool>) {
           return *f ? "true" : "false";
         } else if constexpr (std::is_same_v<T, double>) {

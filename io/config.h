@@ -117,6 +117,9 @@ struct ParallelConfig {
   int pp = 1;
   PipeSchedule schedule = PipeSchedule::k1F1B;
   double bucket_mb = 4.0;  // gradient reduction bucket size (MiB)
+  // Layers of each pipeline stage (pp for 1f1b, zb1p and dualpipe, 2 pp for dualpipev; one
+  // when pp = 1), summing to model.n_layers; empty = balanced by compute.
+  std::vector<int64_t> stage_layers;
 
   bool operator==(const ParallelConfig&) const = default;
 };

@@ -72,7 +72,7 @@ constexpr Key kKeys[] = {
     MOE_KEY(lr, decay_fraction),
 
     MOE_KEY(parallel, dp), MOE_KEY(parallel, ep), MOE_KEY(parallel, pp), MOE_KEY(parallel, schedule),
-    MOE_KEY(parallel, bucket_mb),
+    MOE_KEY(parallel, bucket_mb), MOE_KEY(parallel, stage_layers),
 
     MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8),
 
@@ -238,6 +238,42 @@ void check_moe(const MoeConfig& e, ModelConfig& m, const Rules& r) {
   }
 }
 
+// The stage placement of parallel/schedule.h, which io/ cannot include: pp stages, or 2 pp
+// for dualpipev (two per rank); pp = 1 runs no pipeline and is one stage.
+int64_t pipeline_stages(const ParallelConfig& p) {
+  if (p.pp == 1) return 1;
+  return p.schedule == PipeSchedule::kDualPipeV ? 2 * int64_t{p.pp} : p.pp;
+}
+
+// Every pipeline stage holds at least one layer; explicit stage sizes cover the model.
+void check_stages(const ParallelConfig& p, const ModelConfig& m, const Rules& r) {
+  const int64_t S = pipeline_stages(p);
+  const bool two_per_rank = p.pp > 1 && p.schedule == PipeSchedule::kDualPipeV;
+  if (S > m.n_layers) {
+    if (two_per_rank)
+      r.fail({"parallel.schedule", "parallel.pp", "model.n_layers"},
+             "parallel.schedule = \"dualpipev\" needs model.n_layers >= 2 * parallel.pp = %lld, got %d",
+             (long long)S, m.n_layers);
+    r.fail({"parallel.pp", "model.n_layers"}, "parallel.pp = %d exceeds model.n_layers = %d", p.pp,
+           m.n_layers);
+  }
+  if (p.stage_layers.empty()) return;
+  bool ok = static_cast<int64_t>(p.stage_layers.size()) == S;
+  int64_t sum = 0;
+  for (int64_t n : p.stage_layers) {
+    ok = ok && n >= 1 && n <= m.n_layers;  // bounded, so the sum cannot overflow
+    if (ok) sum += n;
+  }
+  if (ok && sum == m.n_layers) return;
+  const std::string why = two_per_rank
+      ? strprintf("2 x parallel.pp = %lld for parallel.schedule = \"dualpipev\"", (long long)S)
+      : strprintf("parallel.pp = %d", p.pp);
+  r.fail({"parallel.stage_layers", "parallel.pp", "parallel.schedule", "model.n_layers"},
+         "parallel.stage_layers = %s needs %lld %s (one per pipeline stage: %s), each >= 1, "
+         "summing to model.n_layers = %d", config_int_list(p.stage_layers).c_str(), (long long)S,
+         S == 1 ? "entry" : "entries", why.c_str(), m.n_layers);
+}
+
 void check_parallel(const ParallelConfig& p, const ModelConfig& m, const MoeConfig& e, const Rules& r) {
   r.at_least("parallel.dp", p.dp, 1);
   r.at_least("parallel.ep", p.ep, 1);
@@ -255,18 +291,10 @@ void check_parallel(const ParallelConfig& p, const ModelConfig& m, const MoeConf
     r.fail({"moe.num_groups", "parallel.ep"},
            "moe.num_groups = %d and parallel.ep = %d: one must divide the other so that each "
            "expert group maps to whole ranks", e.num_groups, p.ep);
-  const bool dual = p.schedule == PipeSchedule::kDualPipe || p.schedule == PipeSchedule::kDualPipeV;
   if (p.schedule == PipeSchedule::kDualPipe && p.pp % 2 != 0)
     r.fail({"parallel.schedule", "parallel.pp"},
            "parallel.schedule = \"dualpipe\" needs an even parallel.pp, got %d", p.pp);
-  // Every pipeline stage holds at least one layer; DualPipe(V) gives each rank two stages.
-  if (!dual && p.pp > m.n_layers)
-    r.fail({"parallel.pp", "model.n_layers"}, "parallel.pp = %d exceeds model.n_layers = %d", p.pp,
-           m.n_layers);
-  if (dual && int64_t{2} * p.pp > m.n_layers)
-    r.fail({"parallel.schedule", "parallel.pp", "model.n_layers"},
-           "parallel.schedule = \"%s\" needs model.n_layers >= 2 * parallel.pp = %lld, got %d",
-           enum_to_string(p.schedule), 2LL * p.pp, m.n_layers);
+  check_stages(p, m, r);
 }
 
 void check_training(const TrainingConfig& t, const ParallelConfig& p, const Rules& r) {
@@ -280,6 +308,33 @@ void check_training(const TrainingConfig& t, const ParallelConfig& p, const Rule
            t.global_batch, (long long)per_step);
   r.at_least("training.exit_at_step", t.exit_at_step, 0);
   r.non_negative("training.exit_after_minutes", t.exit_after_minutes);
+}
+
+// What the pipeline schedule needs of the step (after check_training: M is whole).
+void check_pipeline(const Config& c, const Rules& r) {
+  const ParallelConfig& p = c.parallel;
+  if (p.pp == 1) return;
+  const char* kind = enum_to_string(p.schedule);
+  const int64_t M = c.training.global_batch / (int64_t{c.training.micro_batch} * p.dp);
+  const bool dualpipe = p.schedule == PipeSchedule::kDualPipe;
+  // DualPipe splits the micro-batches into two directions of at least pp each; DualPipeV
+  // needs 2 pp in flight to fill its V.
+  if ((dualpipe && (M % 2 != 0 || M < 2 * int64_t{p.pp})) ||
+      (p.schedule == PipeSchedule::kDualPipeV && M < 2 * int64_t{p.pp}))
+    r.fail({"parallel.schedule", "parallel.pp", "training.global_batch", "training.micro_batch",
+            "parallel.dp"},
+           "parallel.schedule = \"%s\" with parallel.pp = %d needs %s >= %lld per data-parallel "
+           "rank, got %lld (training.global_batch / (training.micro_batch x parallel.dp))",
+           kind, p.pp, dualpipe ? "an even number of micro-batches" : "micro-batches",
+           2LL * p.pp, (long long)M);
+  // 1f1b and zb1p put the embedding (stage 0) and the head (stage S - 1) on different ranks;
+  // DualPipe(V) holds both on rank 0.
+  const bool one_chunk = p.schedule == PipeSchedule::k1F1B || p.schedule == PipeSchedule::kZB1P;
+  if (one_chunk && c.model.tie_embeddings)
+    r.fail({"model.tie_embeddings", "parallel.pp", "parallel.schedule"},
+           "model.tie_embeddings = true needs the embedding and the head on one rank, but "
+           "parallel.schedule = \"%s\" with parallel.pp = %d puts them on ranks 0 and %d "
+           "(use dualpipe or dualpipev, or untie)", kind, p.pp, p.pp - 1);
 }
 
 void check_optim(const OptimConfig& o, const LrConfig& lr, const Rules& r) {
@@ -331,6 +386,12 @@ bool config_section_known(std::string_view section) {
   return false;
 }
 
+std::string config_int_list(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
 void config_fail(const std::string& where, const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
@@ -347,6 +408,7 @@ void config_validate(Config& cfg, const KeyOrigins& origins, const std::string& 
   check_moe(cfg.moe, cfg.model, r);
   check_parallel(cfg.parallel, cfg.model, cfg.moe, r);
   check_training(cfg.training, cfg.parallel, r);
+  check_pipeline(cfg, r);
   check_optim(cfg.optim, cfg.lr, r);
   check_io(cfg, r);
 }

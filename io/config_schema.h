@@ -9,6 +9,7 @@
 #include <string_view>
 #include <unordered_map>
 #include <variant>
+#include <vector>
 
 #include "io/config.h"
 
@@ -38,7 +39,7 @@ struct Betas {
 // A typed pointer to the field one key fills.
 using FieldRef = std::variant<int*, int64_t*, uint64_t*, double*, bool*, std::string*, Device*,
                               AttentionKind*, ScoreFn*, LrSchedule*, PipeSchedule*,
-                              PrecisionMode*, StateDtype*, Betas>;
+                              PrecisionMode*, StateDtype*, Betas, std::vector<int64_t>*>;
 
 struct Key {
   const char* section;
@@ -63,6 +64,9 @@ using KeyOrigins = std::unordered_map<std::string, KeyOrigin>;  // "section.key"
 // Throws UserError at the origin of the key that was set last among those involved
 // (`source` alone when all of them are defaults).
 void config_validate(Config& cfg, const KeyOrigins& origins, const std::string& source);
+
+// An integer array as TOML writes it: "[2, 2, 2]", "[]".
+std::string config_int_list(const std::vector<int64_t>& v);
 
 // Throws UserError "<where>: <message>", with control characters escaped so the message
 // is always one line.

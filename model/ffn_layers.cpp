@@ -21,19 +21,26 @@ void swiglu_mlp_forward(T* out, T* gu, T* h, const T* x, const T* w13, const T* 
   cpu::matmul_forward<T>(out, h, w2, n, F, C);
 }
 
-// dx (n, C) = assigned when accumulate_dx is false, += otherwise. dgu/dh are scratch.
+// Input pass: dx (n, C) assigned when accumulate_dx is false, += otherwise; dgu (n, 2F) is
+// kept for the weight pass, dh (n, F) is scratch.
 template <typename T>
-void swiglu_mlp_backward(T* dx, T* dw13, T* dw2, T* dgu, T* dh, const T* dout, const T* x,
-                         const T* gu, const T* h, const T* w13, const T* w2, int64_t n,
-                         int64_t C, int64_t F, bool accumulate_dx) {
+void swiglu_mlp_backward_input(T* dx, T* dgu, T* dh, const T* dout, const T* gu, const T* w13,
+                               const T* w2, int64_t n, int64_t C, int64_t F,
+                               bool accumulate_dx) {
   cpu::matmul_backward_input<T>(dh, dout, w2, n, F, C);
-  cpu::matmul_backward_weight<T>(dw2, dout, h, n, F, C);
   cpu::swiglu_backward<T>(dgu, dh, gu, n, F);
   if (accumulate_dx) {
     cpu::gemm<T>(false, false, n, C, 2 * F, T(1), dgu, 2 * F, w13, C, T(1), dx, C);
   } else {
     cpu::matmul_backward_input<T>(dx, dgu, w13, n, C, 2 * F);
   }
+}
+
+// Weight pass: dw2 += dout^T h, dw13 += dgu^T x.
+template <typename T>
+void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, const T* x,
+                                const T* h, int64_t n, int64_t C, int64_t F) {
+  cpu::matmul_backward_weight<T>(dw2, dout, h, n, F, C);
   cpu::matmul_backward_weight<T>(dw13, dgu, x, n, C, 2 * F);
 }
 
@@ -46,11 +53,19 @@ void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T
 }
 
 template <typename T>
-void dense_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
-                        const T* x, const LayerParams<T>& lp, Activations<T>& a,
-                        const ModelDims& d, int64_t N) {
-  swiglu_mlp_backward<T>(dx, lg.w13, lg.w2, a.dgu, a.dh, dout, x, la.gu, la.h, lp.w13, lp.w2, N,
-                         d.C, d.F, false);
+void dense_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
+                              Activations<T>& a, const ModelDims& d, int64_t N) {
+  const LayerKept<T>& k = la.kept;
+  std::copy(dout, dout + N * d.C, k.dres_out);
+  swiglu_mlp_backward_input<T>(dx, k.dgu, a.dh, k.dres_out, la.gu, lp.w13, lp.w2, N, d.C, d.F,
+                               false);
+}
+
+template <typename T>
+void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
+                               const ModelDims& d, int64_t N) {
+  const LayerKept<T>& k = la.kept;
+  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, N, d.C, d.F);
 }
 
 // The exchange moves float rows only; the double instantiation (gradient checks) runs with
@@ -115,28 +130,28 @@ double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T
 }
 
 template <typename T>
-void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T* dout,
-                      const T* x, const LayerParams<T>& lp, Activations<T>& a,
-                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux,
-                      ExpertExchange* ex, int64_t moe_l) {
+void moe_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
+                            Activations<T>& a, const ModelDims& d, int64_t B, int64_t T_,
+                            T dloss_aux, ExpertExchange* ex, int64_t moe_l) {
   const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE, EL = d.EL();
-  cpu::moe_combine_backward<T>(a.dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
-  // Mirror of the forward: output gradients travel to the experts, input gradients back.
-  const T* xg = ex ? la.xg : la.xp;
-  const T* dyg = a.dyp;
+  CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
+  const LayerKept<T>& k = la.kept;
+  std::copy(dout, dout + N * C, k.dres_out);
+  // Mirror of the forward: output gradients travel to the experts (into kept.dyg, in xg's
+  // rows), input gradients back. With ep = 1 xg's rows are xp's and dyg is dyp itself.
+  cpu::moe_combine_backward<T>(ex ? a.dyp : k.dyg, a.dgate, dout, la.yp, la.gate_weights,
+                               la.row_of, N, K, C);
   T* dxg = a.dxp;
   if (ex) {
-    exchange_rows<T>(ex, true, moe_l, a.yg, a.dyp, C);
-    dyg = a.yg;
+    exchange_rows<T>(ex, true, moe_l, k.dyg, a.dyp, C);
     dxg = a.dxg;
   }
   for (int64_t e = 0; e < EL; ++e) {
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
-    swiglu_mlp_backward<T>(dxg + r0 * C, lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE, a.dgu,
-                           a.dh, dyg + r0 * C, xg + r0 * C, la.egu + r0 * 2 * FE,
-                           la.eh + r0 * FE, lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C,
-                           FE, false);
+    swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
+                                 la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
+                                 lp.ew2 + e * C * FE, n, C, FE, false);
   }
   if (ex) exchange_rows<T>(ex, false, moe_l, a.dxp, dxg, C);
   cpu::moe_permute_backward<T>(dx, a.dxp, la.row_of, N, K, C);
@@ -146,28 +161,47 @@ void moe_ffn_backward(T* dx, LayerParams<T>& lg, const LayerActs<T>& la, const T
                               dloss_aux);
     dscores_extra = a.dscores;
   }
-  cpu::router_backward<T>(a.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
+  cpu::router_backward<T>(k.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
                           d.score, d.route_scale);
-  cpu::gemm<T>(false, false, N, C, E, T(1), a.dlogits_r, E, lp.router, C, T(1), dx, C);
-  cpu::matmul_backward_weight<T>(lg.router, a.dlogits_r, x, N, C, E);
+  cpu::gemm<T>(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
   if (d.S > 0)
-    swiglu_mlp_backward<T>(dx, lg.sw13, lg.sw2, a.dgu, a.dh, dout, x, la.sgu, la.sh, lp.sw13,
-                           lp.sw2, N, C, d.S, true);
+    swiglu_mlp_backward_input<T>(dx, k.dsgu, a.dh, k.dres_out, la.sgu, lp.sw13, lp.sw2, N, C,
+                                 d.S, true);
+}
+
+template <typename T>
+void moe_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
+                             const ModelDims& d, int64_t N) {
+  const int64_t C = d.C, FE = d.FE;
+  const LayerKept<T>& k = la.kept;
+  const T* xg = d.ep > 1 ? la.xg : la.xp;
+  for (int64_t e = 0; e < d.EL(); ++e) {
+    const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
+    if (n == 0) continue;
+    swiglu_mlp_backward_weight<T>(lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE,
+                                  k.degu + r0 * 2 * FE, k.dyg + r0 * C, xg + r0 * C,
+                                  la.eh + r0 * FE, n, C, FE);
+  }
+  cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, C, d.E);
+  if (d.S > 0)
+    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, C, d.S);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
   template void dense_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
                                      const ModelDims&, int64_t);                              \
-  template void dense_ffn_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*,     \
-                                      const T*, const LayerParams<T>&, Activations<T>&,       \
-                                      const ModelDims&, int64_t);                             \
+  template void dense_ffn_backward_input<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
+                                            Activations<T>&, const ModelDims&, int64_t);      \
+  template void dense_ffn_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&, const T*,  \
+                                             const ModelDims&, int64_t);                      \
   template double moe_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
                                      const float*, int64_t*, Activations<T>&, const ModelDims&, \
                                      int64_t, int64_t, ExpertExchange*, int64_t);             \
-  template void moe_ffn_backward<T>(T*, LayerParams<T>&, const LayerActs<T>&, const T*,       \
-                                    const T*, const LayerParams<T>&, Activations<T>&,         \
-                                    const ModelDims&, int64_t, int64_t, T, ExpertExchange*,    \
-                                    int64_t);
+  template void moe_ffn_backward_input<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
+                                          Activations<T>&, const ModelDims&, int64_t, int64_t, \
+                                          T, ExpertExchange*, int64_t);                       \
+  template void moe_ffn_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&, const T*,    \
+                                           const ModelDims&, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -51,6 +51,12 @@ ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
   CHECK(B >= 1 && B <= m.B_max && T_ >= 1 && T_ <= d.T, "B %lld T %lld", (long long)B,
         (long long)T_);
   Activations<T>& a = m.slots[static_cast<size_t>(slot)];
+  // A pending weight pass reads this chunk's saved activations (split backward).
+  CHECK(!(l0 == 0 && a.embedding_weight_pending) && !(l1 == d.L && a.head_weight_pending),
+        "slot %d: forward over a pending BackwardPart::kWeight", slot);
+  for (int64_t l = l0; l < l1; ++l)
+    CHECK(!a.layers[static_cast<size_t>(l)].weight_pending,
+          "slot %d layer %lld: forward over a pending BackwardPart::kWeight", slot, (long long)l);
   const int64_t N = B * T_, C = d.C;
   a.B = B;
   a.Tcur = T_;
@@ -96,47 +102,155 @@ ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
   return out;
 }
 
+namespace {
+
+// Head input pass: a.dres = dL/d res[L]; keeps a.dlogits and a.dlnf.
+template <typename T>
+void head_backward_input(Model<T>& m, Activations<T>& a, T dloss_ce, int64_t N) {
+  const ModelDims& d = m.d;
+  const int64_t C = d.C;
+  const T* res_last = a.res + d.L * N * C;
+  cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
+  cpu::matmul_backward_input<T>(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
+  std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+  cpu::rmsnorm_backward_input<T>(a.dres, a.dlnf, res_last, m.p.final_norm, a.rstdf, N, C);
+}
+
+template <typename T>
+void head_backward_weight(Model<T>& m, const Activations<T>& a, int64_t N) {
+  const ModelDims& d = m.d;
+  const int64_t C = d.C;
+  cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
+  cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dlnf, a.res + d.L * N * C, a.rstdf, N, C);
+}
+
+// FFN half of layer l, input pass: a.dres from dL/d res_out to dL/d res_mid (the branch's
+// input gradient is kept in kept.dln2).
+template <typename T>
+void ffn_half_backward_input(Model<T>& m, Activations<T>& a, int slot, int64_t l, T dloss_aux) {
+  const ModelDims& d = m.d;
+  const int64_t N = a.B * a.Tcur, C = d.C;
+  LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
+  if (d.is_moe(l)) {
+    const int64_t moe_l = l - d.dense_layers;
+    moe_ffn_backward_input<T>(la.kept.dln2, la, a.dres, lp, a, d, a.B, a.Tcur, dloss_aux,
+                              m.exchange, exchange_key(m, slot, moe_l));
+  } else {
+    dense_ffn_backward_input<T>(la.kept.dln2, la, a.dres, lp, a, d, N);
+  }
+  cpu::rmsnorm_backward_input<T>(a.dres, la.kept.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
+}
+
+template <typename T>
+void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
+  const ModelDims& d = m.d;
+  const int64_t N = a.B * a.Tcur;
+  const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
+  if (d.is_moe(l)) {
+    moe_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
+  } else {
+    dense_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
+  }
+  cpu::rmsnorm_backward_weight<T>(lg.ffn_norm, la.kept.dln2, la.res_mid, la.rstd2, N, d.C);
+}
+
+template <typename T>
+void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
+  const int64_t N = a.B * a.Tcur;
+  attention_block_backward_input<T>(a.dres, a.layers[static_cast<size_t>(l)],
+                                    a.res + l * N * m.d.C, m.p.layers[static_cast<size_t>(l)], a,
+                                    m.d, a.B, a.Tcur);
+}
+
+template <typename T>
+void attention_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
+  const int64_t N = a.B * a.Tcur;
+  attention_block_backward_weight<T>(m.g.layers[static_cast<size_t>(l)],
+                                     a.layers[static_cast<size_t>(l)], a.res + l * N * m.d.C,
+                                     m.d, N);
+}
+
+template <typename T>
+void grads_ready(Model<T>& m, int64_t stage) {
+  if (m.grads_ready) m.grads_ready(stage);
+}
+
+}  // namespace
+
 template <typename T>
 void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,
                           T dloss_aux, BackwardPart part) {
   const ModelDims& d = m.d;
   chunk_check(m, slot, l0, l1);
-  CHECK(part == BackwardPart::kFull, "split backward is not built yet");
   Activations<T>& a = m.slots[static_cast<size_t>(slot)];
-  const int64_t B = a.B, T_ = a.Tcur, N = B * T_, C = d.C;
+  const int64_t N = a.B * a.Tcur, C = d.C;
+  const bool head = l1 == d.L, embedding = l0 == 0;
+  CHECK(part == BackwardPart::kFull || a.split_backward,
+        "BackwardPart::kInput / kWeight need a model built with split_backward = true");
+  // A kInput and its kWeight pair up per layer: no pass may run over a pending weight pass
+  // (its kept gradients would be overwritten) and no weight pass without its input pass.
+  const bool want_pending = part == BackwardPart::kWeight;
+  const char* why = want_pending ? "kWeight without its kInput" : "weight pass still pending";
+  CHECK(!head || a.head_weight_pending == want_pending, "slot %d head: %s", slot, why);
+  for (int64_t l = l0; l < l1; ++l)
+    CHECK(a.layers[static_cast<size_t>(l)].weight_pending == want_pending,
+          "slot %d layer %lld: %s", slot, (long long)l, why);
+  CHECK(!embedding || a.embedding_weight_pending == want_pending, "slot %d embedding: %s", slot,
+        why);
+
   // Stage numbers for grads_ready count from the loss side of the whole model.
-  if (l1 == d.L) {
-    cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
-    cpu::matmul_backward_input<T>(a.dln, a.dlogits, m.p.lm_head, N, C, d.V);
-    cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
-    const T* res_last = a.res + d.L * N * C;
-    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
-    cpu::rmsnorm_backward_input<T>(a.dres, a.dln, res_last, m.p.final_norm, a.rstdf, N, C);
-    cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dln, res_last, a.rstdf, N, C);
-    if (m.grads_ready) m.grads_ready(0);
-  }
-  for (int64_t l = l1 - 1; l >= l0; --l) {
-    const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-    const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
-    LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
-    // FFN branch: dres is dL/d(res_out); the branch's input gradient lands in dln.
-    if (d.is_moe(l)) {
-      const int64_t moe_l = l - d.dense_layers;
-      moe_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, B, T_, dloss_aux, m.exchange,
-                          exchange_key(m, slot, moe_l));
-    } else {
-      dense_ffn_backward<T>(a.dln, lg, la, a.dres, la.ln2, lp, a, d, N);
+  if (part == BackwardPart::kFull) {
+    if (head) {
+      head_backward_input(m, a, dloss_ce, N);
+      head_backward_weight(m, a, N);
+      grads_ready(m, 0);
     }
-    // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
-    if (m.grads_ready) m.grads_ready(d.L - l - 1);
-    cpu::rmsnorm_backward_input<T>(a.dres, a.dln, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
-    cpu::rmsnorm_backward_weight<T>(lg.ffn_norm, a.dln, la.res_mid, la.rstd2, N, C);
-    attention_block_backward<T>(a.dres, lg, la, a.res + l * N * C, lp, a, d, B, T_);
-    if (m.grads_ready) m.grads_ready(d.L - l);
-  }
-  if (l0 == 0) {
-    cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
-    if (m.grads_ready) m.grads_ready(d.L + 1);
+    for (int64_t l = l1 - 1; l >= l0; --l) {
+      ffn_half_backward_input(m, a, slot, l, dloss_aux);
+      ffn_half_backward_weight(m, a, l);
+      // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
+      grads_ready(m, d.L - l - 1);
+      attention_half_backward_input(m, a, l);
+      attention_half_backward_weight(m, a, l);
+      grads_ready(m, d.L - l);
+    }
+    if (embedding) {
+      cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
+      grads_ready(m, d.L + 1);
+    }
+  } else if (part == BackwardPart::kInput) {
+    if (head) {
+      head_backward_input(m, a, dloss_ce, N);
+      a.head_weight_pending = true;
+    }
+    for (int64_t l = l1 - 1; l >= l0; --l) {
+      ffn_half_backward_input(m, a, slot, l, dloss_aux);
+      attention_half_backward_input(m, a, l);
+      a.layers[static_cast<size_t>(l)].weight_pending = true;
+    }
+    if (embedding) {
+      std::memcpy(a.dres0, a.dres, sizeof(T) * static_cast<size_t>(N * C));
+      a.embedding_weight_pending = true;
+    }
+  } else {
+    if (head) {
+      head_backward_weight(m, a, N);
+      a.head_weight_pending = false;
+      grads_ready(m, 0);
+    }
+    for (int64_t l = l1 - 1; l >= l0; --l) {
+      ffn_half_backward_weight(m, a, l);
+      attention_half_backward_weight(m, a, l);
+      a.layers[static_cast<size_t>(l)].weight_pending = false;
+      grads_ready(m, d.L - l);
+    }
+    if (embedding) {
+      cpu::embedding_backward<T>(m.g.wte, a.dres0, a.tokens, N, C);
+      a.embedding_weight_pending = false;
+      grads_ready(m, d.L + 1);
+    }
   }
 }
 

@@ -108,6 +108,27 @@ struct ModelParams {
   T* lm_head;     // (V, C); aliases wte when tied
 };
 
+// What a layer's input-gradient pass (BackwardPart::kInput) keeps for its weight-gradient
+// pass (kWeight): the output gradient of every weight GEMM and norm of the layer, which the
+// weight pass multiplies with the saved forward activations. Row counts as in LayerActs.
+// NOTE: built with split_backward, each held layer of each slot owns a set; otherwise every
+// layer of a slot points at one set, which suffices because kFull runs a layer's weight pass
+// right after its input pass.
+template <typename T>
+struct LayerKept {
+  T* dres_mid;   // (N, C) dL/d res_mid: wo's output gradient
+  T* dqkv;       // (N, QKV) after RoPE backward: wqkv's
+  T* dln1;       // (N, C) attn_norm's
+  T* dln2;       // (N, C) ffn_norm's (the FFN's input gradient)
+  T* dres_out;   // (N, C) dL/d res_out: w2's and sw2's
+  T* dgu;        // dense (N, 2F): w13's
+  T* dlogits_r;  // moe (N, E): the router's (balance loss included)
+  T* dyg;        // moe (R_max, C) the local experts' output gradients, in xg's rows (after the
+                 // EP exchange when ep > 1): ew2's
+  T* degu;       // moe (R_max, 2FE) every local expert's rows at la.local_offsets: ew13's
+  T* dsgu;       // moe (N, 2S): sw13's
+};
+
 // Activations of one micro-batch of up to B_max x T tokens, saved for backward.
 template <typename T>
 struct LayerActs {
@@ -140,6 +161,8 @@ struct LayerActs {
   T* yp;   // (N K, C) expert outputs, back in xp's row order
   T* sgu;  // (N, 2S)
   T* sh;   // (N, S)
+  LayerKept<T> kept;       // from the input pass to the weight pass of this layer
+  bool weight_pending;     // split backward: kInput ran, its kWeight has not yet
 };
 
 // One activation slot: what one micro-batch in flight saves for its backward (every held
@@ -159,24 +182,25 @@ struct Activations {
   T* losses;  // (N)
   const T* rope_cos;  // (T, HD/2) shared by every slot
   const T* rope_sin;  // (T, HD/2)
+  // Kept by the input pass for the weight pass of the head and the embedding (see LayerKept).
+  T* dlogits;  // (N, V) lm_head's output gradient
+  T* dlnf;     // (N, C) final_norm's
+  T* dres0;    // (N, C) dL/d res[0]: wte's
+  bool split_backward = false;  // every held layer has its own LayerKept (model_build)
+  bool head_weight_pending = false, embedding_weight_pending = false;
   // Scratch reused by every layer (forward temporaries and backward gradients).
   T* tmp;           // (N, C)
   T* router_logits; // (N, E)
   T* dres;          // (N, C) gradient of the residual stream
-  T* dln;           // (N, C)
-  T* dqkv;          // (N, QKV)
   T* dattn;         // (N, NH*HD)
   T* attn_scratch;  // (B, NH, T, T)
-  T* dgu;           // (max(N 2F, N K 2FE, N 2S))
-  T* dh;            // (max(N F, N K FE, N S))
+  T* dh;            // (max(N F, R_max FE, N S))
   T* dxp;           // (N K, C)
-  T* dyp;           // (N K, C)
-  T* yg;            // (R_max, C) local experts' outputs; in backward their output gradient (ep > 1)
+  T* dyp;           // (N K, C) ep > 1 only: the experts' output gradients before the exchange
+  T* yg;            // (R_max, C) local experts' outputs, ep > 1
   T* dxg;           // (R_max, C) local experts' input gradient (ep > 1)
   T* dgate;         // (N, K)
   T* dscores;       // (N, E)
-  T* dlogits_r;     // (N, E)
-  T* dlogits;       // (N, V)
 };
 
 // Rows the local experts of one MoE layer may receive, whatever the routing: every token of
@@ -236,6 +260,7 @@ struct LogicalTensor {
   size_t offset = 0;
   int64_t ld = 0;
   int64_t expert = -1;  // global id of the routed expert it belongs to, -1 for the rest
+  int64_t layer = 0;    // as ParamInfo::layer: -1 embedding, L final norm and head
 };
 std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
                                                  const std::vector<ParamInfo>& table);
@@ -249,9 +274,12 @@ inline std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
 // the padding stays zero.
 // `part` (empty layers: the whole model) says which tensors and layer activations exist;
 // n_slots is the number of micro-batches whose activations may be held at once.
+// split_backward gives every held layer of every slot its own LayerKept, which
+// BackwardPart::kInput / kWeight need (zero-bubble schedules); without it only kFull runs.
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated = 1,
-                 int64_t pad_experts = 1, ModelPart part = {}, int n_slots = 1);
+                 int64_t pad_experts = 1, ModelPart part = {}, int n_slots = 1,
+                 bool split_backward = false);
 
 // Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases. Every
 // element's value depends on its global position only, so any expert-parallel layout holds
@@ -297,8 +325,18 @@ T* model_chunk_residual(Model<T>& m, int slot, int64_t l, int64_t B, int64_t T_)
 // dL/d res[l0] here.
 template <typename T>
 T* model_chunk_grad(Model<T>& m, int slot);
-// What a backward computes: both gradients, the input gradients only (the weight gradients'
-// inputs are kept in the slot), or the weight gradients of an earlier kInput.
+// What a backward computes (the zero-bubble "B" / "W" split):
+//   kFull   both gradients; calls grads_ready as each stage completes (and mid-layer).
+//   kInput  the input gradients only: the residual gradient flows from l1 down to l0 (the
+//           EP exchange included); what the weight gradients need stays in the slot
+//           (LayerKept, dlogits / dlnf / dres0). No grads_ready calls, no weight gradient.
+//   kWeight later, the chunk's weight gradients (+=) from what its kInput kept; no
+//           communication. Walks the head (when l1 == L), then layers l1 - 1 down to l0,
+//           then the embedding (l0 == 0), calling grads_ready after each.
+// kInput and kWeight need a model built with split_backward; kFull gives the same bits on
+// either. dloss_ce and dloss_aux are read by kFull and kInput (kWeight ignores them). A
+// kInput's kWeight must come before the slot's next forward or backward of those layers
+// (both CHECKed); between them other slots and chunks may run.
 enum class BackwardPart { kFull, kInput, kWeight };
 template <typename T>
 void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,

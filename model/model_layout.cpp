@@ -79,9 +79,31 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
   return n_replicated;
 }
 
+// One LayerKept (see model.h) for a dense and/or a MoE layer; N rows, R = R_max.
 template <typename T>
-void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, Carver& c,
-                Activations<T>& a) {
+LayerKept<T> kept_layout(const ModelDims& d, size_t N, size_t R, bool dense, bool moe,
+                         Carver& c) {
+  const size_t C = static_cast<size_t>(d.C);
+  LayerKept<T> k{};
+  k.dres_mid = c.take<T>(N * C);
+  k.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+  k.dln1 = c.take<T>(N * C);
+  k.dln2 = c.take<T>(N * C);
+  k.dres_out = c.take<T>(N * C);
+  if (dense) k.dgu = c.take<T>(N * 2 * static_cast<size_t>(d.F));
+  if (moe) {
+    k.dlogits_r = c.take<T>(N * static_cast<size_t>(d.E));
+    k.dyg = c.take<T>(R * C);
+    k.degu = c.take<T>(R * 2 * static_cast<size_t>(d.FE));
+    if (d.S > 0) k.dsgu = c.take<T>(N * 2 * static_cast<size_t>(d.S));
+  }
+  return k;
+}
+
+// split_backward: every held layer keeps its own LayerKept; otherwise they share one.
+template <typename T>
+void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split_backward,
+                Carver& c, Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
   const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
@@ -91,10 +113,13 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, Carver& c,
   a.targets = c.take<int32_t>(N);
   a.res = c.take<T>(static_cast<size_t>(d.L + 1) * N * C);
   a.layers.resize(static_cast<size_t>(d.L));
+  bool any_dense = false, any_moe = false;
   for (int64_t l = 0; l < d.L; ++l) {
     LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     la = LayerActs<T>{};
     if (!part.holds_layer(l)) continue;
+    any_dense |= !d.is_moe(l);
+    any_moe |= d.is_moe(l);
     la.res_mid = c.take<T>(N * C);
     la.ln1 = c.take<T>(N * C);
     la.rstd1 = c.take<T>(N);
@@ -125,31 +150,35 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, Carver& c,
         la.sh = c.take<T>(N * static_cast<size_t>(d.S));
       }
     }
+    if (split_backward) la.kept = kept_layout<T>(d, N, R, !d.is_moe(l), d.is_moe(l), c);
+  }
+  a.split_backward = split_backward;
+  if (!split_backward && (any_dense || any_moe)) {
+    const LayerKept<T> shared = kept_layout<T>(d, N, R, any_dense, any_moe, c);
+    for (int64_t l = 0; l < d.L; ++l)
+      if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].kept = shared;
   }
   a.lnf = c.take<T>(N * C);
   a.rstdf = c.take<T>(N);
   a.logits = c.take<T>(N * static_cast<size_t>(d.V));
   a.probs = c.take<T>(N * static_cast<size_t>(d.V));
   a.losses = c.take<T>(N);
+  a.dlogits = c.take<T>(N * static_cast<size_t>(d.V));
+  a.dlnf = c.take<T>(N * C);
+  a.dres0 = c.take<T>(N * C);
   a.tmp = c.take<T>(N * C);
   a.router_logits = c.take<T>(N * E);
   a.dres = c.take<T>(N * C);
-  a.dln = c.take<T>(N * C);
-  a.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
   a.dattn = c.take<T>(N * static_cast<size_t>(d.d_attn()));
   a.attn_scratch = c.take<T>(TT);
-  const size_t ffn_rows_w = std::max({N * static_cast<size_t>(d.F), R * static_cast<size_t>(d.FE),
-                                      N * static_cast<size_t>(d.S)});
-  a.dgu = c.take<T>(2 * ffn_rows_w);
-  a.dh = c.take<T>(ffn_rows_w);
+  a.dh = c.take<T>(std::max({N * static_cast<size_t>(d.F), R * static_cast<size_t>(d.FE),
+                             N * static_cast<size_t>(d.S)}));
   a.dxp = c.take<T>(NK * C);
-  a.dyp = c.take<T>(NK * C);
+  a.dyp = ep ? c.take<T>(NK * C) : nullptr;
   a.yg = ep ? c.take<T>(R * C) : nullptr;
   a.dxg = ep ? c.take<T>(R * C) : nullptr;
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
-  a.dlogits_r = c.take<T>(N * E);
-  a.dlogits = c.take<T>(N * static_cast<size_t>(d.V));
 }
 
 void dims_check(const ModelDims& d) {
@@ -179,14 +208,16 @@ std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replica
 std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
                                                  const std::vector<ParamInfo>& table) {
   std::vector<LogicalTensor> out;
+  int64_t layer = 0;
   auto add = [&](const std::string& name, int64_t rows, int64_t cols, size_t offset, int64_t ld,
                  int64_t expert = -1) {
     out.push_back(LogicalTensor{name, rows == 0 ? std::vector<int64_t>{cols}
                                                 : std::vector<int64_t>{rows, cols},
-                                offset, ld, expert});
+                                offset, ld, expert, layer});
   };
   const size_t C = static_cast<size_t>(d.C);
   for (const ParamInfo& p : table) {
+    layer = p.layer;
     const std::string& n = p.name;
     auto ends = [&](const char* suffix) {
       const std::string s(suffix);
@@ -242,7 +273,7 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
 
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated,
-                 int64_t pad_experts, ModelPart part, int n_slots) {
+                 int64_t pad_experts, ModelPart part, int n_slots, bool split_backward) {
   dims_check(d);
   CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1 && n_slots >= 1);
   if (part.layers.empty()) part = model_part_whole(d);
@@ -273,7 +304,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
     m.rope_cos = c.take<T>(rope);
     m.rope_sin = c.take<T>(rope);
     for (Activations<T>& a : m.slots) {
-      act_layout<T>(d, part, B_max, c, a);
+      act_layout<T>(d, part, B_max, split_backward, c, a);
       a.rope_cos = m.rope_cos;
       a.rope_sin = m.rope_sin;
     }
@@ -331,18 +362,18 @@ size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
   Carver measure;
   if (elem == sizeof(double)) {
     Activations<double> a;
-    act_layout<double>(d, model_part_whole(d), B, measure, a);
+    act_layout<double>(d, model_part_whole(d), B, false, measure, a);
   } else {
     Activations<float> a;
-    act_layout<float>(d, model_part_whole(d), B, measure, a);
+    act_layout<float>(d, model_part_whole(d), B, false, measure, a);
   }
   return measure.used();
 }
 
 template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t, int64_t,
-                                 ModelPart, int);
+                                 ModelPart, int, bool);
 template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t, int64_t,
-                                  ModelPart, int);
+                                  ModelPart, int, bool);
 template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);

@@ -58,6 +58,10 @@ class Comm {
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void send(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual void recv(void* data, size_t bytes, int peer, int tag) = 0;
+  // Non-blocking point-to-point (pipeline transfers): the buffer stays untouched until
+  // wait() or a true test().
+  virtual CommRequest send_start(const void* data, size_t bytes, int peer, int tag) = 0;
+  virtual CommRequest recv_start(void* data, size_t bytes, int peer, int tag) = 0;
   virtual void barrier() = 0;
 };
 

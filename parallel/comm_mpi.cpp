@@ -119,6 +119,20 @@ class MpiComm final : public Comm {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
     MPI_CHECK(MPI_Recv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, MPI_STATUS_IGNORE));
   }
+  CommRequest send_start(const void* data, size_t bytes, int peer, int tag) override {
+    CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    CommRequest r;
+    MPI_CHECK(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, request(r)));
+    r.active = true;
+    return r;
+  }
+  CommRequest recv_start(void* data, size_t bytes, int peer, int tag) override {
+    CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    CommRequest r;
+    MPI_CHECK(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, request(r)));
+    r.active = true;
+    return r;
+  }
   void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
 
  private:

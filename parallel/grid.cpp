@@ -1,12 +1,37 @@
 #include "parallel/grid.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/check.h"
 
 namespace moe {
+
+GridLayout grid_layout(const ParallelConfig& p, int world_rank) {
+  CHECK(p.ep >= 1 && p.dp % p.ep == 0);  // the config validator already refused this
+  const bool dualpipe = p.schedule == PipeSchedule::kDualPipe;
+  CHECK(!dualpipe || p.pp % 2 == 0);
+  GridLayout l;
+  l.pp_rank = world_rank / p.dp;
+  l.dp_rank = world_rank % p.dp;
+  l.ep_rank = l.dp_rank % p.ep;
+  l.edp_rank = l.dp_rank / p.ep;
+  l.copies = dualpipe ? 2 : 1;
+  const int edp = p.dp / p.ep;
+  l.dp = {l.pp_rank, l.dp_rank};
+  l.ep = {l.pp_rank * edp + l.dp_rank / p.ep, l.ep_rank};
+  l.edp = {l.pp_rank * p.ep + l.ep_rank, l.edp_rank};
+  // DualPipe's mirror ranks q and pp-1-q hold the same stages: one group, the lower half's
+  // ranks first. Otherwise each pipeline rank holds its own parameters.
+  const int mirror = dualpipe ? std::min(l.pp_rank, p.pp - 1 - l.pp_rank) : l.pp_rank;
+  const int half = dualpipe && l.pp_rank >= p.pp / 2 ? 1 : 0;
+  l.param = {mirror, half * p.dp + l.dp_rank};
+  l.expert_param = {mirror * p.ep + l.ep_rank, half * edp + l.edp_rank};
+  return l;
+}
 
 ProcessGrid grid_build(const Config& cfg) {
   ProcessGrid g;
@@ -19,23 +44,26 @@ ProcessGrid grid_build(const Config& cfg) {
   if (g.world_size != p.dp * p.pp)
     user_error("%s: parallel.dp = %d x parallel.pp = %d needs %d ranks, but the job has %d",
                cfg.source.c_str(), p.dp, p.pp, p.dp * p.pp, g.world_size);
-  if (p.pp != 1)
-    user_error("%s: parallel.pp > 1 is not supported by this build yet (data and expert "
-               "parallelism only)", cfg.source.c_str());
-  CHECK(p.ep >= 1 && p.dp % p.ep == 0);  // the config validator already refused this
-  g.dp_rank = g.world_rank;
-  g.ep_rank = g.dp_rank % p.ep;
+  const GridLayout l = grid_layout(p, g.world_rank);
+  g.pp_rank = l.pp_rank;
+  g.dp_rank = l.dp_rank;
+  g.ep_rank = l.ep_rank;
   g.edp = p.dp / p.ep;
-  g.edp_rank = g.dp_rank / p.ep;
-  if (g.world_size > 1) {
-    g.world = comm_mpi_world();
-    g.dp_comm = comm_mpi_split(*g.world, 0, g.world_rank, "dp");
-    // Every rank joins every split (MPI_Comm_split is collective); sizes-1 groups are dropped.
-    std::unique_ptr<Comm> ep = comm_mpi_split(*g.world, g.dp_rank / p.ep, g.ep_rank, "ep");
-    std::unique_ptr<Comm> edp = comm_mpi_split(*g.world, g.ep_rank, g.edp_rank, "edp");
-    if (p.ep > 1) g.ep_comm = std::move(ep);
-    if (g.edp > 1) g.edp_comm = std::move(edp);
-  }
+  g.edp_rank = l.edp_rank;
+  g.copies = l.copies;
+  if (g.world_size == 1) return g;
+  g.world = comm_mpi_world();
+  // Every rank joins every split (MPI_Comm_split is collective); size-1 groups are dropped.
+  auto split = [&](const GridSplit& s, const char* name, int size) {
+    std::unique_ptr<Comm> c = comm_mpi_split(*g.world, s.color, s.key, name);
+    CHECK(c->size() == size, "%s group of %d ranks, expected %d", name, c->size(), size);
+    return size > 1 ? std::move(c) : nullptr;
+  };
+  g.dp_comm = split(l.dp, "dp", p.dp);
+  g.ep_comm = split(l.ep, "ep", p.ep);
+  g.edp_comm = split(l.edp, "edp", g.edp);
+  g.param_comm = split(l.param, "param", p.dp * g.copies);
+  g.expert_param_comm = split(l.expert_param, "expert_param", g.edp * g.copies);
   return g;
 }
 

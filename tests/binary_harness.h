@@ -107,6 +107,37 @@ inline int run(const fs::path& dir, const std::string& args, int np = 0) {
   return wait_exit(spawn(dir, args, np));
 }
 
+// The training ranks started under `root` (mpirun's children), found through /proc so a test
+// never touches another test's processes.
+inline std::vector<pid_t> rank_pids(pid_t root) {
+  std::vector<std::pair<pid_t, pid_t>> procs;  // (pid, parent)
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    procs.emplace_back(static_cast<pid_t>(std::stol(name)), ppid);
+  }
+  std::vector<pid_t> tree = {root}, ranks;
+  for (size_t i = 0; i < tree.size(); ++i)
+    for (const auto& [pid, ppid] : procs)
+      if (ppid == tree[i]) {
+        tree.push_back(pid);
+        std::ifstream comm(fs::path("/proc") / std::to_string(pid) / "comm");
+        std::string c;
+        std::getline(comm, c);
+        if (c == "moetrain") ranks.push_back(pid);
+      }
+  return ranks;
+}
+
 // "loss" values per step, as written (17 significant digits: bit-exact for a double).
 inline std::vector<std::string> losses(const fs::path& metrics) {
   std::vector<std::string> out;
@@ -145,8 +176,10 @@ inline void expect_same_checkpoint(const fs::path& a, const fs::path& b) {
 // gradient statistics, which react to the weights' rounding differences more strongly, and
 // get 10 rel; no single element differs by more than 10 rel of the tensor's largest
 // magnitude. (Different layouts sum gradients in different orders; over a run, Adam turns
-// those last-bit differences into slightly larger ones.)
-inline void expect_close_checkpoint(const fs::path& a, const fs::path& b, double rel) {
+// those last-bit differences into slightly larger ones.) moment_rel overrides 10 rel for the
+// moments.
+inline void expect_close_checkpoint(const fs::path& a, const fs::path& b, double rel,
+                                    double moment_rel = 0) {
   moe::CheckpointReader ra(a.string()), rb(b.string());
   const auto la = ra.list(), lb = rb.list();
   ASSERT_EQ(la.size(), lb.size());
@@ -167,8 +200,9 @@ inline void expect_close_checkpoint(const fs::path& a, const fs::path& b, double
       diff2 += dx * dx;
     }
     const bool moment = la[i].path.rfind("/optim/", 0) == 0;
-    EXPECT_LE(std::sqrt(diff2), (moment ? 10 : 1) * rel * std::sqrt(norm2)) << la[i].path;
-    EXPECT_LE(max_diff, 10 * rel * max_abs) << la[i].path;
+    const double mrel = moment_rel > 0 ? moment_rel : 10 * rel;
+    EXPECT_LE(std::sqrt(diff2), (moment ? mrel : rel) * std::sqrt(norm2)) << la[i].path;
+    EXPECT_LE(max_diff, (moment ? mrel : 10 * rel) * max_abs) << la[i].path;
   }
 }
 

@@ -75,6 +75,10 @@ const BadCase kBadCases[] = {
      "x.toml:2:9: optim.betas expects an array of two floats, got an array of 1"},
     {"array_element_type", "[optim]\nbetas = [0.9, \"x\"]\n", {},
      "x.toml:2:15: optim.betas[1] expects a float, got string"},
+    {"int_array_got_int", "[parallel]\nstage_layers = 3\n", {},
+     "x.toml:2:16: parallel.stage_layers expects an array of integers, got integer"},
+    {"int_array_element_type", "[parallel]\nstage_layers = [3, 1.5]\n", {},
+     "x.toml:2:20: parallel.stage_layers[1] expects an integer, got float"},
     // Ranges.
     {"vocab_size", "[model]\nvocab_size = 1\n", {}, "x.toml:2:1: model.vocab_size must be >= 2, got 1"},
     {"d_model", "[model]\nd_model = 0\n", {}, "x.toml:2:1: model.d_model must be >= 1, got 0"},
@@ -146,6 +150,48 @@ const BadCase kBadCases[] = {
     {"pp_exceeds_layers", "[parallel]\npp = 8\n", {}, "x.toml:2:1: parallel.pp = 8 exceeds model.n_layers = 6"},
     {"dualpipev_stages", "[parallel]\npp = 4\nschedule = \"dualpipev\"\n", {},
      "x.toml:3:1: parallel.schedule = \"dualpipev\" needs model.n_layers >= 2 * parallel.pp = 8, got 6"},
+    {"dualpipe_pp_exceeds_layers", "[model]\nn_layers = 4\n[parallel]\npp = 6\nschedule = \"dualpipe\"\n", {},
+     "x.toml:4:1: parallel.pp = 6 exceeds model.n_layers = 4"},
+    {"stage_layers_count", "[parallel]\npp = 2\nstage_layers = [6]\n", {},
+     "x.toml:3:1: parallel.stage_layers = [6] needs 2 entries (one per pipeline stage: parallel.pp = 2), "
+     "each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_zero", "[parallel]\npp = 2\nstage_layers = [6, 0]\n", {},
+     "x.toml:3:1: parallel.stage_layers = [6, 0] needs 2 entries (one per pipeline stage: parallel.pp = 2), "
+     "each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_negative", "[parallel]\npp = 2\nstage_layers = [7, -1]\n", {},
+     "x.toml:3:1: parallel.stage_layers = [7, -1] needs 2 entries (one per pipeline stage: parallel.pp = 2), "
+     "each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_sum", "", {"parallel.pp=3", "parallel.stage_layers=[2,2,3]"},
+     "--set parallel.stage_layers=[2,2,3]: parallel.stage_layers = [2, 2, 3] needs 3 entries (one per "
+     "pipeline stage: parallel.pp = 3), each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_dualpipev", "[parallel]\npp = 2\nschedule = \"dualpipev\"\nstage_layers = [3, 3]\n", {},
+     "x.toml:4:1: parallel.stage_layers = [3, 3] needs 4 entries (one per pipeline stage: 2 x "
+     "parallel.pp = 4 for parallel.schedule = \"dualpipev\"), each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_no_pipeline", "[parallel]\nstage_layers = [3, 3]\n", {},
+     "x.toml:2:1: parallel.stage_layers = [3, 3] needs 1 entry (one per pipeline stage: parallel.pp = 1), "
+     "each >= 1, summing to model.n_layers = 6"},
+    {"stage_layers_at_last_key", "[parallel]\npp = 2\nstage_layers = [3, 3]\n", {"model.n_layers=8"},
+     "--set model.n_layers=8: parallel.stage_layers = [3, 3] needs 2 entries (one per pipeline stage: "
+     "parallel.pp = 2), each >= 1, summing to model.n_layers = 8"},
+    {"dualpipe_micro_batches", "[parallel]\npp = 4\nschedule = \"dualpipe\"\n[training]\nglobal_batch = 24\n", {},
+     "x.toml:5:1: parallel.schedule = \"dualpipe\" with parallel.pp = 4 needs an even number of "
+     "micro-batches >= 8 per data-parallel rank, got 6 (training.global_batch / (training.micro_batch x "
+     "parallel.dp))"},
+    {"dualpipe_micro_batches_odd", "[parallel]\npp = 2\nschedule = \"dualpipe\"\n[training]\nglobal_batch = 20\n",
+     {}, "x.toml:5:1: parallel.schedule = \"dualpipe\" with parallel.pp = 2 needs an even number of "
+     "micro-batches >= 4 per data-parallel rank, got 5 (training.global_batch / (training.micro_batch x "
+     "parallel.dp))"},
+    {"dualpipev_micro_batches", "", {"parallel.pp=3", "parallel.schedule=dualpipev", "parallel.dp=2"},
+     "--set parallel.dp=2: parallel.schedule = \"dualpipev\" with parallel.pp = 3 needs micro-batches "
+     ">= 6 per data-parallel rank, got 4 (training.global_batch / (training.micro_batch x parallel.dp))"},
+    {"tie_embeddings_1f1b", "[model]\ntie_embeddings = true\n[parallel]\npp = 2\n", {},
+     "x.toml:4:1: model.tie_embeddings = true needs the embedding and the head on one rank, but "
+     "parallel.schedule = \"1f1b\" with parallel.pp = 2 puts them on ranks 0 and 1 (use dualpipe or "
+     "dualpipev, or untie)"},
+    {"tie_embeddings_zb1p", "[parallel]\npp = 3\nschedule = \"zb1p\"\n", {"model.tie_embeddings=true"},
+     "--set model.tie_embeddings=true: model.tie_embeddings = true needs the embedding and the head on one "
+     "rank, but parallel.schedule = \"zb1p\" with parallel.pp = 3 puts them on ranks 0 and 2 (use "
+     "dualpipe or dualpipev, or untie)"},
     {"mla_needs_ranks", "[attention]\nkind = \"mla\"\n", {},
      "x.toml:2:1: attention.kv_lora_rank must be >= 1 when attention.kind = \"mla\", got 0"},
     {"mla_rope_odd", "[attention]\nkind = \"mla\"\nkv_lora_rank = 64\nqk_nope_head_dim = 32\nqk_rope_head_dim = 7\n"
@@ -165,6 +211,8 @@ const BadCase kBadCases[] = {
      "--set optim.betas=[0.9]: optim.betas expects an array of two floats, got an array of 1"},
     {"override_bad_array_is_string", "", {"optim.betas=[0.9,x]"},
      "--set optim.betas=[0.9,x]: optim.betas expects an array of two floats, got string"},
+    {"override_int_array_is_string", "", {"parallel.stage_layers=[2,x]"},
+     "--set parallel.stage_layers=[2,x]: parallel.stage_layers expects an array of integers, got string"},
     {"override_newline_escaped", "", {"run.device=a\nb"},
      "--set run.device=a\\nb: run.device expects one of \"cpu\", \"cuda\", \"auto\", got \"a\\nb\""},
     {"override_second_bad", "", {"training.steps=5", "training.steps=x"},
@@ -266,6 +314,46 @@ TEST(ConfigGood, MlaAndGroupedRouting) {
   EXPECT_EQ(cfg.parallel.schedule, PipeSchedule::kDualPipe);
 }
 
+TEST(ConfigGood, StageLayersFromFileAndOverride) {
+  const Config file = config_parse("[parallel]\npp = 3\nstage_layers = [1, 3, 2]\n", "x.toml", {});
+  EXPECT_EQ(file.parallel.stage_layers, (std::vector<int64_t>{1, 3, 2}));
+  const Config over = config_parse("[parallel]\npp = 3\nstage_layers = [1, 3, 2]\n", "x.toml",
+                                   {"parallel.stage_layers=[2,2,2]"});
+  EXPECT_EQ(over.parallel.stage_layers, (std::vector<int64_t>{2, 2, 2}));
+  const Config cleared = config_parse("[parallel]\npp = 3\nstage_layers = [1, 3, 2]\n", "x.toml",
+                                      {"parallel.stage_layers=[]"});
+  EXPECT_TRUE(cleared.parallel.stage_layers.empty());
+  const std::string text = config_to_toml(file);
+  EXPECT_NE(text.find("\nstage_layers = [1, 3, 2]\n"), std::string::npos) << text;
+  EXPECT_NE(config_to_toml(cleared).find("\nstage_layers = []\n"), std::string::npos);
+  EXPECT_EQ(config_parse(text, "x.toml", {}), file);
+  EXPECT_NE(config_hash(file), config_hash(over));
+  // DualPipeV cuts 2 pp stages; with pp = 1 there is one.
+  const Config v = config_parse("[parallel]\npp = 2\nschedule = \"dualpipev\"\nstage_layers = [1, 2, 2, 1]\n",
+                                "x.toml", {});
+  EXPECT_EQ(v.parallel.stage_layers, (std::vector<int64_t>{1, 2, 2, 1}));
+  EXPECT_EQ(config_parse("[parallel]\nstage_layers = [6]\n", "x.toml", {}).parallel.stage_layers,
+            (std::vector<int64_t>{6}));
+}
+
+TEST(ConfigGood, PipelineLayouts) {
+  // DualPipe has pp stages (two per rank, each on two ranks): pp = 4 fits 6 layers.
+  const Config dual = config_parse("[parallel]\npp = 4\nschedule = \"dualpipe\"\n", "x.toml", {});
+  EXPECT_EQ(dual.parallel.pp, 4);
+  // Stage 0 and the last stage share rank 0 under DualPipe(V), so tied embeddings are fine.
+  for (const char* kind : {"dualpipe", "dualpipev"})
+    EXPECT_TRUE(config_parse("[model]\ntie_embeddings = true\n[parallel]\npp = 2\n", "x.toml",
+                             {std::string("parallel.schedule=") + kind})
+                    .model.tie_embeddings);
+  // Without a pipeline the schedule asks nothing of the micro-batches or the head.
+  const Config one = config_parse("[model]\nn_layers = 1\ntie_embeddings = true\n[parallel]\n"
+                                  "schedule = \"dualpipev\"\n[training]\nglobal_batch = 4\n", "x.toml", {});
+  EXPECT_EQ(one.parallel.pp, 1);
+  // 1f1b and zb1p run any number of micro-batches, even one.
+  EXPECT_EQ(config_parse("[parallel]\npp = 6\nschedule = \"zb1p\"\n[training]\nglobal_batch = 4\n",
+                         "x.toml", {}).training.global_batch, 4);
+}
+
 TEST(ConfigGood, ToStringSpellsTomlValues) {
   EXPECT_STREQ(to_string(Device::kAuto), "auto");
   EXPECT_STREQ(to_string(AttentionKind::kMla), "mla");
@@ -332,6 +420,7 @@ const std::vector<Overrides> kOneKeyChanges = {
     {"optim.grad_clip=0"}, {"optim.state_dtype=bf16"},
     {"lr.schedule=wsd"}, {"lr.warmup_steps=0"}, {"lr.min_lr_ratio=0"}, {"lr.decay_fraction=0.5"},
     {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"}, {"parallel.bucket_mb=2.5"},
+    {"parallel.stage_layers=[6]"},
     {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"},
     {"checkpoint.dir=ck"}, {"checkpoint.every=0"}, {"checkpoint.keep_last=1"}, {"checkpoint.resume=auto"},
     {"log.every=1"}, {"log.eval_every=0"}, {"log.eval_batches=2"}, {"log.metrics_file=\"\""},

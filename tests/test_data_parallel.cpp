@@ -85,37 +85,6 @@ namespace {
 
 using namespace moe_test;
 
-// The training ranks started under `root` (mpirun's children), found through /proc so a test
-// never touches another test's processes.
-std::vector<pid_t> rank_pids(pid_t root) {
-  std::vector<std::pair<pid_t, pid_t>> procs;  // (pid, parent)
-  for (const auto& e : fs::directory_iterator("/proc")) {
-    const std::string name = e.path().filename().string();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(e.path() / "stat");
-    std::string line;
-    if (!std::getline(stat, line)) continue;
-    const size_t close = line.rfind(')');
-    if (close == std::string::npos) continue;
-    std::istringstream rest(line.substr(close + 2));
-    char state = 0;
-    pid_t ppid = 0;
-    rest >> state >> ppid;
-    procs.emplace_back(static_cast<pid_t>(std::stol(name)), ppid);
-  }
-  std::vector<pid_t> tree = {root}, ranks;
-  for (size_t i = 0; i < tree.size(); ++i)
-    for (const auto& [pid, ppid] : procs)
-      if (ppid == tree[i]) {
-        tree.push_back(pid);
-        std::ifstream comm(fs::path("/proc") / std::to_string(pid) / "comm");
-        std::string c;
-        std::getline(comm, c);
-        if (c == "moetrain") ranks.push_back(pid);
-      }
-  return ranks;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -208,6 +208,14 @@ class FakeComm final : public Comm {
   void broadcast(void*, size_t, int) override { unexpected("broadcast"); }
   void send(const void*, size_t, int, int) override { unexpected("send"); }
   void recv(void*, size_t, int, int) override { unexpected("recv"); }
+  CommRequest send_start(const void*, size_t, int, int) override {
+    unexpected("send_start");
+    return {};
+  }
+  CommRequest recv_start(void*, size_t, int, int) override {
+    unexpected("recv_start");
+    return {};
+  }
   void barrier() override { unexpected("barrier"); }
   bool test_completes = true;
 

@@ -62,8 +62,20 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   s.reducer.wait_s = s.reducer.busy_s = 0;
   if (s.exchange) s.exchange->reset_traffic();
   const double t0 = now_s();
-  for (int i = 1; i <= opt.steps; ++i) train_step(s, i, source);
+  // Pipeline: each rank's idle share of its op list (waiting for messages, or for the
+  // schedule), the measured bubble; the largest over ranks is the step's.
+  double pipe[3] = {0, 0, 0};  // wall, compute, receive waits, summed over steps
+  for (int i = 1; i <= opt.steps; ++i) {
+    train_step(s, i, source);
+    if (s.pipe) {
+      pipe[0] += s.pipe->times.wall;
+      pipe[1] += s.pipe->times.compute;
+      pipe[2] += s.pipe->times.recv_wait;
+    }
+  }
   const double dt = (now_s() - t0) / opt.steps;
+  double bubble[2] = {pipe[0] > 0 ? 1.0 - pipe[1] / pipe[0] : 0.0, pipe[2] / opt.steps};
+  if (grid.world) grid.world->all_reduce_max(bubble, 2);
   // Reduction time the step still pays: blocked at the end, plus starting and testing
   // requests during backward (with MPI, communication progresses inside those calls).
   double red[2] = {(s.reducer.wait_s + s.reducer.busy_s) / opt.steps, 0};
@@ -104,10 +116,12 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
         "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d, \"ranks\": %d, "
         "\"dp\": %d, \"ep\": %d, \"reduction_exposed_s\": %.6g, \"reduction_blocking_s\": %.6g, "
         "\"reduction_hidden\": %.4f, \"a2a_bytes_per_token\": %.6g, "
-        "\"a2a_min_bytes_per_token\": %.6g}\n",
+        "\"a2a_min_bytes_per_token\": %.6g, \"pp\": %d, \"schedule\": \"%s\", "
+        "\"pipe_bubble\": %.4f, \"pipe_recv_wait_s\": %.6g}\n",
         cfg.source.c_str(), omp_get_max_threads(), peak, dt, tps, fpt, mfu,
         static_cast<long long>(counts.total), static_cast<long long>(counts.active_matmul),
-        opt.steps, grid.world_size, grid.dp, grid.ep, red[0], red[1], hidden, a2a, a2a_min);
+        opt.steps, grid.world_size, grid.dp, grid.ep, red[0], red[1], hidden, a2a, a2a_min,
+        grid.pp, to_string(cfg.parallel.schedule), bubble[0], bubble[1]);
   } else {
     std::printf("bench %s: %d rank%s x %d threads\n", cfg.source.c_str(), grid.world_size,
                 grid.world_size > 1 ? "s" : "", omp_get_max_threads());
@@ -119,6 +133,10 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
     if (grid.world)
       std::printf("  gradient reduction per step: %.4f s exposed with overlap, %.4f s after "
                   "backward -> %.1f%% hidden\n", red[0], red[1], 100.0 * hidden);
+    if (s.pipe)
+      std::printf("  pipeline pp %d %s: bubble %.1f%% of the step on the idlest rank "
+                  "(%.4f s per step waiting for messages)\n",
+                  grid.pp, to_string(cfg.parallel.schedule), 100.0 * bubble[0], bubble[1]);
     if (s.exchange)
       std::printf("  expert dispatch: %.0f bytes per token per MoE layer to other ranks, "
                   "routing minimum %.0f (x%.2f)\n", a2a, a2a_min, a2a_min > 0 ? a2a / a2a_min : 0.0);

@@ -89,11 +89,12 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
   const Model<float>& m = s.model;
   const Config& cfg = s.cfg;
   // The checkpoint never stores a rank's layout: every tensor is written whole, under its
-  // global name. Rank 0 writes. A tensor rank 0 does not hold (another EP rank's experts),
-  // and every moment (ZeRO-1 shards), is assembled on rank 0 by a reduction in which each
-  // rank contributes its own elements and zeros elsewhere (exact), one tensor at a time.
-  Comm* dp = train_dp_comm(s);
-  const bool writer = !dp || s.grid->is_root();
+  // global name. Rank 0 writes. A tensor rank 0 does not hold (another EP rank's experts,
+  // another pipeline rank's layers), and every moment (ZeRO-1 shards), is assembled on rank 0
+  // by a reduction over the job in which one owner contributes its elements and every other
+  // rank zeros (exact), one tensor at a time.
+  Comm* world = train_world_comm(s);
+  const bool writer = !world || s.grid->is_root();
   std::unique_ptr<CheckpointWriter> w;
   if (writer) w = std::make_unique<CheckpointWriter>(path);
   if (writer) {
@@ -117,7 +118,18 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
   // The whole model's tensors in one order on every rank; where this rank holds each.
   std::map<std::string, LogicalTensor> held;
   for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) held.emplace(t.name, t);
-  const bool param_owner = !s.grid || s.grid->edp_rank == 0;  // one copy per EP rank
+  // The one copy of each weight that goes into the file: dp rank 0 (or the first rank of the
+  // experts' group) of the first pipeline rank holding it (DualPipe holds each stage twice).
+  const ProcessGrid* grid = s.grid;
+  const bool first_copy = !grid || grid->copies == 1 || grid->pp_rank < grid->pp / 2;
+  auto owns = [&](const LogicalTensor& t) {
+    return first_copy && (!grid || (t.expert < 0 ? grid->dp_rank == 0 : grid->edp_rank == 0));
+  };
+  auto part_holds = [&](const ModelPart& p, const LogicalTensor& t) {
+    if (t.layer < 0) return p.embedding;
+    if (t.layer >= m.d.L) return p.head;
+    return p.holds_layer(t.layer);
+  };
   std::vector<float> mine, total;
   // Assembles tensor g on rank 0 from every rank's contribution (fill puts this rank's
   // elements into a zeroed buffer of g's layout; the sum is exact) and writes it there.
@@ -125,21 +137,21 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     mine.assign(static_cast<size_t>(dense_span(g)), 0.0f);
     total.resize(mine.size());
     fill(mine.data());
-    dp->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(mine.size()), 0);
+    world->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(mine.size()), 0);
     if (writer) w->write_f32(path, g.shape, total.data(), g.ld);
   };
   for (const LogicalTensor& g : model_logical_tensors(m.d.whole_model())) {
     const auto it = held.find(g.name);
     const LogicalTensor* t = it == held.end() ? nullptr : &it->second;
-    // Weights: rank 0 writes its own copy; experts of other EP ranks come from their owner.
-    // Whether rank 0 holds a tensor is the same question on every rank (global expert id <
-    // EL), so all ranks agree on which tensors need a reduction.
-    const bool root_holds = g.expert < m.d.EL();
-    if (!dp || root_holds) {
+    // Weights: rank 0 writes its own copy; the rest come from their owner. Whether rank 0
+    // holds a tensor is the same question on every rank (its pipeline part, and global
+    // expert id < EL), so all ranks agree on which tensors need a reduction.
+    const bool root_holds = part_holds(s.root_part, g) && g.expert < m.d.EL();
+    if (!world || root_holds) {
       if (writer) w->write_f32("/model/" + g.name, g.shape, m.params + t->offset, t->ld);
     } else {
       assemble_and_write("/model/" + g.name, g, [&](float* dense) {
-        if (t && param_owner)
+        if (t && owns(*t))
           shard_to_dense(dense, m.params + t->offset, *t, static_cast<int64_t>(t->offset),
                          static_cast<int64_t>(t->offset) + dense_span(*t));
       });
@@ -147,7 +159,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     const float* moments[2] = {s.adam_m, s.adam_v};
     const char* names[2] = {"/optim/m/", "/optim/v/"};
     for (int k = 0; k < 2; ++k) {
-      if (!dp) {  // one rank holds everything: write straight from the moment buffer
+      if (!world) {  // one rank holds everything: write straight from the moment buffer
         w->write_f32(names[k] + g.name, g.shape, moments[k] + t->offset, t->ld);
         continue;
       }
@@ -164,7 +176,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
       w->write_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
     w->commit();
   }
-  if (dp) dp->barrier();  // the file is complete before any rank moves on
+  if (world) world->barrier();  // the file is complete before any rank moves on
 }
 
 CheckpointInfo checkpoint_read_info(const std::string& path) {

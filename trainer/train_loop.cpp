@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 
 #include "io/checkpoint_file.h"
@@ -95,6 +96,17 @@ RunPosition resume_run(TrainState& s, const Config& cfg, bool root) {
              cfg.checkpoint.dir.c_str(), candidates.size(), first_failure.c_str());
 }
 
+// Fault injection for the tests that prove a failing rank stops the job:
+// MOETRAIN_TEST_THROW_AT="<world rank>:<step>" makes that rank fail as it starts that step.
+// Read once at start; 0 when unset or meant for another rank.
+int64_t injected_fault_step(int world_rank) {
+  const char* v = std::getenv("MOETRAIN_TEST_THROW_AT");
+  int rank = -1;
+  long long step = 0;
+  if (!v || std::sscanf(v, "%d:%lld", &rank, &step) != 2 || rank != world_rank) return 0;
+  return step;
+}
+
 }  // namespace
 
 int train_main(const Config& cfg) {
@@ -122,9 +134,11 @@ int train_main(const Config& cfg) {
                static_cast<long long>(val->size()), static_cast<long long>(T_ + 1));
 
   if (root) {
-    std::printf("moetrain %s: run \"%s\" from %s, %d rank%s (dp %d, ep %d)\n%s", MOETRAIN_VERSION,
-                cfg.run.name.c_str(), cfg.source.c_str(), grid.world_size,
-                grid.world_size > 1 ? "s" : "", grid.dp, grid.ep, run_summary(cfg).c_str());
+    std::printf("moetrain %s: run \"%s\" from %s, %d rank%s (dp %d, ep %d, pp %d%s%s)\n%s",
+                MOETRAIN_VERSION, cfg.run.name.c_str(), cfg.source.c_str(), grid.world_size,
+                grid.world_size > 1 ? "s" : "", grid.dp, grid.ep, grid.pp,
+                grid.pp > 1 ? " " : "", grid.pp > 1 ? to_string(cfg.parallel.schedule) : "",
+                run_summary(cfg).c_str());
     std::printf("data: %s (%lld tokens)%s%s\n", train.path().c_str(),
                 static_cast<long long>(train.size()), val ? ", validation " : "",
                 val ? strprintf("%s (%lld tokens)", val->path().c_str(),
@@ -190,7 +204,10 @@ int train_main(const Config& cfg) {
   ProgressBar bar(pos.step, steps, root);
   const double t_start = now_s();
   double last_val = pos.val_loss >= 0 ? pos.val_loss : NAN;
+  const int64_t throw_at = injected_fault_step(grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
+    if (step + 1 == throw_at)
+      user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
     const double t0 = now_s();
     const StepStats st = train_step(s, step, train_source);
     const double dt = now_s() - t0;
@@ -265,6 +282,13 @@ int train_main(const Config& cfg) {
   // With expert parallelism every forward is collective over the EP group, so all ranks
   // sample in lockstep (same prompt, seed and length); rank 0 prints.
   if (!root && !s.exchange) return 0;
+  if (s.pipe) {
+    // Sampling runs the whole model on one rank; a pipeline rank holds only its stages.
+    if (root && cfg.log.samples > 0)
+      std::printf("samples: skipped with parallel.pp > 1; run `moetrain generate --checkpoint` "
+                  "on the final checkpoint\n");
+    return 0;
+  }
   static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
   for (int i = 0; i < cfg.log.samples; ++i) {
     const std::string prompt = kPrompts[i % 5];

@@ -6,6 +6,7 @@
 #include "io/config_model.h"
 #include "model/check.h"
 #include "model/kernels/cpu/moe_ops.h"
+#include "model/model_stages.h"
 
 namespace moe {
 
@@ -19,8 +20,8 @@ void windows_split(int32_t* inputs, int32_t* targets, const int32_t* windows, in
   }
 }
 
-Comm* train_dp_comm(const TrainState& s) {
-  return s.grid && s.grid->dp_comm ? s.grid->dp_comm.get() : nullptr;
+Comm* train_world_comm(const TrainState& s) {
+  return s.grid && s.grid->world ? s.grid->world.get() : nullptr;
 }
 
 namespace {
@@ -53,22 +54,45 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   ModelDims d = config_model_dims(cfg);
   const int64_t B = cfg.training.micro_batch;
   const int dp = grid ? grid->dp : 1;
-  const int edp = grid ? grid->edp : 1;
+  const int pp = grid ? grid->pp : 1;
   d.ep = grid ? grid->ep : 1;
   d.ep_rank = grid ? grid->ep_rank : 0;
-  model_build<float>(s.model, d, B, dp, edp);
+  s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * dp);
+  // ZeRO-1 groups: every rank holding the same parameters (DualPipe's two copies included).
+  Comm* param_comm = grid ? grid->param_comm.get() : nullptr;
+  Comm* expert_param_comm = grid ? grid->expert_param_comm.get() : nullptr;
+  ModelPart part = model_part_whole(d);
+  s.root_part = part;
+  int n_slots = 1;
+  bool split_backward = false;
+  if (pp > 1) {
+    const PipeSchedule kind = cfg.parallel.schedule;
+    const int M = static_cast<int>(s.micro_batches);
+    s.stage_bounds = model_stage_bounds(d, schedule_num_stages(kind, pp), cfg.parallel.stage_layers);
+    PipelinePlan plan = pipeline_plan(kind, pp, M, grid->pp_rank, s.stage_bounds, d);
+    s.root_part = pipeline_plan(kind, pp, M, 0, s.stage_bounds, d).part;
+    part = plan.part;
+    n_slots = plan.n_slots;
+    split_backward = plan.split_backward;
+    std::vector<int> peers;
+    for (int q = 0; q < pp; ++q) peers.push_back(grid->pp_peer(q));
+    s.pipe = std::make_unique<Pipeline>();
+    pipeline_init(*s.pipe, std::move(plan), grid->world.get(), std::move(peers), B, d.T, d.C);
+  }
+  model_build<float>(s.model, d, B, param_comm ? param_comm->size() : 1,
+                     expert_param_comm ? expert_param_comm->size() : 1, part, n_slots,
+                     split_backward);
   model_init<float>(s.model, cfg.run.seed);
   Model<float>& m = s.model;
   if (d.ep > 1 && d.n_moe_layers() > 0) {
     CHECK(grid && grid->ep_comm);
-    s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, d.n_moe_layers(),
+    // One routing plan per (activation slot, MoE layer): each micro-batch in flight keeps its own.
+    s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_layers(),
                                               moe_rows_max(d, B * d.T), d.C);
     m.exchange = s.exchange.get();
   }
-  Comm* dp_comm = grid ? grid->dp_comm.get() : nullptr;
-  Comm* edp_comm = grid ? grid->edp_comm.get() : nullptr;
-  s.regions[0] = shard_region(m.replicated, dp_comm, 0);
-  s.regions[1] = shard_region(m.experts, edp_comm, s.regions[0].shard);
+  s.regions[0] = shard_region(m.replicated, param_comm, 0);
+  s.regions[1] = shard_region(m.experts, expert_param_comm, s.regions[0].shard);
   s.state_size = s.regions[0].shard + s.regions[1].shard;
   const size_t n = static_cast<size_t>(s.state_size);
   const bool any_sharded = s.regions[0].comm || s.regions[1].comm;
@@ -95,7 +119,6 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   s.targets.assign(static_cast<size_t>(B * d.T), 0);
   s.norm_partials.assign(
       static_cast<size_t>(grad_norm_blocks(std::max(s.regions[0].shard, s.regions[1].shard))), 0.0);
-  s.micro_batches = cfg.training.global_batch / (cfg.training.micro_batch * dp);
   s.lr_plan.kind = cfg.lr.schedule;
   s.lr_plan.peak = cfg.optim.lr;
   s.lr_plan.warmup = cfg.lr.warmup_steps;
@@ -107,7 +130,7 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
 StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   Model<float>& m = s.model;
   const ModelDims& d = m.d;
-  Comm* dp = train_dp_comm(s);
+  Comm* world = train_world_comm(s);
   const int64_t B = s.cfg.training.micro_batch, T_ = d.T;
   const int64_t global_batch = s.cfg.training.global_batch;
   const int64_t dp_rank = s.grid ? s.grid->dp_rank : 0, dp_size = s.grid ? s.grid->dp : 1;
@@ -121,33 +144,54 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   const float dloss_aux = 1.0f / static_cast<float>(global_batch);
   double sums[2] = {0, 0};  // cross-entropy means, balance losses
   grad_reducer_begin(s.reducer, m.grads);
-  for (int64_t i = 0; i < s.micro_batches; ++i) {
-    // Rank r runs the r-th contiguous block of the step's micro-batches.
-    const int64_t mb = dp_rank * s.micro_batches + i;
-    source(s.window.data(), step, mb * B, B);
-    windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
-    sums[0] += model_forward<float>(m, s.inputs.data(), s.targets.data(), B, T_, true);
-    sums[1] += m.aux_loss_sum;
-    // The last micro-batch's backward makes gradients final stage by stage: each bucket's
-    // reduction starts as soon as its stage is done.
-    if (i + 1 == s.micro_batches && s.overlap_reduction)
+  // The op that makes gradients final runs with the reducer watching each stage finish,
+  // so each bucket's reduction starts as soon as its stage is done.
+  auto watch_final = [&s, &m](bool on) {
+    if (!s.overlap_reduction) return;
+    if (on) {
       m.grads_ready = [&s](int64_t stage) { grad_reducer_stage_done(s.reducer, stage); };
-    model_backward<float>(m, dloss_ce, dloss_aux);
-    m.grads_ready = nullptr;
+    } else {
+      m.grads_ready = nullptr;
+    }
+  };
+  if (s.pipe) {
+    // Data-parallel rank r runs the r-th contiguous block of the step's micro-batches.
+    const PipelineBatch batch = [&](int mb, int32_t* tokens, int32_t* targets) {
+      source(s.window.data(), step, (dp_rank * s.micro_batches + mb) * B, B);
+      windows_split(tokens, targets, s.window.data(), B, T_);
+    };
+    const PipelineLoss r = pipeline_run(*s.pipe, m, batch, dloss_ce, dloss_aux, watch_final);
+    sums[0] = r.ce_sum;
+    sums[1] = r.aux_sum;
+  } else {
+    for (int64_t i = 0; i < s.micro_batches; ++i) {
+      const int64_t mb = dp_rank * s.micro_batches + i;
+      source(s.window.data(), step, mb * B, B);
+      windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
+      sums[0] += model_forward<float>(m, s.inputs.data(), s.targets.data(), B, T_, true);
+      sums[1] += m.aux_loss_sum;
+      const bool last = i + 1 == s.micro_batches;
+      if (last) watch_final(true);
+      model_backward<float>(m, dloss_ce, dloss_aux);
+      if (last) watch_final(false);
+    }
   }
   grad_reducer_finish(s.reducer);
+  // Each micro-batch's loss is computed on one rank and each MoE layer's load counted where
+  // the layer runs, so sums over the whole job give the global batch's.
   const int64_t n_moe = d.n_moe_layers() * d.E;
-  if (dp) {
-    dp->all_reduce_sum(sums, 2);
-    dp->all_reduce_sum(m.expert_load, n_moe);
+  if (world) {
+    world->all_reduce_sum(sums, 2);
+    world->all_reduce_sum(m.expert_load, n_moe);
   }
   st.loss = sums[0] / static_cast<double>(s.micro_batches * dp_size);
   st.aux_loss = sums[1] / static_cast<double>(global_batch);
-  // Every parameter element is in exactly one rank's shard of one region.
+  // Every parameter element is in exactly one rank's shard of one region (DualPipe's two
+  // copies share one group, so they count once).
   double sq = 0;
   for (const ShardRegion& r : s.regions)
     sq += grad_sum_squares(region_grad(s, r), r.shard, s.norm_partials.data());
-  if (dp) dp->all_reduce_sum(&sq, 1);
+  if (world) world->all_reduce_sum(&sq, 1);
   st.grad_norm = std::sqrt(sq);
   st.lr = lr_at(s.lr_plan, step);
   AdamWStep as;
@@ -197,10 +241,13 @@ double eval_loss(TrainState& s, int64_t n_batches, const BatchSource& source) {
     const int64_t i = k * dp_size + dp_rank;
     source(s.window.data(), 0, (i < n_batches ? i : 0) * B, B);
     windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
-    const double loss = model_forward<float>(s.model, s.inputs.data(), s.targets.data(), B, T_, false);
+    // With a pipeline the loss is computed on one rank of the replica, 0 elsewhere.
+    const double loss =
+        s.pipe ? pipeline_forward_only(*s.pipe, s.model, s.inputs.data(), s.targets.data())
+               : model_forward<float>(s.model, s.inputs.data(), s.targets.data(), B, T_, false);
     if (i < n_batches) sum += loss;
   }
-  if (Comm* dp = train_dp_comm(s)) dp->all_reduce_sum(&sum, 1);
+  if (Comm* world = train_world_comm(s)) world->all_reduce_sum(&sum, 1);
   return n_batches > 0 ? sum / static_cast<double>(n_batches) : 0.0;
 }
 

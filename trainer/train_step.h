@@ -13,6 +13,7 @@
 #include "parallel/expert_exchange.h"
 #include "parallel/grad_reduce.h"
 #include "parallel/grid.h"
+#include "parallel/pipeline.h"
 
 namespace moe {
 
@@ -53,7 +54,12 @@ struct TrainState {
   std::vector<int32_t> targets;  // (micro_batch, seq_len)
   std::vector<double> norm_partials;  // grad_norm_blocks(largest shard)
   LrSchedulePlan lr_plan;
-  int64_t micro_batches = 1;     // per step
+  int64_t micro_batches = 1;     // per step and data-parallel rank
+  // Pipeline parallelism (pp > 1): the stages' layer bounds, this rank's executor, and what
+  // pipeline rank 0 holds (it writes checkpoints).
+  std::vector<int64_t> stage_bounds;
+  std::unique_ptr<Pipeline> pipe;
+  ModelPart root_part;
   bool overlap_reduction = true; // false: reduce after backward (the benchmark's baseline)
 };
 
@@ -69,8 +75,8 @@ struct StepStats {
 // `grid` may be null (single process); it must outlive the state.
 void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid = nullptr);
 
-// The data-parallel group, or null when there is none.
-Comm* train_dp_comm(const TrainState& s);
+// Every rank of the job, or null when running as one process.
+Comm* train_world_comm(const TrainState& s);
 
 StepStats train_step(TrainState& s, int64_t step, const BatchSource& source);
 

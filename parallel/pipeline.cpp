@@ -1,0 +1,296 @@
+#include "parallel/pipeline.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "model/check.h"
+#include "model/wall_clock.h"
+
+namespace moe {
+
+namespace {
+
+bool is_compute(PipeOpKind k) {
+  return k == PipeOpKind::kForward || k == PipeOpKind::kBackward ||
+         k == PipeOpKind::kBackwardInput || k == PipeOpKind::kBackwardWeight ||
+         k == PipeOpKind::kForwardBackward;
+}
+
+// Message tags: (activation 0 / gradient 1, the stage that receives, micro-batch).
+int message_tag(const PipelinePlan& pl, int type, int recv_stage, int mb) {
+  return (type * pl.S + recv_stage) * pl.M + mb;
+}
+
+}  // namespace
+
+PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
+                           const std::vector<int64_t>& bounds, const ModelDims& d) {
+  PipelinePlan pl;
+  pl.kind = kind;
+  pl.pp = pp;
+  pl.rank = rank;
+  pl.M = M;
+  pl.S = schedule_num_stages(kind, pp);
+  pl.ops = schedule_rank_ops(kind, pp, M, rank);  // checks (kind, pp, M)
+  CHECK(static_cast<int>(bounds.size()) == pl.S + 1 && bounds.front() == 0 && bounds.back() == d.L,
+        "stage bounds do not cover the model");
+  CHECK(message_tag(pl, 1, pl.S - 1, M - 1) < 32767, "too many stages x micro-batches for MPI tags");
+  pl.chunks = schedule_chunks_per_rank(kind);
+  pl.part = ModelPart{std::vector<uint8_t>(static_cast<size_t>(d.L), 0), false, false};
+  for (int c = 0; c < pl.chunks; ++c) {
+    const int s = schedule_stage_of(kind, pp, rank, c);
+    pl.stage[c] = s;
+    pl.l0[c] = bounds[static_cast<size_t>(s)];
+    pl.l1[c] = bounds[static_cast<size_t>(s) + 1];
+    CHECK(pl.l0[c] < pl.l1[c], "stage %d has no layers", s);
+    for (int64_t l = pl.l0[c]; l < pl.l1[c]; ++l) pl.part.layers[static_cast<size_t>(l)] = 1;
+    pl.part.embedding = pl.part.embedding || s == 0;
+    pl.part.head = pl.part.head || s == pl.S - 1;
+  }
+  // Each micro-batch's interval on this rank: from the compute op before its first op (so its
+  // receives are posted a whole compute op ahead) to its last op.
+  const int n = static_cast<int>(pl.ops.size());
+  std::vector<int> first(static_cast<size_t>(M), -1), last(static_cast<size_t>(M), -1);
+  auto touch = [&](int mb, int i) {
+    if (mb < 0) return;
+    if (first[static_cast<size_t>(mb)] < 0) first[static_cast<size_t>(mb)] = i;
+    last[static_cast<size_t>(mb)] = i;
+  };
+  for (int i = 0; i < n; ++i) {
+    const PipeOp& op = pl.ops[static_cast<size_t>(i)];
+    touch(op.mb, i);
+    if (op.kind == PipeOpKind::kForwardBackward) touch(op.mb2, i);
+    if (op.kind == PipeOpKind::kBackward || op.kind == PipeOpKind::kBackwardWeight ||
+        op.kind == PipeOpKind::kForwardBackward)
+      pl.last_backward_op = i;
+    pl.split_backward = pl.split_backward || op.kind == PipeOpKind::kBackwardInput;
+  }
+  std::vector<std::vector<int>> starts(static_cast<size_t>(n)), ends(static_cast<size_t>(n));
+  for (int mb = 0; mb < M; ++mb) {
+    int f = first[static_cast<size_t>(mb)];
+    if (f < 0) continue;
+    for (int j = f - 1; j >= 0; --j)
+      if (is_compute(pl.ops[static_cast<size_t>(j)].kind)) {
+        f = j;
+        break;
+      }
+    starts[static_cast<size_t>(f)].push_back(mb);
+    ends[static_cast<size_t>(last[static_cast<size_t>(mb)])].push_back(mb);
+  }
+  // Lowest free slot first; a slot freed after op i is free again before op i + 1.
+  pl.slot_of.assign(static_cast<size_t>(M), -1);
+  std::vector<uint8_t> busy;
+  pl.n_slots = 0;
+  for (int i = 0; i < n; ++i) {
+    for (int mb : starts[static_cast<size_t>(i)]) {
+      size_t s = 0;
+      while (s < busy.size() && busy[s]) ++s;
+      if (s == busy.size()) busy.push_back(0);
+      busy[s] = 1;
+      pl.slot_of[static_cast<size_t>(mb)] = static_cast<int>(s);
+    }
+    pl.n_slots = std::max(pl.n_slots, static_cast<int>(busy.size()));
+    for (int mb : ends[static_cast<size_t>(i)]) busy[static_cast<size_t>(pl.slot_of[static_cast<size_t>(mb)])] = 0;
+  }
+  pl.acquire_at = std::move(starts);
+  pl.n_slots = std::max(pl.n_slots, 1);
+  return pl;
+}
+
+void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> peer_rank,
+                   int64_t B, int64_t T, int64_t C) {
+  CHECK(static_cast<int>(peer_rank.size()) == plan.pp);
+  CHECK(comm || plan.pp == 1, "a pipeline over several ranks needs a communicator");
+  p.plan = std::move(plan);
+  p.comm = comm;
+  p.peer_rank = std::move(peer_rank);
+  p.B = B;
+  p.T = T;
+  p.C = C;
+  const size_t sc = static_cast<size_t>(p.plan.n_slots * p.plan.chunks);
+  p.grad_in.assign(sc * static_cast<size_t>(B * T * C), 0.0f);
+  p.recv_act.assign(sc, CommRequest{});
+  p.recv_grad.assign(sc, CommRequest{});
+  p.grad_received.assign(sc, 0);
+  p.send_act.assign(sc, CommRequest{});
+  p.send_grad.assign(static_cast<size_t>(p.plan.n_slots), CommRequest{});
+  p.tokens.assign(static_cast<size_t>(B * T), 0);
+  p.targets.assign(static_cast<size_t>(B * T), 0);
+}
+
+namespace {
+
+struct Runner {
+  Pipeline& p;
+  Model<float>& m;
+  const PipelineBatch& batch;
+  float dloss_ce, dloss_aux;
+  const std::function<void(bool)>& on_final;
+  PipelineLoss loss;
+
+  const PipelinePlan& pl() const { return p.plan; }
+  int slot(int mb) const { return pl().slot_of[static_cast<size_t>(mb)]; }
+  size_t sc(int mb, int chunk) const {
+    return static_cast<size_t>(slot(mb) * pl().chunks + chunk);
+  }
+  size_t elems() const { return static_cast<size_t>(p.B * p.T * p.C); }
+  size_t bytes() const { return elems() * sizeof(float); }
+  float* residual(int mb, int64_t l) { return model_chunk_residual<float>(m, slot(mb), l, p.B, p.T); }
+  float* grad_buffer(int mb, int chunk) { return p.grad_in.data() + sc(mb, chunk) * elems(); }
+
+  void wait(CommRequest& r, double* blocked) {
+    if (!r.active) return;
+    const double t = now_s();
+    p.comm->wait(r);
+    if (blocked) *blocked += now_s() - t;
+  }
+
+  // The micro-batch takes its slot: the previous holder's sends must have left, then every
+  // receive this micro-batch will need on this rank is posted.
+  void acquire(int mb) {
+    const int s = slot(mb);
+    for (int c = 0; c < pl().chunks; ++c) {
+      wait(p.send_act[static_cast<size_t>(s * pl().chunks + c)], nullptr);
+      p.grad_received[static_cast<size_t>(s * pl().chunks + c)] = 0;
+    }
+    wait(p.send_grad[static_cast<size_t>(s)], nullptr);
+    for (const PipeOp& op : pl().ops) {
+      if (op.mb != mb) continue;
+      const int stage = pl().stage[op.chunk];
+      if (op.kind == PipeOpKind::kRecvActivation) {
+        p.recv_act[sc(mb, op.chunk)] =
+            p.comm->recv_start(residual(mb, pl().l0[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+                               message_tag(pl(), 0, stage, mb));
+      } else if (op.kind == PipeOpKind::kRecvGradient) {
+        p.recv_grad[sc(mb, op.chunk)] =
+            p.comm->recv_start(grad_buffer(mb, op.chunk), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+                               message_tag(pl(), 1, stage, mb));
+      }
+    }
+  }
+
+  void forward(int chunk, int mb) {
+    batch(mb, p.tokens.data(), p.targets.data());
+    const double t = now_s();
+    const ChunkLoss r = model_chunk_forward<float>(m, slot(mb), pl().l0[chunk], pl().l1[chunk],
+                                                   p.tokens.data(), p.targets.data(), p.B, p.T, true);
+    p.times.compute += now_s() - t;
+    if (pl().l1[chunk] == m.d.L) loss.ce_sum += r.ce_mean;
+    loss.aux_sum += r.aux_sum;
+  }
+
+  void backward(int chunk, int mb, BackwardPart part) {
+    if (part != BackwardPart::kWeight) {
+      // The residual gradient is about to be written: the last one sent from it must be out.
+      wait(p.send_grad[static_cast<size_t>(slot(mb))], &p.times.recv_wait);
+      uint8_t& got = p.grad_received[sc(mb, chunk)];
+      if (got) {
+        std::memcpy(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
+        got = 0;
+      }
+    }
+    const double t = now_s();
+    model_chunk_backward<float>(m, slot(mb), pl().l0[chunk], pl().l1[chunk], dloss_ce, dloss_aux,
+                                part);
+    p.times.compute += now_s() - t;
+  }
+
+  void run() {
+    const double t0 = now_s();
+    const int n = static_cast<int>(pl().ops.size());
+    for (int i = 0; i < n; ++i) {
+      for (int mb : pl().acquire_at[static_cast<size_t>(i)]) acquire(mb);
+      const PipeOp& op = pl().ops[static_cast<size_t>(i)];
+      const bool final_op = i == pl().last_backward_op;
+      switch (op.kind) {
+        case PipeOpKind::kRecvActivation:
+          wait(p.recv_act[sc(op.mb, op.chunk)], &p.times.recv_wait);
+          break;
+        case PipeOpKind::kRecvGradient:
+          wait(p.recv_grad[sc(op.mb, op.chunk)], &p.times.recv_wait);
+          p.grad_received[sc(op.mb, op.chunk)] = 1;
+          break;
+        case PipeOpKind::kSendActivation:
+          p.send_act[sc(op.mb, op.chunk)] = p.comm->send_start(
+              residual(op.mb, pl().l1[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+              message_tag(pl(), 0, pl().stage[op.chunk] + 1, op.mb));
+          break;
+        case PipeOpKind::kSendGradient:
+          p.send_grad[static_cast<size_t>(slot(op.mb))] = p.comm->send_start(
+              model_chunk_grad<float>(m, slot(op.mb)), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+              message_tag(pl(), 1, pl().stage[op.chunk] - 1, op.mb));
+          break;
+        case PipeOpKind::kForward: forward(op.chunk, op.mb); break;
+        case PipeOpKind::kBackward:
+        case PipeOpKind::kBackwardInput:
+        case PipeOpKind::kBackwardWeight: {
+          const BackwardPart part = op.kind == PipeOpKind::kBackward        ? BackwardPart::kFull
+                                    : op.kind == PipeOpKind::kBackwardInput ? BackwardPart::kInput
+                                                                            : BackwardPart::kWeight;
+          if (final_op && on_final) on_final(true);
+          backward(op.chunk, op.mb, part);
+          if (final_op && on_final) on_final(false);
+          break;
+        }
+        case PipeOpKind::kForwardBackward:
+          forward(op.chunk, op.mb);
+          if (final_op && on_final) on_final(true);
+          backward(op.chunk2, op.mb2, BackwardPart::kFull);
+          if (final_op && on_final) on_final(false);
+          break;
+      }
+    }
+    // Nothing may stay in flight past the step: the next step reuses every buffer.
+    for (CommRequest& r : p.send_act) wait(r, nullptr);
+    for (CommRequest& r : p.send_grad) wait(r, nullptr);
+    for (CommRequest& r : p.recv_act) CHECK(!r.active, "a posted receive was never used");
+    for (CommRequest& r : p.recv_grad) CHECK(!r.active, "a posted receive was never used");
+    p.times.wall = now_s() - t0;
+  }
+};
+
+}  // namespace
+
+PipelineLoss pipeline_run(Pipeline& p, Model<float>& m, const PipelineBatch& batch,
+                          float dloss_ce, float dloss_aux,
+                          const std::function<void(bool)>& on_final_backward) {
+  CHECK(static_cast<int>(m.slots.size()) >= p.plan.n_slots, "model has %zu slots, plan needs %d",
+        m.slots.size(), p.plan.n_slots);
+  p.times = PipelineTimes{};
+  Runner r{p, m, batch, dloss_ce, dloss_aux, on_final_backward, {}};
+  r.run();
+  return r.loss;
+}
+
+double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens,
+                             const int32_t* targets) {
+  const PipelinePlan& pl = p.plan;
+  const size_t bytes = static_cast<size_t>(p.B * p.T * p.C) * sizeof(float);
+  double loss = 0;
+  // Stages in order, placed as micro-batch 0 (DualPipe's first direction). Each message goes
+  // from stage s to s + 1 and every rank walks the stages in the same order, so blocking
+  // sends and receives cannot deadlock.
+  for (int s = 0; s < pl.S; ++s) {
+    const PipePlace here = schedule_place(pl.kind, pl.pp, pl.M, s, 0);
+    if (here.rank != pl.rank) continue;
+    const int c = here.chunk;
+    if (s > 0) {
+      const int prev = schedule_place(pl.kind, pl.pp, pl.M, s - 1, 0).rank;
+      if (prev != pl.rank)
+        p.comm->recv(model_chunk_residual<float>(m, 0, pl.l0[c], p.B, p.T), bytes,
+                     p.peer_rank[static_cast<size_t>(prev)], message_tag(pl, 0, s, 0));
+    }
+    const ChunkLoss r = model_chunk_forward<float>(m, 0, pl.l0[c], pl.l1[c], tokens, targets, p.B,
+                                                   p.T, false);
+    if (pl.l1[c] == m.d.L) loss = r.ce_mean;
+    if (s + 1 < pl.S) {
+      const int next = schedule_place(pl.kind, pl.pp, pl.M, s + 1, 0).rank;
+      if (next != pl.rank)
+        p.comm->send(model_chunk_residual<float>(m, 0, pl.l1[c], p.B, p.T), bytes,
+                     p.peer_rank[static_cast<size_t>(next)], message_tag(pl, 0, s + 1, 0));
+    }
+  }
+  return loss;
+}
+
+}  // namespace moe

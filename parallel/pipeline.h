@@ -1,0 +1,93 @@
+// The pipeline executor: runs one rank's op list (parallel/schedule) over the model chunks it
+// holds, with non-blocking point-to-point messages.
+//
+// Host-side planning (pipeline_plan) is pure: which stages and layers this rank holds, and
+// which activation slot each micro-batch uses. A micro-batch takes a slot one compute op
+// before its first op on this rank (so its receives can be posted then, ahead of need) and
+// gives it back after its last; the number of slots is the most held at once.
+//
+// Messages. Activations are received straight into the slot's residual stream at the
+// chunk's first layer and sent from it at the chunk's last (model_chunk_residual), so
+// neither is copied. Gradients are received into a buffer per (slot, chunk) and copied into
+// the slot's residual gradient when the backward starts, because one slot's residual
+// gradient serves both of its chunks (DualPipeV) and may still be on its way out. Tags
+// name (activation or gradient, the receiving stage, the micro-batch), so any order of
+// arrival is matched correctly.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "model/model.h"
+#include "parallel/comm.h"
+#include "parallel/schedule.h"
+
+namespace moe {
+
+struct PipelinePlan {
+  PipeSchedule kind = PipeSchedule::k1F1B;
+  int pp = 1, rank = 0, M = 1, S = 1;
+  std::vector<PipeOp> ops;      // schedule_rank_ops
+  int chunks = 1;               // chunks this rank holds
+  int stage[2] = {0, 0};        // stage of each chunk
+  int64_t l0[2] = {0, 0}, l1[2] = {0, 0};  // layers [l0, l1) of each chunk
+  ModelPart part;               // the union of the chunks
+  std::vector<int> slot_of;     // (M) activation slot of each micro-batch, -1: never here
+  std::vector<std::vector<int>> acquire_at;  // (ops) micro-batches taking their slot before op i
+  int n_slots = 1;
+  bool split_backward = false;  // the list has Bx / W ops
+  int last_backward_op = -1;    // index of the op that makes the gradients final
+};
+
+// bounds: S + 1 layer boundaries of the stages (model_stage_bounds).
+PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
+                           const std::vector<int64_t>& bounds, const ModelDims& d);
+
+// Where time went in one pipeline_run (seconds).
+struct PipelineTimes {
+  double wall = 0;      // the whole op list
+  double compute = 0;   // inside forward / backward compute
+  double recv_wait = 0; // blocked waiting for a message
+};
+
+struct Pipeline {
+  PipelinePlan plan;
+  Comm* comm = nullptr;        // the world: peers are world ranks
+  std::vector<int> peer_rank;  // (pp) world rank of each pipeline rank (same dp rank)
+  int64_t B = 1, T = 1, C = 1;
+  std::vector<float> grad_in;                   // (slots, chunks, B T C)
+  std::vector<CommRequest> recv_act, recv_grad; // (slots, chunks)
+  std::vector<uint8_t> grad_received;           // (slots, chunks)
+  std::vector<CommRequest> send_act;            // (slots, chunks)
+  std::vector<CommRequest> send_grad;           // (slots)
+  std::vector<int32_t> tokens, targets;         // (B T) scratch for one micro-batch
+  PipelineTimes times;
+};
+
+// Everything is allocated here; pipeline_run allocates nothing.
+void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> peer_rank,
+                   int64_t B, int64_t T, int64_t C);
+
+// Fills tokens (B, T) and targets (B, T) of micro-batch mb (0 <= mb < M of this step).
+using PipelineBatch = std::function<void(int mb, int32_t* tokens, int32_t* targets)>;
+
+struct PipelineLoss {
+  double ce_sum = 0;   // summed over the micro-batches whose loss is computed here
+  double aux_sum = 0;  // balance loss of this rank's MoE layers, summed over micro-batches
+};
+
+// One optimizer step's forwards and backwards (gradients accumulate into m.grads).
+// on_final_backward(true) is called before the op that makes this rank's gradients final and
+// (false) after it, so the caller can start reducing them while it runs.
+PipelineLoss pipeline_run(Pipeline& p, Model<float>& m, const PipelineBatch& batch,
+                          float dloss_ce, float dloss_aux,
+                          const std::function<void(bool)>& on_final_backward);
+
+// Forward only (evaluation) of one micro-batch, tokens and targets (B, T), through the stages
+// in order in activation slot 0, with blocking messages. Returns the mean cross-entropy on the
+// rank that computes the loss and 0 on the others. Every pipeline rank of the replica calls it.
+double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens,
+                             const int32_t* targets);
+
+}  // namespace moe
