@@ -1,7 +1,11 @@
 #include "trainer/run_summary.h"
 
+#include <algorithm>
+
 #include "io/config_model.h"
 #include "model/check.h"
+#include "model/model_stages.h"
+#include "parallel/pipeline.h"
 
 namespace moe {
 
@@ -13,21 +17,45 @@ std::string run_summary(const Config& cfg) {
   ModelDims d = config_model_dims(cfg);
   const ModelCounts c = model_counts(d);
   // What one rank holds: replicated tensors plus its EP rank's share of the routed experts.
-  const int dp = cfg.parallel.dp, ep = cfg.parallel.ep, edp = dp / ep;
+  const int dp = cfg.parallel.dp, ep = cfg.parallel.ep, pp = cfg.parallel.pp;
+  // ZeRO-1 groups: DualPipe's two copies of a stage share one.
+  const int copies = pp > 1 && cfg.parallel.schedule == PipeSchedule::kDualPipe ? 2 : 1;
+  const int zero = dp * copies, ezero = dp / ep * copies;
   if (d.n_moe_layers() > 0) d.ep = ep;
-  double n_rep = 0, n_exp = 0;
-  for (const ParamInfo& p : model_param_table(d))
-    (p.routed_experts ? n_exp : n_rep) += static_cast<double>(p.count);
-  const double params = (n_rep + n_exp) * 4;
+  const int64_t M = cfg.training.global_batch / (int64_t{cfg.training.micro_batch} * dp);
+  // With a pipeline, the pipeline rank holding the most: its stages' tensors, and one
+  // activation slot (its layers only) per micro-batch it holds at once.
+  double params = 0, optim = 0, acts = 0;
+  const double whole_acts =
+      static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float)));
+  for (int r = 0; r < pp; ++r) {
+    ModelPart part = model_part_whole(d);
+    int slots = 1;
+    if (pp > 1) {
+      const int S = schedule_num_stages(cfg.parallel.schedule, pp);
+      const PipelinePlan plan =
+          pipeline_plan(cfg.parallel.schedule, pp, static_cast<int>(M), r,
+                        model_stage_bounds(d, S, cfg.parallel.stage_layers), d);
+      part = plan.part;
+      slots = plan.n_slots;
+    }
+    double n_rep = 0, n_exp = 0;
+    for (const ParamInfo& p : model_param_table(d)) {
+      const bool held = p.layer < 0 ? part.embedding : p.layer >= d.L ? part.head : part.holds_layer(p.layer);
+      if (held) (p.routed_experts ? n_exp : n_rep) += static_cast<double>(p.count);
+    }
+    int64_t layers = 0;
+    for (uint8_t h : part.layers) layers += h;
+    params = std::max(params, (n_rep + n_exp) * 4);
+    // Adam first and second moments, FP32, sharded (ZeRO-1); plus the reduced-gradient
+    // shard when sharded at all.
+    optim = std::max(optim, (zero > 1 ? 3 : 2) * (n_rep / zero + n_exp / ezero) * 4);
+    acts = std::max(acts, whole_acts * static_cast<double>(layers) / static_cast<double>(d.L) * slots);
+  }
   const double grads = params;
-  // Adam first and second moments, FP32, sharded (ZeRO-1): replicated tensors over dp,
-  // experts over the dp / ep ranks holding them; plus the reduced-gradient shard when dp > 1.
-  const double shard = n_rep / dp + n_exp / edp;
-  const double optim = (dp > 1 ? 3 : 2) * shard * 4;
+  const int edp = ezero;
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
-  const double acts =
-      static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float))) +
-      (d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0);  // dispatch wire buffer
+  acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
   const double fpt = model_flops_per_token(d);
   std::string s;
   s += strprintf("parameters: %lld total (%.2fM), %lld active per token (%.2fM matmul weights)\n",
@@ -38,9 +66,9 @@ std::string run_summary(const Config& cfg) {
                  static_cast<long long>(d.n_moe_layers()), static_cast<long long>(d.E),
                  static_cast<long long>(d.K), static_cast<long long>(cfg.moe.num_shared_experts));
   s += strprintf("memory (per rank, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
-                 "(ZeRO-1 over dp %d, experts over %d), activations %.1f (micro-batch %d x %d), "
+                 "(ZeRO-1 over %d, experts over %d), activations %.1f (micro-batch %d x %d), "
                  "total %.1f\n",
-                 mib(params), mib(grads), mib(optim), dp, edp, mib(acts), cfg.training.micro_batch,
+                 mib(params), mib(grads), mib(optim), zero, edp, mib(acts), cfg.training.micro_batch,
                  cfg.model.seq_len, mib(params + grads + optim + acts));
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,

@@ -159,7 +159,9 @@ int train_main(const Config& cfg) {
                  static_cast<long long>(-steps[1]), static_cast<long long>(steps[0]));
   }
   const bool resumed = pos.step > 0;
-  const double peak = sgemm_peak_flops(true);
+  // MFU is the job's throughput over the job's peak: the sum of every rank's measured share.
+  double peak = sgemm_peak_flops(true);
+  if (grid.world) grid.world->all_reduce_sum(&peak, 1);
   const double flops_per_token = model_flops_per_token(s.model.d);
   if (root) std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
   std::fflush(stdout);
