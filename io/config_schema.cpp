@@ -327,6 +327,14 @@ void check_pipeline(const Config& c, const Rules& r) {
            "rank, got %lld (training.global_batch / (training.micro_batch x parallel.dp))",
            kind, p.pp, dualpipe ? "an even number of micro-batches" : "micro-batches",
            2LL * p.pp, (long long)M);
+  // The executor tags each message (activation or gradient, receiving stage, micro-batch);
+  // MPI guarantees tags up to 32767 only.
+  const int64_t tags = 2 * pipeline_stages(p) * M;
+  if (tags > 32768)
+    r.fail({"training.micro_batch", "training.global_batch", "parallel.pp", "parallel.dp"},
+           "parallel.pp = %d with %lld micro-batches per data-parallel rank needs %lld pipeline "
+           "message tags, more than the 32768 MPI guarantees (raise training.micro_batch)",
+           p.pp, (long long)M, (long long)tags);
   // 1f1b and zb1p put the embedding (stage 0) and the head (stage S - 1) on different ranks;
   // DualPipe(V) holds both on rank 0.
   const bool one_chunk = p.schedule == PipeSchedule::k1F1B || p.schedule == PipeSchedule::kZB1P;

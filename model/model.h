@@ -76,6 +76,12 @@ struct ModelPart {
   bool embedding = true;
   bool head = true;
   bool holds_layer(int64_t l) const { return layers[static_cast<size_t>(l)] != 0; }
+  // By ParamInfo::layer numbering: -1 the embedding, L the final norm and head.
+  bool holds(int64_t layer) const {
+    if (layer < 0) return embedding;
+    if (layer >= static_cast<int64_t>(layers.size())) return head;
+    return holds_layer(layer);
+  }
 };
 inline ModelPart model_part_whole(const ModelDims& d) {
   return ModelPart{std::vector<uint8_t>(static_cast<size_t>(d.L), 1), true, true};

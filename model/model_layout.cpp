@@ -22,13 +22,12 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
                     ModelParams<T>* views, std::vector<ParamInfo>* table) {
   size_t offset = 0;
   int64_t layer = -1, id = 0;
-  bool held = part.embedding;
   // Tensors of parts not held keep their id (their place in the whole model's table) but
   // take no room and get null views.
   auto take = [&](const std::string& name, std::vector<int64_t> shape, bool decay,
                   bool experts = false) -> T* {
     const int64_t my_id = id++;
-    if (!held) return nullptr;
+    if (!part.holds(layer)) return nullptr;
     size_t count = 1;
     for (int64_t s : shape) count *= static_cast<size_t>(s);
     if (table) table->push_back(ParamInfo{name, shape, offset, count, decay, experts, layer, my_id});
@@ -44,7 +43,6 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
     LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     lp = LayerParams<T>{};
     layer = l;
-    held = part.holds_layer(l);
     const std::string pre = prefix(l);
     lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
     lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
@@ -62,7 +60,6 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
     }
   }
   layer = d.L;
-  held = part.head;
   v.final_norm = take("final_norm", {d.C}, false);
   v.lm_head = d.tie_embeddings ? v.wte : take("lm_head", {d.V, d.C}, true);
   const size_t n_replicated = offset;
@@ -70,7 +67,6 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
   for (int64_t l = d.dense_layers; l < d.L; ++l) {
     LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     layer = l;
-    held = part.holds_layer(l);
     const std::string pre = prefix(l);
     lp.ew13 = take(pre + "moe/experts/w13", {d.EL(), 2 * d.FE, d.C}, true, true);
     lp.ew2 = take(pre + "moe/experts/w2", {d.EL(), d.C, d.FE}, true, true);

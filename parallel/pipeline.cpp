@@ -34,7 +34,7 @@ PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
   pl.ops = schedule_rank_ops(kind, pp, M, rank);  // checks (kind, pp, M)
   CHECK(static_cast<int>(bounds.size()) == pl.S + 1 && bounds.front() == 0 && bounds.back() == d.L,
         "stage bounds do not cover the model");
-  CHECK(message_tag(pl, 1, pl.S - 1, M - 1) < 32767, "too many stages x micro-batches for MPI tags");
+  CHECK(message_tag(pl, 1, pl.S - 1, M - 1) <= 32767, "too many stages x micro-batches for MPI tags");
   pl.chunks = schedule_chunks_per_rank(kind);
   pl.part = ModelPart{std::vector<uint8_t>(static_cast<size_t>(d.L), 0), false, false};
   for (int c = 0; c < pl.chunks; ++c) {

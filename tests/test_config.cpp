@@ -184,6 +184,10 @@ const BadCase kBadCases[] = {
     {"dualpipev_micro_batches", "", {"parallel.pp=3", "parallel.schedule=dualpipev", "parallel.dp=2"},
      "--set parallel.dp=2: parallel.schedule = \"dualpipev\" with parallel.pp = 3 needs micro-batches "
      ">= 6 per data-parallel rank, got 4 (training.global_batch / (training.micro_batch x parallel.dp))"},
+    {"pipeline_message_tags", "", {"parallel.pp=2", "training.global_batch=16384", "training.micro_batch=1"},
+     "--set training.micro_batch=1: parallel.pp = 2 with 16384 micro-batches per data-parallel rank "
+     "needs 65536 pipeline message tags, more than the 32768 MPI guarantees (raise "
+     "training.micro_batch)"},
     {"tie_embeddings_1f1b", "[model]\ntie_embeddings = true\n[parallel]\npp = 2\n", {},
      "x.toml:4:1: model.tie_embeddings = true needs the embedding and the head on one rank, but "
      "parallel.schedule = \"1f1b\" with parallel.pp = 2 puts them on ranks 0 and 1 (use dualpipe or "

@@ -28,22 +28,23 @@ std::string run_summary(const Config& cfg) {
   double params = 0, optim = 0, acts = 0;
   const double whole_acts =
       static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float)));
+  const std::vector<ParamInfo> table = model_param_table(d);
+  const std::vector<int64_t> bounds =
+      pp > 1 ? model_stage_bounds(d, schedule_num_stages(cfg.parallel.schedule, pp),
+                                  cfg.parallel.stage_layers)
+             : std::vector<int64_t>{};
   for (int r = 0; r < pp; ++r) {
     ModelPart part = model_part_whole(d);
     int slots = 1;
     if (pp > 1) {
-      const int S = schedule_num_stages(cfg.parallel.schedule, pp);
       const PipelinePlan plan =
-          pipeline_plan(cfg.parallel.schedule, pp, static_cast<int>(M), r,
-                        model_stage_bounds(d, S, cfg.parallel.stage_layers), d);
+          pipeline_plan(cfg.parallel.schedule, pp, static_cast<int>(M), r, bounds, d);
       part = plan.part;
       slots = plan.n_slots;
     }
     double n_rep = 0, n_exp = 0;
-    for (const ParamInfo& p : model_param_table(d)) {
-      const bool held = p.layer < 0 ? part.embedding : p.layer >= d.L ? part.head : part.holds_layer(p.layer);
-      if (held) (p.routed_experts ? n_exp : n_rep) += static_cast<double>(p.count);
-    }
+    for (const ParamInfo& p : table)
+      if (part.holds(p.layer)) (p.routed_experts ? n_exp : n_rep) += static_cast<double>(p.count);
     int64_t layers = 0;
     for (uint8_t h : part.layers) layers += h;
     params = std::max(params, (n_rep + n_exp) * 4);
@@ -53,7 +54,6 @@ std::string run_summary(const Config& cfg) {
     acts = std::max(acts, whole_acts * static_cast<double>(layers) / static_cast<double>(d.L) * slots);
   }
   const double grads = params;
-  const int edp = ezero;
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
   acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
   const double fpt = model_flops_per_token(d);
@@ -68,7 +68,7 @@ std::string run_summary(const Config& cfg) {
   s += strprintf("memory (per rank, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
                  "(ZeRO-1 over %d, experts over %d), activations %.1f (micro-batch %d x %d), "
                  "total %.1f\n",
-                 mib(params), mib(grads), mib(optim), zero, edp, mib(acts), cfg.training.micro_batch,
+                 mib(params), mib(grads), mib(optim), zero, ezero, mib(acts), cfg.training.micro_batch,
                  cfg.model.seq_len, mib(params + grads + optim + acts));
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,

@@ -125,11 +125,6 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
   auto owns = [&](const LogicalTensor& t) {
     return first_copy && (!grid || (t.expert < 0 ? grid->dp_rank == 0 : grid->edp_rank == 0));
   };
-  auto part_holds = [&](const ModelPart& p, const LogicalTensor& t) {
-    if (t.layer < 0) return p.embedding;
-    if (t.layer >= m.d.L) return p.head;
-    return p.holds_layer(t.layer);
-  };
   std::vector<float> mine, total;
   // Assembles tensor g on rank 0 from every rank's contribution (fill puts this rank's
   // elements into a zeroed buffer of g's layout; the sum is exact) and writes it there.
@@ -146,7 +141,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     // Weights: rank 0 writes its own copy; the rest come from their owner. Whether rank 0
     // holds a tensor is the same question on every rank (its pipeline part, and global
     // expert id < EL), so all ranks agree on which tensors need a reduction.
-    const bool root_holds = part_holds(s.root_part, g) && g.expert < m.d.EL();
+    const bool root_holds = s.root_part.holds(g.layer) && g.expert < m.d.EL();
     if (!world || root_holds) {
       if (writer) w->write_f32("/model/" + g.name, g.shape, m.params + t->offset, t->ld);
     } else {
