@@ -120,6 +120,10 @@ struct ParallelConfig {
   // Layers of each pipeline stage (pp for 1f1b, zb1p and dualpipe, 2 pp for dualpipev; one
   // when pp = 1), summing to model.n_layers; empty = balanced by compute.
   std::vector<int64_t> stage_layers;
+  // DualPipe / DualPipeV: interleave the two chunks of each F&B pair piece by piece, so each
+  // one's all-to-alls and pipeline messages hide behind the other's computation. false runs
+  // them one after the other (same results, bit for bit).
+  bool fb_overlap = true;
 
   bool operator==(const ParallelConfig&) const = default;
 };

@@ -72,7 +72,7 @@ constexpr Key kKeys[] = {
     MOE_KEY(lr, decay_fraction),
 
     MOE_KEY(parallel, dp), MOE_KEY(parallel, ep), MOE_KEY(parallel, pp), MOE_KEY(parallel, schedule),
-    MOE_KEY(parallel, bucket_mb), MOE_KEY(parallel, stage_layers),
+    MOE_KEY(parallel, bucket_mb), MOE_KEY(parallel, stage_layers), MOE_KEY(parallel, fb_overlap),
 
     MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8),
 

@@ -1,7 +1,6 @@
 // The feed-forward layers: dense SwiGLU and the MoE layer (router -> dispatch ->
 // per-expert SwiGLU -> combine, plus the shared experts).
 #include <algorithm>
-#include <type_traits>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
@@ -68,59 +67,46 @@ void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const
   swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, N, d.C, d.F);
 }
 
-// The exchange moves float rows only; the double instantiation (gradient checks) runs with
-// every expert local.
 template <typename T>
-void exchange_rows(ExpertExchange* ex, bool dispatch, int64_t moe_l, T* to, const T* from,
-                   int64_t C) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (dispatch) {
-      ex->dispatch(moe_l, to, from, C);
-    } else {
-      ex->combine(moe_l, to, from, C);
-    }
-  } else {
-    CHECK(false, "expert parallelism needs float parameters");
-  }
-}
-
-template <typename T>
-double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
-                       const float* bias, int64_t* load, Activations<T>& a, const ModelDims& d,
-                       int64_t B, int64_t T_, ExpertExchange* ex, int64_t moe_l) {
-  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE, EL = d.EL();
-  CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
+void moe_layer_route_forward(LayerActs<T>& la, const T* x, const LayerParams<T>& lp, const float* bias,
+                       Activations<T>& a, const ModelDims& d, int64_t N) {
+  const int64_t C = d.C, E = d.E, K = d.K;
   // Router in full precision of T: logits -> scores -> top-k with the selection bias.
   cpu::matmul_forward<T>(a.router_logits, x, lp.router, N, C, E);
   cpu::router_forward<T>(la.scores, la.expert_ids, la.gate_weights, a.router_logits, bias, N, E,
                          K, d.score, d.route_scale, d.G, d.KG);
   cpu::moe_plan(la.counts, la.offsets, la.row_of, la.token_of, la.expert_ids, N, E, K);
   cpu::moe_permute_forward<T>(la.xp, x, la.token_of, N * K, C);
-  // The local experts' rows: xp itself, or what the EP group sends here.
-  const T* xg = la.xp;
-  T* yg = la.yp;
-  if (ex) {
-    la.rows_recv = ex->plan(moe_l, la.counts, la.expert_ids, N, K, la.local_offsets);
-    CHECK(la.rows_recv <= moe_rows_max(d, N));
-    exchange_rows<T>(ex, true, moe_l, la.xg, la.xp, C);
-    xg = la.xg;
-    yg = a.yg;
-  } else {
+  if (d.ep == 1) {
     std::copy(la.offsets, la.offsets + E + 1, la.local_offsets);
     la.rows_recv = N * K;
   }
-  for (int64_t e = 0; e < EL; ++e) {
+}
+
+template <typename T>
+void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const LayerParams<T>& lp,
+                         const ModelDims& d) {
+  const int64_t C = d.C, FE = d.FE;
+  for (int64_t e = 0; e < d.EL(); ++e) {
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
     swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
                           lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE);
   }
-  if (ex) exchange_rows<T>(ex, false, moe_l, la.yp, yg, C);
+}
+
+template <typename T>
+void moe_layer_shared_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+                        const ModelDims& d, int64_t N) {
+  if (d.S > 0) swiglu_mlp_forward<T>(out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S);
+}
+
+template <typename T>
+double moe_layer_combine_forward(T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
+                           const ModelDims& d, int64_t B, int64_t T_) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K;
   cpu::moe_combine_forward<T>(out, la.yp, la.gate_weights, la.row_of, N, K, C);
-  if (d.S > 0) {
-    swiglu_mlp_forward<T>(a.tmp, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, C, d.S);
-    cpu::residual_forward<T>(out, out, a.tmp, N * C);
-  }
+  if (d.S > 0) cpu::residual_forward<T>(out, out, shared_out, N * C);
   if (load)
     for (int64_t e = 0; e < E; ++e) load[e] += la.counts[e];
   if (d.aux_alpha > 0)
@@ -130,31 +116,13 @@ double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T
 }
 
 template <typename T>
-void moe_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
-                            Activations<T>& a, const ModelDims& d, int64_t B, int64_t T_,
-                            T dloss_aux, ExpertExchange* ex, int64_t moe_l) {
-  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K, FE = d.FE, EL = d.EL();
-  CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
+void moe_layer_combine_backward_input(T* dyp, LayerActs<T>& la, const T* dout,
+                                const LayerParams<T>& lp, Activations<T>& a, const ModelDims& d,
+                                int64_t B, int64_t T_, T dloss_aux) {
+  const int64_t N = B * T_, C = d.C, E = d.E, K = d.K;
   const LayerKept<T>& k = la.kept;
   std::copy(dout, dout + N * C, k.dres_out);
-  // Mirror of the forward: output gradients travel to the experts (into kept.dyg, in xg's
-  // rows), input gradients back. With ep = 1 xg's rows are xp's and dyg is dyp itself.
-  cpu::moe_combine_backward<T>(ex ? a.dyp : k.dyg, a.dgate, dout, la.yp, la.gate_weights,
-                               la.row_of, N, K, C);
-  T* dxg = a.dxp;
-  if (ex) {
-    exchange_rows<T>(ex, true, moe_l, k.dyg, a.dyp, C);
-    dxg = a.dxg;
-  }
-  for (int64_t e = 0; e < EL; ++e) {
-    const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
-    if (n == 0) continue;
-    swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
-                                 la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
-                                 lp.ew2 + e * C * FE, n, C, FE, false);
-  }
-  if (ex) exchange_rows<T>(ex, false, moe_l, a.dxp, dxg, C);
-  cpu::moe_permute_backward<T>(dx, a.dxp, la.row_of, N, K, C);
+  cpu::moe_combine_backward<T>(dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
   const T* dscores_extra = nullptr;
   if (d.aux_alpha > 0) {
     cpu::aux_loss_backward<T>(a.dscores, la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha,
@@ -163,15 +131,39 @@ void moe_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerP
   }
   cpu::router_backward<T>(k.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
                           d.score, d.route_scale);
-  cpu::gemm<T>(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
-  if (d.S > 0)
-    swiglu_mlp_backward_input<T>(dx, k.dsgu, a.dh, k.dres_out, la.sgu, lp.sw13, lp.sw2, N, C,
-                                 d.S, true);
+  if (d.S > 0) {
+    cpu::matmul_backward_input<T>(a.dh, k.dres_out, lp.sw2, N, d.S, C);
+    cpu::swiglu_backward<T>(k.dsgu, a.dh, la.sgu, N, d.S);
+  }
 }
 
 template <typename T>
-void moe_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
-                             const ModelDims& d, int64_t N) {
+void moe_layer_experts_backward_input(T* dxg, LayerActs<T>& la, const LayerParams<T>& lp,
+                                Activations<T>& a, const ModelDims& d) {
+  const int64_t C = d.C, FE = d.FE;
+  const LayerKept<T>& k = la.kept;
+  for (int64_t e = 0; e < d.EL(); ++e) {
+    const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
+    if (n == 0) continue;
+    swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
+                                 la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
+                                 lp.ew2 + e * C * FE, n, C, FE, false);
+  }
+}
+
+template <typename T>
+void moe_layer_permute_backward_input(T* dx, LayerActs<T>& la, const T* dxp, const LayerParams<T>& lp,
+                                const ModelDims& d, int64_t N) {
+  const int64_t C = d.C, E = d.E;
+  const LayerKept<T>& k = la.kept;
+  cpu::moe_permute_backward<T>(dx, dxp, la.row_of, N, d.K, C);
+  cpu::gemm<T>(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
+  if (d.S > 0)
+    cpu::gemm<T>(false, false, N, C, 2 * d.S, T(1), k.dsgu, 2 * d.S, lp.sw13, C, T(1), dx, C);
+}
+
+template <typename T>
+void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const ModelDims& d) {
   const int64_t C = d.C, FE = d.FE;
   const LayerKept<T>& k = la.kept;
   const T* xg = d.ep > 1 ? la.xg : la.xp;
@@ -182,9 +174,15 @@ void moe_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T
                                   k.degu + r0 * 2 * FE, k.dyg + r0 * C, xg + r0 * C,
                                   la.eh + r0 * FE, n, C, FE);
   }
-  cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, C, d.E);
+}
+
+template <typename T>
+void moe_layer_router_shared_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
+                                       const ModelDims& d, int64_t N) {
+  const LayerKept<T>& k = la.kept;
+  cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, d.C, d.E);
   if (d.S > 0)
-    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, C, d.S);
+    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, d.C, d.S);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
@@ -194,14 +192,25 @@ void moe_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T
                                             Activations<T>&, const ModelDims&, int64_t);      \
   template void dense_ffn_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&, const T*,  \
                                              const ModelDims&, int64_t);                      \
-  template double moe_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
-                                     const float*, int64_t*, Activations<T>&, const ModelDims&, \
-                                     int64_t, int64_t, ExpertExchange*, int64_t);             \
-  template void moe_ffn_backward_input<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
-                                          Activations<T>&, const ModelDims&, int64_t, int64_t, \
-                                          T, ExpertExchange*, int64_t);                       \
-  template void moe_ffn_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&, const T*,    \
-                                           const ModelDims&, int64_t);
+  template void moe_layer_route_forward<T>(LayerActs<T>&, const T*, const LayerParams<T>&,        \
+                                     const float*, Activations<T>&, const ModelDims&, int64_t); \
+  template void moe_layer_experts_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,    \
+                                       const ModelDims&);                                     \
+  template void moe_layer_shared_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,     \
+                                      const ModelDims&, int64_t);                             \
+  template double moe_layer_combine_forward<T>(T*, LayerActs<T>&, const T*, int64_t*,               \
+                                         const ModelDims&, int64_t, int64_t);                 \
+  template void moe_layer_combine_backward_input<T>(T*, LayerActs<T>&, const T*,                    \
+                                              const LayerParams<T>&, Activations<T>&,         \
+                                              const ModelDims&, int64_t, int64_t, T);         \
+  template void moe_layer_experts_backward_input<T>(T*, LayerActs<T>&, const LayerParams<T>&,       \
+                                              Activations<T>&, const ModelDims&);             \
+  template void moe_layer_permute_backward_input<T>(T*, LayerActs<T>&, const T*,                    \
+                                              const LayerParams<T>&, const ModelDims&, int64_t); \
+  template void moe_layer_experts_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&,          \
+                                               const ModelDims&);                             \
+  template void moe_layer_router_shared_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&,    \
+                                                     const T*, const ModelDims&, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -47,23 +47,56 @@ template <typename T>
 void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
                                const ModelDims& d, int64_t N);
 
-// MoE FFN: routed experts (top-K of E, dropless) plus the fused shared experts.
-// Returns this batch's balance loss summed over sequences (0 when aux_alpha = 0);
-// adds the routing counts to `load` (E) when it is not null. With ep > 1, `ex` carries the
-// rows of MoE layer `moe_l` to and from the ranks that own their experts.
+// MoE FFN: routed experts (top-K of E, dropless) plus the fused shared experts, in pieces
+// that stop where rows move to and from the ranks owning their experts (the EP exchange
+// runs between them, started and finished by the caller). With ep = 1 the local experts'
+// rows are xp's (xg = la.xp, yg = la.yp, local_offsets = offsets).
+//   forward:  route -> [plan, dispatch xp -> xg] -> experts xg -> yg -> [combine yg -> yp]
+//             -> combine (out = gathered yp + shared, the balance loss); shared any time
+//             between route and combine.
+//   backward: combine_backward (dyp, the router's and shared experts' output gradients)
+//             -> [dispatch dyp -> kept.dyg] -> experts_backward (dxg) -> [combine dxg -> dxp]
+//             -> permute_backward (dx).
+// Sets scores, expert ids, gate weights, the plan and xp; with ep = 1 also local_offsets and
+// rows_recv.
 template <typename T>
-double moe_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
-                       const float* bias, int64_t* load, Activations<T>& a, const ModelDims& d,
-                       int64_t B, int64_t T_, ExpertExchange* ex, int64_t moe_l);
-// dx (N, C) assigned; dloss_aux is the weight of this layer's summed balance loss. Does the
-// layer's whole EP exchange of the backward. Keeps kept.dres_out, dlogits_r, dyg, degu, dsgu.
+void moe_layer_route_forward(LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+                             const float* bias, Activations<T>& a, const ModelDims& d, int64_t N);
+// yg (rows_recv, C) = every local expert's SwiGLU of its rows of xg.
 template <typename T>
-void moe_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
-                            Activations<T>& a, const ModelDims& d, int64_t B, int64_t T_,
-                            T dloss_aux, ExpertExchange* ex, int64_t moe_l);
-// Local experts' ew13 / ew2, router, sw13 / sw2; x is the forward's input. No communication.
+void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const LayerParams<T>& lp,
+                               const ModelDims& d);
+// out (N, C) = the shared experts' output (nothing when S = 0).
 template <typename T>
-void moe_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
-                             const ModelDims& d, int64_t N);
+void moe_layer_shared_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+                              const ModelDims& d, int64_t N);
+// out (N, C) = the gate-weighted sum of la.yp per token, + shared_out; adds the routing counts
+// to `load` (E) when not null. Returns the batch's balance loss summed over sequences (0 when
+// aux_alpha = 0).
+template <typename T>
+double moe_layer_combine_forward(T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
+                                 const ModelDims& d, int64_t B, int64_t T_);
+// dyp (N K, C) = the experts' output gradients in xp's rows; keeps kept.dres_out, dlogits_r
+// (dloss_aux weights the layer's summed balance loss) and dsgu.
+template <typename T>
+void moe_layer_combine_backward_input(T* dyp, LayerActs<T>& la, const T* dout,
+                                      const LayerParams<T>& lp, Activations<T>& a,
+                                      const ModelDims& d, int64_t B, int64_t T_, T dloss_aux);
+// dxg (rows_recv, C) from kept.dyg; keeps kept.degu.
+template <typename T>
+void moe_layer_experts_backward_input(T* dxg, LayerActs<T>& la, const LayerParams<T>& lp,
+                                      Activations<T>& a, const ModelDims& d);
+// dx (N, C) assigned: dxp gathered per token, + the router's and shared experts' terms.
+template <typename T>
+void moe_layer_permute_backward_input(T* dx, LayerActs<T>& la, const T* dxp,
+                                      const LayerParams<T>& lp, const ModelDims& d, int64_t N);
+// Weight passes, no communication: the local experts' ew13 / ew2 (from the rows they
+// computed on), and the router with sw13 / sw2 (x is the layer's input).
+template <typename T>
+void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la,
+                                       const ModelDims& d);
+template <typename T>
+void moe_layer_router_shared_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la,
+                                             const T* x, const ModelDims& d, int64_t N);
 
 }  // namespace moe

@@ -1,8 +1,22 @@
 // Forward and backward of model chunks (a contiguous range of layers of one micro-batch's
 // activation slot); the whole model on one process is the chunk [0, L) in slot 0.
+//
+// A chunk runs as a state machine (ChunkRun: layer, phase) so that it can stop after starting
+// an expert exchange and resume later. The pieces of a MoE layer:
+//   forward   0 attention, norm, route; plan start        1 plan finish; dispatch start;
+//               shared experts                            2 dispatch finish; experts;
+//               combine start                             3 combine finish; combine, residual
+//   backward  0 combine backward (router, shared experts' output gradients); dispatch start
+//             1 dispatch finish; experts' input gradient; combine start; experts' weights (kFull)
+//             2 combine finish; permute backward, norm; router, shared, norm weights (kFull);
+//               attention
+// Without an exchange (ep = 1) a layer runs its pieces in one go. Every tensor is computed by
+// the same operations in the same order either way, so a chunk gives the same bits however
+// its steps interleave with another chunk's.
 #include "model/model.h"
 
 #include <cstring>
+#include <type_traits>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
@@ -30,66 +44,73 @@ int64_t exchange_key(const Model<T>& m, int slot, int64_t moe_l) {
   return static_cast<int64_t>(slot) * m.d.n_moe_layers() + moe_l;
 }
 
-}  // namespace
-
+// The exchange moves float rows only; the double instantiation (gradient checks) runs with
+// every expert local.
 template <typename T>
-T* model_chunk_residual(Model<T>& m, int slot, int64_t l, int64_t B, int64_t T_) {
-  return m.slots[static_cast<size_t>(slot)].res + l * B * T_ * m.d.C;
-}
-
-template <typename T>
-T* model_chunk_grad(Model<T>& m, int slot) {
-  return m.slots[static_cast<size_t>(slot)].dres;
-}
-
-template <typename T>
-ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
-                              const int32_t* tokens, const int32_t* targets, int64_t B,
-                              int64_t T_, bool training) {
-  const ModelDims& d = m.d;
-  chunk_check(m, slot, l0, l1);
-  CHECK(B >= 1 && B <= m.B_max && T_ >= 1 && T_ <= d.T, "B %lld T %lld", (long long)B,
-        (long long)T_);
-  Activations<T>& a = m.slots[static_cast<size_t>(slot)];
-  // A pending weight pass reads this chunk's saved activations (split backward).
-  CHECK(!(l0 == 0 && a.embedding_weight_pending) && !(l1 == d.L && a.head_weight_pending),
-        "slot %d: forward over a pending BackwardPart::kWeight", slot);
-  for (int64_t l = l0; l < l1; ++l)
-    CHECK(!a.layers[static_cast<size_t>(l)].weight_pending,
-          "slot %d layer %lld: forward over a pending BackwardPart::kWeight", slot, (long long)l);
-  const int64_t N = B * T_, C = d.C;
-  a.B = B;
-  a.Tcur = T_;
-  ChunkLoss out;
-  if (l0 == 0) {
-    std::memcpy(a.tokens, tokens, sizeof(int32_t) * static_cast<size_t>(N));
-    cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, C);
-  }
-  for (int64_t l = l0; l < l1; ++l) {
-    LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-    const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
-    T* res_in = a.res + l * N * C;
-    T* res_out = a.res + (l + 1) * N * C;
-    attention_block_forward<T>(la.res_mid, la, res_in, lp, a, d, B, T_);
-    cpu::rmsnorm_forward<T>(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
-                            static_cast<T>(d.norm_eps));
-    if (d.is_moe(l)) {
-      const int64_t moe_l = l - d.dense_layers;
-      out.aux_sum += moe_ffn_forward<T>(res_out, la, la.ln2, lp, m.router_bias + moe_l * d.E,
-                                        training ? m.expert_load + moe_l * d.E : nullptr, a, d,
-                                        B, T_, m.exchange, exchange_key(m, slot, moe_l));
+void exchange_start(ExpertExchange* ex, bool dispatch, int lane, int64_t key, T* to,
+                    const T* from, int64_t C) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dispatch) {
+      ex->dispatch_start(lane, key, to, from, C);
     } else {
-      dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
+      ex->combine_start(lane, key, to, from, C);
     }
-    cpu::residual_forward<T>(res_out, res_out, la.res_mid, N * C);
+  } else {
+    CHECK(false, "expert parallelism needs float parameters");
   }
-  if (l1 < d.L) return out;
+}
+
+template <typename T>
+void grads_ready(Model<T>& m, int64_t stage) {
+  if (m.grads_ready) m.grads_ready(stage);
+}
+
+// Inside a long piece: exchanges in flight (this chunk's, or an interleaved chunk's) move only
+// when the communication library is called.
+template <typename T>
+void exchange_progress(Model<T>& m) {
+  if (m.exchange) m.exchange->progress();
+}
+
+// ---- forward ---------------------------------------------------------------------------
+
+template <typename T>
+void forward_begin(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  chunk_check(m, r.slot, r.l0, r.l1);
+  CHECK(r.B >= 1 && r.B <= m.B_max && r.T >= 1 && r.T <= d.T, "B %lld T %lld", (long long)r.B,
+        (long long)r.T);
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  // A pending weight pass reads this chunk's saved activations (split backward).
+  CHECK(!(r.l0 == 0 && a.embedding_weight_pending) && !(r.l1 == d.L && a.head_weight_pending),
+        "slot %d: forward over a pending BackwardPart::kWeight", r.slot);
+  for (int64_t l = r.l0; l < r.l1; ++l)
+    CHECK(!a.layers[static_cast<size_t>(l)].weight_pending,
+          "slot %d layer %lld: forward over a pending BackwardPart::kWeight", r.slot,
+          (long long)l);
+  const int64_t N = r.B * r.T;
+  a.B = r.B;
+  a.Tcur = r.T;
+  if (r.l0 == 0) {
+    std::memcpy(a.tokens, r.tokens, sizeof(int32_t) * static_cast<size_t>(N));
+    cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, d.C);
+  }
+  r.layer = r.l0;
+  r.phase = 0;
+  r.started = true;
+}
+
+template <typename T>
+void forward_head(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  const int64_t N = r.B * r.T, C = d.C;
   const T* res_last = a.res + d.L * N * C;
   cpu::rmsnorm_forward<T>(a.lnf, a.rstdf, res_last, m.p.final_norm, N, C,
                           static_cast<T>(d.norm_eps));
   cpu::matmul_forward<T>(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
-  if (!targets) return out;
-  std::memcpy(a.targets, targets, sizeof(int32_t) * static_cast<size_t>(N));
+  if (!r.targets) return;
+  std::memcpy(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
   cpu::cross_entropy_forward<T>(a.losses, a.probs, a.logits, a.targets, N, d.V);
   double sum = 0;
   int64_t count = 0;
@@ -98,11 +119,80 @@ ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
     sum += static_cast<double>(a.losses[i]);
     ++count;
   }
-  out.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
-  return out;
+  r.loss.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
 }
 
-namespace {
+// Runs layer r.layer from r.phase; true when it stopped with an exchange in flight.
+template <typename T>
+bool forward_layer(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  const int64_t l = r.layer, N = r.B * r.T, C = d.C;
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
+  T* res_in = a.res + l * N * C;
+  T* res_out = a.res + (l + 1) * N * C;
+  ExpertExchange* ex = m.exchange;
+  const int64_t moe_l = l - d.dense_layers;
+  const int64_t key = d.is_moe(l) ? exchange_key(m, r.slot, moe_l) : 0;
+  switch (r.phase) {
+    case 0:
+      attention_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+      exchange_progress(m);
+      cpu::rmsnorm_forward<T>(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
+                              static_cast<T>(d.norm_eps));
+      if (!d.is_moe(l)) {
+        dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
+        break;
+      }
+      CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
+      moe_layer_route_forward<T>(la, la.ln2, lp, m.router_bias + moe_l * d.E, a, d, N);
+      if (ex) {
+        ex->plan_start(r.lane, key, la.counts, la.expert_ids, N, d.K);
+        r.phase = 1;
+        return true;
+      }
+      moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
+      moe_layer_experts_forward<T>(la.yp, la, la.xp, lp, d);
+      r.phase = 3;
+      [[fallthrough]];
+    case 3:
+      if (ex) ex->finish(r.lane);
+      r.loss.aux_sum += moe_layer_combine_forward<T>(
+          res_out, la, a.tmp, r.training ? m.expert_load + moe_l * d.E : nullptr, d, r.B, r.T);
+      break;
+    case 1:
+      la.rows_recv = ex->plan_finish(r.lane, la.local_offsets);
+      CHECK(la.rows_recv <= moe_rows_max(d, N));
+      exchange_start<T>(ex, true, r.lane, key, la.xg, la.xp, C);
+      moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
+      exchange_progress(m);
+      r.phase = 2;
+      return true;
+    case 2:
+      ex->finish(r.lane);
+      moe_layer_experts_forward<T>(a.yg, la, la.xg, lp, d);
+      exchange_start<T>(ex, false, r.lane, key, la.yp, a.yg, C);
+      r.phase = 3;
+      return true;
+  }
+  cpu::residual_forward<T>(res_out, res_out, la.res_mid, N * C);
+  r.phase = 0;
+  ++r.layer;
+  return false;
+}
+
+template <typename T>
+bool forward_step(Model<T>& m, ChunkRun& r) {
+  if (!r.started) forward_begin(m, r);
+  while (r.layer < r.l1)
+    if (forward_layer(m, r)) return true;
+  if (r.l1 == m.d.L) forward_head(m, r);
+  r.done = true;
+  return false;
+}
+
+// ---- backward --------------------------------------------------------------------------
 
 // Head input pass: a.dres = dL/d res[L]; keeps a.dlogits and a.dlnf.
 template <typename T>
@@ -124,24 +214,8 @@ void head_backward_weight(Model<T>& m, const Activations<T>& a, int64_t N) {
   cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dlnf, a.res + d.L * N * C, a.rstdf, N, C);
 }
 
-// FFN half of layer l, input pass: a.dres from dL/d res_out to dL/d res_mid (the branch's
-// input gradient is kept in kept.dln2).
-template <typename T>
-void ffn_half_backward_input(Model<T>& m, Activations<T>& a, int slot, int64_t l, T dloss_aux) {
-  const ModelDims& d = m.d;
-  const int64_t N = a.B * a.Tcur, C = d.C;
-  LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
-  if (d.is_moe(l)) {
-    const int64_t moe_l = l - d.dense_layers;
-    moe_ffn_backward_input<T>(la.kept.dln2, la, a.dres, lp, a, d, a.B, a.Tcur, dloss_aux,
-                              m.exchange, exchange_key(m, slot, moe_l));
-  } else {
-    dense_ffn_backward_input<T>(la.kept.dln2, la, a.dres, lp, a, d, N);
-  }
-  cpu::rmsnorm_backward_input<T>(a.dres, la.kept.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
-}
-
+// The FFN's weights but a MoE layer's local experts (which kFull does while the combine is in
+// flight), and the FFN norm.
 template <typename T>
 void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
   const ModelDims& d = m.d;
@@ -149,7 +223,7 @@ void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
   const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
   LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
   if (d.is_moe(l)) {
-    moe_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
+    moe_layer_router_shared_backward_weight<T>(lg, la, la.ln2, d, N);
   } else {
     dense_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
   }
@@ -173,84 +247,219 @@ void attention_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_
 }
 
 template <typename T>
-void grads_ready(Model<T>& m, int64_t stage) {
-  if (m.grads_ready) m.grads_ready(stage);
+void backward_begin(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  chunk_check(m, r.slot, r.l0, r.l1);
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  const bool head = r.l1 == d.L, embedding = r.l0 == 0;
+  CHECK(r.part == BackwardPart::kFull || a.split_backward,
+        "BackwardPart::kInput / kWeight need a model built with split_backward = true");
+  // A kInput and its kWeight pair up per layer: no pass may run over a pending weight pass
+  // (its kept gradients would be overwritten) and no weight pass without its input pass.
+  const bool want_pending = r.part == BackwardPart::kWeight;
+  const char* why = want_pending ? "kWeight without its kInput" : "weight pass still pending";
+  CHECK(!head || a.head_weight_pending == want_pending, "slot %d head: %s", r.slot, why);
+  for (int64_t l = r.l0; l < r.l1; ++l)
+    CHECK(a.layers[static_cast<size_t>(l)].weight_pending == want_pending,
+          "slot %d layer %lld: %s", r.slot, (long long)l, why);
+  CHECK(!embedding || a.embedding_weight_pending == want_pending, "slot %d embedding: %s",
+        r.slot, why);
+  r.layer = r.l1 - 1;
+  r.phase = 0;
+  r.started = true;
+  if (!head || r.part == BackwardPart::kWeight) return;
+  // Stage numbers for grads_ready count from the loss side of the whole model.
+  head_backward_input(m, a, static_cast<T>(r.dloss_ce), a.B * a.Tcur);
+  if (r.part == BackwardPart::kFull) {
+    head_backward_weight(m, a, a.B * a.Tcur);
+    grads_ready(m, 0);
+  } else {
+    a.head_weight_pending = true;
+  }
+}
+
+// The weight pass of a split backward: no communication, so one piece.
+template <typename T>
+void backward_weight(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  const int64_t N = a.B * a.Tcur;
+  if (r.l1 == d.L) {
+    head_backward_weight(m, a, N);
+    a.head_weight_pending = false;
+    grads_ready(m, 0);
+  }
+  for (int64_t l = r.l1 - 1; l >= r.l0; --l) {
+    if (d.is_moe(l)) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)],
+                                                          a.layers[static_cast<size_t>(l)], d);
+    ffn_half_backward_weight(m, a, l);
+    attention_half_backward_weight(m, a, l);
+    a.layers[static_cast<size_t>(l)].weight_pending = false;
+    grads_ready(m, d.L - l);
+  }
+  if (r.l0 == 0) {
+    cpu::embedding_backward<T>(m.g.wte, a.dres0, a.tokens, N, d.C);
+    a.embedding_weight_pending = false;
+    grads_ready(m, d.L + 1);
+  }
+}
+
+// Runs the input (and, for kFull, weight) pass of layer r.layer from r.phase; true when it
+// stopped with an exchange in flight.
+template <typename T>
+bool backward_layer(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  const int64_t l = r.layer, N = a.B * a.Tcur, C = d.C;
+  LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
+  const LayerKept<T>& k = la.kept;
+  const bool full = r.part == BackwardPart::kFull;
+  ExpertExchange* ex = m.exchange;
+  const int64_t key = d.is_moe(l) ? exchange_key(m, r.slot, l - d.dense_layers) : 0;
+  // Mirror of the forward: output gradients travel to the experts (into kept.dyg, in xg's
+  // rows), input gradients come back into dxp. With ep = 1 xg's rows are xp's: dyg is dyp
+  // itself and the experts write dxp directly.
+  switch (r.phase) {
+    case 0:
+      if (!d.is_moe(l)) {
+        dense_ffn_backward_input<T>(k.dln2, la, a.dres, lp, a, d, N);
+        break;
+      }
+      CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
+      moe_layer_combine_backward_input<T>(ex ? a.dyp : k.dyg, la, a.dres, lp, a, d, a.B, a.Tcur,
+                                          static_cast<T>(r.dloss_aux));
+      if (ex) {
+        exchange_start<T>(ex, true, r.lane, key, k.dyg, a.dyp, C);
+        r.phase = 1;
+        return true;
+      }
+      moe_layer_experts_backward_input<T>(a.dxp, la, lp, a, d);
+      if (full) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)], la, d);
+      r.phase = 2;
+      [[fallthrough]];
+    case 2:
+      if (ex) ex->finish(r.lane);
+      moe_layer_permute_backward_input<T>(k.dln2, la, a.dxp, lp, d, N);
+      break;
+    case 1:
+      ex->finish(r.lane);
+      moe_layer_experts_backward_input<T>(a.dxg, la, lp, a, d);
+      exchange_start<T>(ex, false, r.lane, key, a.dxp, a.dxg, C);
+      if (full) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)], la, d);
+      exchange_progress(m);
+      r.phase = 2;
+      return true;
+  }
+  // FFN input gradient is in kept.dln2: through the norm, onto the residual gradient.
+  cpu::rmsnorm_backward_input<T>(a.dres, k.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
+  if (full) {
+    ffn_half_backward_weight(m, a, l);
+    // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
+    grads_ready(m, d.L - l - 1);
+  }
+  exchange_progress(m);
+  attention_half_backward_input(m, a, l);
+  if (full) {
+    attention_half_backward_weight(m, a, l);
+    grads_ready(m, d.L - l);
+  } else {
+    la.weight_pending = true;
+  }
+  r.phase = 0;
+  --r.layer;
+  return false;
+}
+
+template <typename T>
+bool backward_step(Model<T>& m, ChunkRun& r) {
+  if (!r.started) backward_begin(m, r);
+  if (r.part == BackwardPart::kWeight) {
+    backward_weight(m, r);
+    r.done = true;
+    return false;
+  }
+  while (r.layer >= r.l0)
+    if (backward_layer(m, r)) return true;
+  if (r.l0 == 0) {
+    Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+    const int64_t N = a.B * a.Tcur;
+    if (r.part == BackwardPart::kFull) {
+      cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, m.d.C);
+      grads_ready(m, m.d.L + 1);
+    } else {
+      std::memcpy(a.dres0, a.dres, sizeof(T) * static_cast<size_t>(N * m.d.C));
+      a.embedding_weight_pending = true;
+    }
+  }
+  r.done = true;
+  return false;
 }
 
 }  // namespace
 
+ChunkRun chunk_run_forward(int slot, int64_t l0, int64_t l1, const int32_t* tokens,
+                           const int32_t* targets, int64_t B, int64_t T_, bool training,
+                           int lane) {
+  ChunkRun r;
+  r.slot = slot;
+  r.l0 = l0;
+  r.l1 = l1;
+  r.tokens = tokens;
+  r.targets = targets;
+  r.B = B;
+  r.T = T_;
+  r.training = training;
+  r.lane = lane;
+  return r;
+}
+
+ChunkRun chunk_run_backward(int slot, int64_t l0, int64_t l1, double dloss_ce, double dloss_aux,
+                            BackwardPart part, int lane) {
+  ChunkRun r;
+  r.slot = slot;
+  r.l0 = l0;
+  r.l1 = l1;
+  r.backward = true;
+  r.part = part;
+  r.dloss_ce = dloss_ce;
+  r.dloss_aux = dloss_aux;
+  r.lane = lane;
+  return r;
+}
+
+template <typename T>
+bool model_chunk_step(Model<T>& m, ChunkRun& r) {
+  CHECK(!r.done, "model_chunk_step on a finished chunk");
+  return r.backward ? backward_step(m, r) : forward_step(m, r);
+}
+
+template <typename T>
+T* model_chunk_residual(Model<T>& m, int slot, int64_t l, int64_t B, int64_t T_) {
+  return m.slots[static_cast<size_t>(slot)].res + l * B * T_ * m.d.C;
+}
+
+template <typename T>
+T* model_chunk_grad(Model<T>& m, int slot) {
+  return m.slots[static_cast<size_t>(slot)].dres;
+}
+
+template <typename T>
+ChunkLoss model_chunk_forward(Model<T>& m, int slot, int64_t l0, int64_t l1,
+                              const int32_t* tokens, const int32_t* targets, int64_t B,
+                              int64_t T_, bool training) {
+  ChunkRun r = chunk_run_forward(slot, l0, l1, tokens, targets, B, T_, training);
+  while (model_chunk_step(m, r)) {
+  }
+  return r.loss;
+}
+
 template <typename T>
 void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,
                           T dloss_aux, BackwardPart part) {
-  const ModelDims& d = m.d;
-  chunk_check(m, slot, l0, l1);
-  Activations<T>& a = m.slots[static_cast<size_t>(slot)];
-  const int64_t N = a.B * a.Tcur, C = d.C;
-  const bool head = l1 == d.L, embedding = l0 == 0;
-  CHECK(part == BackwardPart::kFull || a.split_backward,
-        "BackwardPart::kInput / kWeight need a model built with split_backward = true");
-  // A kInput and its kWeight pair up per layer: no pass may run over a pending weight pass
-  // (its kept gradients would be overwritten) and no weight pass without its input pass.
-  const bool want_pending = part == BackwardPart::kWeight;
-  const char* why = want_pending ? "kWeight without its kInput" : "weight pass still pending";
-  CHECK(!head || a.head_weight_pending == want_pending, "slot %d head: %s", slot, why);
-  for (int64_t l = l0; l < l1; ++l)
-    CHECK(a.layers[static_cast<size_t>(l)].weight_pending == want_pending,
-          "slot %d layer %lld: %s", slot, (long long)l, why);
-  CHECK(!embedding || a.embedding_weight_pending == want_pending, "slot %d embedding: %s", slot,
-        why);
-
-  // Stage numbers for grads_ready count from the loss side of the whole model.
-  if (part == BackwardPart::kFull) {
-    if (head) {
-      head_backward_input(m, a, dloss_ce, N);
-      head_backward_weight(m, a, N);
-      grads_ready(m, 0);
-    }
-    for (int64_t l = l1 - 1; l >= l0; --l) {
-      ffn_half_backward_input(m, a, slot, l, dloss_aux);
-      ffn_half_backward_weight(m, a, l);
-      // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
-      grads_ready(m, d.L - l - 1);
-      attention_half_backward_input(m, a, l);
-      attention_half_backward_weight(m, a, l);
-      grads_ready(m, d.L - l);
-    }
-    if (embedding) {
-      cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, C);
-      grads_ready(m, d.L + 1);
-    }
-  } else if (part == BackwardPart::kInput) {
-    if (head) {
-      head_backward_input(m, a, dloss_ce, N);
-      a.head_weight_pending = true;
-    }
-    for (int64_t l = l1 - 1; l >= l0; --l) {
-      ffn_half_backward_input(m, a, slot, l, dloss_aux);
-      attention_half_backward_input(m, a, l);
-      a.layers[static_cast<size_t>(l)].weight_pending = true;
-    }
-    if (embedding) {
-      std::memcpy(a.dres0, a.dres, sizeof(T) * static_cast<size_t>(N * C));
-      a.embedding_weight_pending = true;
-    }
-  } else {
-    if (head) {
-      head_backward_weight(m, a, N);
-      a.head_weight_pending = false;
-      grads_ready(m, 0);
-    }
-    for (int64_t l = l1 - 1; l >= l0; --l) {
-      ffn_half_backward_weight(m, a, l);
-      attention_half_backward_weight(m, a, l);
-      a.layers[static_cast<size_t>(l)].weight_pending = false;
-      grads_ready(m, d.L - l);
-    }
-    if (embedding) {
-      cpu::embedding_backward<T>(m.g.wte, a.dres0, a.tokens, N, C);
-      a.embedding_weight_pending = false;
-      grads_ready(m, d.L + 1);
-    }
+  ChunkRun r = chunk_run_backward(slot, l0, l1, static_cast<double>(dloss_ce),
+                                  static_cast<double>(dloss_aux), part);
+  while (model_chunk_step(m, r)) {
   }
 }
 
@@ -267,14 +476,15 @@ void model_backward(Model<T>& m, T dloss_ce, T dloss_aux) {
   model_chunk_backward<T>(m, 0, 0, m.d.L, dloss_ce, dloss_aux, BackwardPart::kFull);
 }
 
-#define MOE_INSTANTIATE(T)                                                                  \
-  template double model_forward<T>(Model<T>&, const int32_t*, const int32_t*, int64_t,       \
-                                   int64_t, bool);                                          \
-  template void model_backward<T>(Model<T>&, T, T);                                         \
+#define MOE_INSTANTIATE(T)                                                                   \
+  template double model_forward<T>(Model<T>&, const int32_t*, const int32_t*, int64_t,        \
+                                   int64_t, bool);                                           \
+  template void model_backward<T>(Model<T>&, T, T);                                          \
   template ChunkLoss model_chunk_forward<T>(Model<T>&, int, int64_t, int64_t, const int32_t*, \
-                                            const int32_t*, int64_t, int64_t, bool);        \
+                                            const int32_t*, int64_t, int64_t, bool);         \
   template void model_chunk_backward<T>(Model<T>&, int, int64_t, int64_t, T, T, BackwardPart); \
-  template T* model_chunk_residual<T>(Model<T>&, int, int64_t, int64_t, int64_t);                             \
+  template bool model_chunk_step<T>(Model<T>&, ChunkRun&);                                   \
+  template T* model_chunk_residual<T>(Model<T>&, int, int64_t, int64_t, int64_t);           \
   template T* model_chunk_grad<T>(Model<T>&, int);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

@@ -348,6 +348,40 @@ template <typename T>
 void model_chunk_backward(Model<T>& m, int slot, int64_t l0, int64_t l1, T dloss_ce,
                           T dloss_aux, BackwardPart part = BackwardPart::kFull);
 
+// A chunk's forward or backward in pieces, so that two chunks can interleave (DualPipe's
+// overlapped F&B pairs): each model_chunk_step runs the chunk up to and including the start
+// of its next expert exchange and returns true, leaving the exchange in flight for the other
+// chunk's computation to hide; the next step finishes it first. It returns false once the
+// chunk is done (loss then holds the forward's ChunkLoss). Without expert parallelism a chunk
+// is one step. Running the steps of one chunk back to back is exactly model_chunk_forward /
+// model_chunk_backward (they are written that way). Two chunks in progress at once must use
+// different slots and lanes (ExpertExchange) and disjoint layers, and every rank of the EP
+// group must step its chunks in the same order.
+struct ChunkRun {
+  int slot = 0;
+  int64_t l0 = 0, l1 = 0;
+  bool backward = false;
+  BackwardPart part = BackwardPart::kFull;
+  int lane = 0;  // expert-exchange lane
+  const int32_t* tokens = nullptr;   // forward: as model_chunk_forward
+  const int32_t* targets = nullptr;
+  int64_t B = 0, T = 0;
+  bool training = false;
+  double dloss_ce = 0, dloss_aux = 0;  // backward
+  // Progress, owned by model_chunk_step.
+  bool started = false, done = false;
+  int64_t layer = 0;  // the layer in progress
+  int phase = 0;      // where in it
+  ChunkLoss loss;
+};
+ChunkRun chunk_run_forward(int slot, int64_t l0, int64_t l1, const int32_t* tokens,
+                           const int32_t* targets, int64_t B, int64_t T_, bool training,
+                           int lane = 0);
+ChunkRun chunk_run_backward(int slot, int64_t l0, int64_t l1, double dloss_ce, double dloss_aux,
+                            BackwardPart part, int lane = 0);
+template <typename T>
+bool model_chunk_step(Model<T>& m, ChunkRun& r);
+
 // Parameter counts: total, and active per token (matmul weights a token passes through:
 // attention, dense FFN, router, shared experts, top-K routed experts, head; the embedding
 // lookup and norms are excluded).

@@ -48,13 +48,15 @@ class Comm {
   // recv (size * n) = every rank's send (n), in rank order. send == nullptr means in place:
   // this rank's block is already at recv + rank * n.
   virtual void all_gather(float* recv, const float* send, int64_t n) = 0;
-  // Variable all-to-all of `elem` -byte elements; counts and displacements in elements,
-  // one per rank.
-  virtual void all_to_all_v(const void* send, const int64_t* send_counts,
-                            const int64_t* send_displs, void* recv, const int64_t* recv_counts,
-                            const int64_t* recv_displs, size_t elem) = 0;
-  // Fixed all-to-all of n int64 per rank (the token counts before a dispatch).
-  virtual void all_to_all(const int64_t* send, int64_t* recv, int64_t n) = 0;
+  // The expert exchange's all-to-alls, non-blocking so computation runs while they are in
+  // flight (overlapped F&B pairs). all_to_all_v_start: variable, counts and displacements in
+  // bytes, one int per rank; all_to_all_start: n int64 per rank (the token counts before a
+  // dispatch). Counts, displacements and both buffers stay untouched until wait() or a true
+  // test().
+  virtual CommRequest all_to_all_v_start(const void* send, const int* send_bytes,
+                                         const int* send_displs, void* recv,
+                                         const int* recv_bytes, const int* recv_displs) = 0;
+  virtual CommRequest all_to_all_start(const int64_t* send, int64_t* recv, int64_t n) = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void send(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual void recv(void* data, size_t bytes, int peer, int tag) = 0;

@@ -87,25 +87,19 @@ class MpiComm final : public Comm {
     MPI_CHECK(MPI_Allgather(send ? send : MPI_IN_PLACE, send ? static_cast<int>(n) : 0, MPI_FLOAT,
                             recv, static_cast<int>(n), MPI_FLOAT, comm_));
   }
-  void all_to_all_v(const void* send, const int64_t* sc, const int64_t* sd, void* recv,
-                    const int64_t* rc, const int64_t* rd, size_t elem) override {
-    // Counts in bytes as MPI ints: per-peer messages must stay under 2 GiB.
-    std::vector<int> isc(static_cast<size_t>(size_)), isd(isc.size()), irc(isc.size()), ird(isc.size());
-    for (int p = 0; p < size_; ++p) {
-      const int64_t b[4] = {sc[p] * static_cast<int64_t>(elem), sd[p] * static_cast<int64_t>(elem),
-                            rc[p] * static_cast<int64_t>(elem), rd[p] * static_cast<int64_t>(elem)};
-      for (int64_t v : b) CHECK(v <= INT_MAX, "all_to_all_v message over 2 GiB");
-      isc[static_cast<size_t>(p)] = static_cast<int>(b[0]);
-      isd[static_cast<size_t>(p)] = static_cast<int>(b[1]);
-      irc[static_cast<size_t>(p)] = static_cast<int>(b[2]);
-      ird[static_cast<size_t>(p)] = static_cast<int>(b[3]);
-    }
-    MPI_CHECK(MPI_Alltoallv(send, isc.data(), isd.data(), MPI_BYTE, recv, irc.data(), ird.data(),
-                            MPI_BYTE, comm_));
+  CommRequest all_to_all_v_start(const void* send, const int* sb, const int* sd, void* recv,
+                                 const int* rb, const int* rd) override {
+    CommRequest r;
+    MPI_CHECK(MPI_Ialltoallv(send, sb, sd, MPI_BYTE, recv, rb, rd, MPI_BYTE, comm_, request(r)));
+    r.active = true;
+    return r;
   }
-  void all_to_all(const int64_t* send, int64_t* recv, int64_t n) override {
-    MPI_CHECK(MPI_Alltoall(send, static_cast<int>(n), MPI_INT64_T, recv, static_cast<int>(n),
-                           MPI_INT64_T, comm_));
+  CommRequest all_to_all_start(const int64_t* send, int64_t* recv, int64_t n) override {
+    CommRequest r;
+    MPI_CHECK(MPI_Ialltoall(send, static_cast<int>(n), MPI_INT64_T, recv, static_cast<int>(n),
+                            MPI_INT64_T, comm_, request(r)));
+    r.active = true;
+    return r;
   }
   void broadcast(void* data, size_t bytes, int root) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));

@@ -5,6 +5,7 @@
 #include "parallel/expert_dispatch.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "model/check.h"
 
@@ -117,33 +118,87 @@ void ep_plan_fill(EpPlan& plan, int rank, const int64_t* local_counts,
 }
 
 void ep_plan(EpPlan& plan, const int64_t* local_counts, Comm& comm) {
+  CommRequest r = ep_plan_start(plan, local_counts, comm);
+  comm.wait(r);
+  ep_plan_finish(plan, local_counts, comm);
+}
+
+CommRequest ep_plan_start(EpPlan& plan, const int64_t* local_counts, Comm& comm) {
   CHECK(comm.size() == plan.ep, "plan for ep=%d used on '%s' of %d ranks", plan.ep,
         comm.name().c_str(), comm.size());
   // local_counts is [peer q][q's local expert j], the all_to_all's block order already.
-  comm.all_to_all(local_counts, plan.recv_expert_counts.data(), plan.EL);
+  return comm.all_to_all_start(local_counts, plan.recv_expert_counts.data(), plan.EL);
+}
+
+void ep_plan_finish(EpPlan& plan, const int64_t* local_counts, Comm& comm) {
   ep_plan_fill(plan, comm.rank(), local_counts, plan.recv_expert_counts.data());
 }
 
-void ep_dispatch(float* x_grouped, float* scratch, const float* xp, const EpPlan& plan,
-                 int64_t C, Comm& comm) {
+EpWire ep_wire_create(int ep) {
+  CHECK(ep >= 1);
+  const size_t n = static_cast<size_t>(ep);
+  return EpWire{std::vector<int>(n), std::vector<int>(n), std::vector<int>(n), std::vector<int>(n)};
+}
+
+namespace {
+
+// Rows to bytes as MPI ints: every per-peer message and offset must stay under 2 GiB.
+void wire_fill(EpWire& w, const EpPlan& plan, int64_t C) {
+  CHECK(static_cast<int>(w.send_bytes.size()) == plan.ep, "wire for ep=%zu used with ep=%d",
+        w.send_bytes.size(), plan.ep);
+  const int64_t row = C * static_cast<int64_t>(sizeof(float));
+  auto bytes = [&](int64_t rows) {
+    const int64_t b = rows * row;
+    CHECK(b <= INT_MAX, "expert exchange message of %lld bytes is over 2 GiB", (long long)b);
+    return static_cast<int>(b);
+  };
+  for (size_t q = 0; q < static_cast<size_t>(plan.ep); ++q) {
+    w.send_bytes[q] = bytes(plan.send_counts[q]);
+    w.send_displs[q] = bytes(plan.send_displs[q]);
+    w.recv_bytes[q] = bytes(plan.recv_counts[q]);
+    w.recv_displs[q] = bytes(plan.recv_displs[q]);
+  }
+}
+
+}  // namespace
+
+CommRequest ep_dispatch_start(float* scratch, const float* xp, const EpPlan& plan, int64_t C,
+                              EpWire& wire, Comm& comm) {
   check_call(plan, C, comm);
-  const size_t row_bytes = static_cast<size_t>(C) * sizeof(float);
-  // One element = one row, so counts and displacements stay in rows.
-  comm.all_to_all_v(xp, plan.send_counts.data(), plan.send_displs.data(), scratch,
-                    plan.recv_counts.data(), plan.recv_displs.data(), row_bytes);
+  wire_fill(wire, plan, C);
+  return comm.all_to_all_v_start(xp, wire.send_bytes.data(), wire.send_displs.data(), scratch,
+                                 wire.recv_bytes.data(), wire.recv_displs.data());
+}
+
+void ep_dispatch_finish(float* x_grouped, const float* scratch, const EpPlan& plan, int64_t C) {
   copy_blocks(x_grouped, plan.block_grouped_off.data(), scratch, plan.block_wire_off.data(),
               plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
 }
 
-void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan& plan, int64_t C,
-                Comm& comm) {
+CommRequest ep_combine_start(float* yp, float* scratch, const float* y_grouped,
+                             const EpPlan& plan, int64_t C, EpWire& wire, Comm& comm) {
   check_call(plan, C, comm);
   copy_blocks(scratch, plan.block_wire_off.data(), y_grouped, plan.block_grouped_off.data(),
               plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
-  const size_t row_bytes = static_cast<size_t>(C) * sizeof(float);
+  wire_fill(wire, plan, C);
   // The dispatch's all_to_all_v with the sides swapped.
-  comm.all_to_all_v(scratch, plan.recv_counts.data(), plan.recv_displs.data(), yp,
-                    plan.send_counts.data(), plan.send_displs.data(), row_bytes);
+  return comm.all_to_all_v_start(scratch, wire.recv_bytes.data(), wire.recv_displs.data(), yp,
+                                 wire.send_bytes.data(), wire.send_displs.data());
+}
+
+void ep_dispatch(float* x_grouped, float* scratch, const float* xp, const EpPlan& plan,
+                 int64_t C, Comm& comm) {
+  EpWire wire = ep_wire_create(plan.ep);
+  CommRequest r = ep_dispatch_start(scratch, xp, plan, C, wire, comm);
+  comm.wait(r);
+  ep_dispatch_finish(x_grouped, scratch, plan, C);
+}
+
+void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan& plan, int64_t C,
+                Comm& comm) {
+  EpWire wire = ep_wire_create(plan.ep);
+  CommRequest r = ep_combine_start(yp, scratch, y_grouped, plan, C, wire, comm);
+  comm.wait(r);
 }
 
 int64_t ep_bytes_sent(const EpPlan& plan, int64_t C) {

@@ -27,8 +27,9 @@
 // dy_grouped = ep_dispatch(dyp), dxp = ep_combine(dx_grouped).
 //
 // Collectives: ep_plan makes one all_to_all of EL int64 per peer; ep_dispatch and ep_combine
-// one all_to_all_v each. All ranks of the group call them together with the same C. Nothing
-// allocates after ep_plan_create; results are deterministic (copies only, no arithmetic).
+// one all_to_all_v each. All ranks of the group call them together with the same C. The split
+// forms allocate nothing after ep_plan_create / ep_wire_create; results are deterministic
+// (copies only, no arithmetic).
 #pragma once
 
 #include <cstdint>
@@ -92,16 +93,37 @@ void ep_plan_fill(EpPlan& plan, int rank, const int64_t* local_counts,
 //   local_counts (E): moe_plan's counts on this rank.
 void ep_plan(EpPlan& plan, const int64_t* local_counts, Comm& comm);
 
-// Data movement (no allocation; one all_to_all_v each):
+// Data movement (one all_to_all_v each):
 //   ep_dispatch: x_grouped (R, C) <- xp (N K, C), through scratch (R, C) in the wire layout.
 //   ep_combine:  yp (N K, C) <- y_grouped (R, C), through scratch (R, C); the exact reverse,
 //                so yp comes back in xp's row order.
 // x_grouped / y_grouped and scratch hold plan.rows_capacity rows of C floats and must not
-// overlap each other or xp / yp.
+// overlap each other or xp / yp. These blocking forms allocate their byte counts (tests and
+// tools); the trainer uses the split forms below.
 void ep_dispatch(float* x_grouped, float* scratch, const float* xp, const EpPlan& plan,
                  int64_t C, Comm& comm);
 void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan& plan, int64_t C,
                 Comm& comm);
+
+// Split forms, so computation can run while an exchange is in flight: *_start posts the
+// non-blocking collective and returns its request; the caller waits it (Comm::wait), then
+// calls *_finish where there is one. Between start and wait every buffer named, the plan
+// and the wire stay untouched. All ranks of the group start in the same order.
+//   ep_plan_start / ep_plan_finish: ep_plan (local_counts stays untouched until finish).
+//   ep_dispatch_start / ep_dispatch_finish: ep_dispatch (the finish unpacks the wire layout).
+//   ep_combine_start: ep_combine (nothing to finish).
+// EpWire holds the per-peer byte counts MPI reads until the collective completes.
+struct EpWire {
+  std::vector<int> send_bytes, send_displs, recv_bytes, recv_displs;  // (ep)
+};
+EpWire ep_wire_create(int ep);
+CommRequest ep_plan_start(EpPlan& plan, const int64_t* local_counts, Comm& comm);
+void ep_plan_finish(EpPlan& plan, const int64_t* local_counts, Comm& comm);
+CommRequest ep_dispatch_start(float* scratch, const float* xp, const EpPlan& plan, int64_t C,
+                              EpWire& wire, Comm& comm);
+void ep_dispatch_finish(float* x_grouped, const float* scratch, const EpPlan& plan, int64_t C);
+CommRequest ep_combine_start(float* yp, float* scratch, const float* y_grouped,
+                             const EpPlan& plan, int64_t C, EpWire& wire, Comm& comm);
 
 // Bytes this rank sends to other ranks (itself excluded) in one ep_dispatch of C floats per
 // row; ep_combine receives the same amount.

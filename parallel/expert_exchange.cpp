@@ -1,48 +1,112 @@
 #include "parallel/expert_exchange.h"
 
 #include "model/check.h"
+#include "model/wall_clock.h"
 
 namespace moe {
 
-EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_moe_layers, int64_t rows_capacity,
-                       int64_t C)
+EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
+                       int n_lanes)
     : comm_(comm), C_max_(C) {
-  CHECK(n_moe_layers >= 0 && C >= 1);
-  for (int64_t l = 0; l < n_moe_layers; ++l)
+  CHECK(n_keys >= 0 && C >= 1 && n_lanes >= 1);
+  for (int64_t k = 0; k < n_keys; ++k)
     plans_.push_back(ep_plan_create(comm.size(), E, rows_capacity));
-  scratch_.assign(static_cast<size_t>(rows_capacity * C), 0.0f);
+  lanes_.resize(static_cast<size_t>(n_lanes));
+  for (Lane& ln : lanes_) {
+    ln.wire = ep_wire_create(comm.size());
+    ln.scratch.assign(static_cast<size_t>(rows_capacity * C), 0.0f);
+  }
 }
 
-int64_t EpExchange::plan(int64_t moe_layer, const int64_t* counts, const int32_t* expert_ids,
-                         int64_t N, int64_t K, int64_t* local_offsets) {
-  CHECK(moe_layer >= 0 && moe_layer < static_cast<int64_t>(plans_.size()));
-  EpPlan& p = plans_[static_cast<size_t>(moe_layer)];
-  ep_plan(p, counts, comm_);
+EpExchange::Lane& EpExchange::lane_idle(int lane, int64_t key) {
+  CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
+  CHECK(key >= 0 && key < static_cast<int64_t>(plans_.size()), "key %lld of %zu",
+        (long long)key, plans_.size());
+  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  CHECK(ln.op == Op::kNone, "lane %d already has an exchange in flight", lane);
+  ln.key = key;
+  return ln;
+}
+
+void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
+                            const int32_t* expert_ids, int64_t N, int64_t K) {
+  Lane& ln = lane_idle(lane, key);
+  ln.op = Op::kPlan;
+  ln.counts = counts;
+  ln.expert_ids = expert_ids;
+  ln.N = N;
+  ln.K = K;
+  ln.req = ep_plan_start(plans_[static_cast<size_t>(key)], counts, comm_);
+}
+
+int64_t EpExchange::plan_finish(int lane, int64_t* local_offsets) {
+  CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
+  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  CHECK(ln.op == Op::kPlan, "lane %d: plan_finish without plan_start", lane);
+  const double t = now_s();
+  comm_.wait(ln.req);
+  blocked_s_ += now_s() - t;
+  ln.op = Op::kNone;
+  EpPlan& p = plans_[static_cast<size_t>(ln.key)];
+  ep_plan_finish(p, ln.counts, comm_);
   std::copy(p.local_offsets.begin(), p.local_offsets.end(), local_offsets);
-  // Traffic: rows to other ranks, and the distinct other ranks each token must reach.
-  traffic_.tokens += N;
+  count_traffic(p, ln);
+  return p.rows_recv;
+}
+
+// Rows to other ranks, and the distinct other ranks each token must reach.
+void EpExchange::count_traffic(const EpPlan& p, const Lane& ln) {
+  traffic_.tokens += ln.N;
   for (int q = 0; q < p.ep; ++q)
     if (q != p.rank) traffic_.rows_remote += p.send_counts[static_cast<size_t>(q)];
-  for (int64_t i = 0; i < N; ++i) {
-    const int32_t* ids = expert_ids + i * K;
-    for (int64_t k = 0; k < K; ++k) {
+  for (int64_t i = 0; i < ln.N; ++i) {
+    const int32_t* ids = ln.expert_ids + i * ln.K;
+    for (int64_t k = 0; k < ln.K; ++k) {
       const int64_t owner = ids[k] / p.EL;
       bool first = owner != p.rank;
       for (int64_t j = 0; j < k && first; ++j) first = ids[j] / p.EL != owner;
       traffic_.rows_remote_min += first ? 1 : 0;
     }
   }
-  return p.rows_recv;
 }
 
-void EpExchange::dispatch(int64_t moe_layer, float* x_grouped, const float* xp, int64_t C) {
+void EpExchange::dispatch_start(int lane, int64_t key, float* x_grouped, const float* xp,
+                                int64_t C) {
   CHECK(C <= C_max_);
-  ep_dispatch(x_grouped, scratch_.data(), xp, plans_[static_cast<size_t>(moe_layer)], C, comm_);
+  Lane& ln = lane_idle(lane, key);
+  ln.op = Op::kDispatch;
+  ln.C = C;
+  ln.x_grouped = x_grouped;
+  ln.req = ep_dispatch_start(ln.scratch.data(), xp, plans_[static_cast<size_t>(key)], C, ln.wire,
+                             comm_);
 }
 
-void EpExchange::combine(int64_t moe_layer, float* yp, const float* y_grouped, int64_t C) {
+void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_grouped,
+                               int64_t C) {
   CHECK(C <= C_max_);
-  ep_combine(yp, scratch_.data(), y_grouped, plans_[static_cast<size_t>(moe_layer)], C, comm_);
+  Lane& ln = lane_idle(lane, key);
+  ln.op = Op::kCombine;
+  ln.C = C;
+  ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, plans_[static_cast<size_t>(key)],
+                            C, ln.wire, comm_);
+}
+
+void EpExchange::finish(int lane) {
+  CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
+  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  CHECK(ln.op == Op::kDispatch || ln.op == Op::kCombine, "lane %d: finish without a start",
+        lane);
+  const double t = now_s();
+  comm_.wait(ln.req);
+  blocked_s_ += now_s() - t;
+  if (ln.op == Op::kDispatch)
+    ep_dispatch_finish(ln.x_grouped, ln.scratch.data(), plans_[static_cast<size_t>(ln.key)], ln.C);
+  ln.op = Op::kNone;
+}
+
+void EpExchange::progress() {
+  for (Lane& ln : lanes_)
+    if (ln.req.active) comm_.test(ln.req);
 }
 
 }  // namespace moe

@@ -1,6 +1,6 @@
 // The MoE layer's expert exchange over an EP group (model/expert_exchange.h's interface):
-// one EpPlan per MoE layer for the micro-batch in flight, the dispatch/combine scratch, and
-// traffic counters for the benchmark. Everything is sized at creation; a step allocates
+// one EpPlan per key (micro-batch slot x MoE layer), a wire buffer per lane, and traffic and
+// waiting counters for the benchmark. Everything is sized at creation; a step allocates
 // nothing.
 #pragma once
 
@@ -23,24 +23,49 @@ struct EpTraffic {
 
 class EpExchange final : public ExpertExchange {
  public:
-  // comm: the EP group (kept by reference; must outlive this); E routed experts;
-  // rows_capacity: the most rows a layer may receive (moe_rows_max); C: row width.
-  EpExchange(Comm& comm, int64_t E, int64_t n_moe_layers, int64_t rows_capacity, int64_t C);
+  // comm: the EP group (kept by reference; must outlive this); E routed experts; n_keys plans;
+  // rows_capacity: the most rows a layer may receive (moe_rows_max); C: row width; n_lanes
+  // exchanges in flight at once.
+  EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
+             int n_lanes = 1);
 
-  int64_t plan(int64_t moe_layer, const int64_t* counts, const int32_t* expert_ids, int64_t N,
-               int64_t K, int64_t* local_offsets) override;
-  void dispatch(int64_t moe_layer, float* x_grouped, const float* xp, int64_t C) override;
-  void combine(int64_t moe_layer, float* yp, const float* y_grouped, int64_t C) override;
+  int lanes() const override { return static_cast<int>(lanes_.size()); }
+  void plan_start(int lane, int64_t key, const int64_t* counts, const int32_t* expert_ids,
+                  int64_t N, int64_t K) override;
+  int64_t plan_finish(int lane, int64_t* local_offsets) override;
+  void dispatch_start(int lane, int64_t key, float* x_grouped, const float* xp,
+                      int64_t C) override;
+  void combine_start(int lane, int64_t key, float* yp, const float* y_grouped,
+                     int64_t C) override;
+  void finish(int lane) override;
+  void progress() override;
+  double blocked_s() const override { return blocked_s_; }
 
   const EpTraffic& traffic() const { return traffic_; }
   void reset_traffic() { traffic_ = EpTraffic{}; }
 
  private:
+  enum class Op { kNone, kPlan, kDispatch, kCombine };
+  struct Lane {
+    Op op = Op::kNone;
+    int64_t key = 0, C = 0;
+    CommRequest req;
+    EpWire wire;
+    std::vector<float> scratch;  // (rows_capacity, C): the wire layout
+    float* x_grouped = nullptr;  // dispatch: where finish unpacks
+    const int64_t* counts = nullptr;
+    const int32_t* expert_ids = nullptr;
+    int64_t N = 0, K = 0;
+  };
+  Lane& lane_idle(int lane, int64_t key);
+  void count_traffic(const EpPlan& p, const Lane& ln);
+
   Comm& comm_;
   int64_t C_max_;
-  std::vector<EpPlan> plans_;   // per MoE layer
-  std::vector<float> scratch_;  // (rows_capacity, C): the wire layout
+  std::vector<EpPlan> plans_;  // per key
+  std::vector<Lane> lanes_;
   EpTraffic traffic_;
+  double blocked_s_ = 0;
 };
 
 }  // namespace moe

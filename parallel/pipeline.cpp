@@ -94,6 +94,41 @@ PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
   }
   pl.acquire_at = std::move(starts);
   pl.n_slots = std::max(pl.n_slots, 1);
+  // Each F&B pair's own messages: the receives its two chunks consume, standing right before
+  // it, and the sends of what they produce, right after.
+  pl.fb_msgs.assign(static_cast<size_t>(n), PipelinePlan::FbMessages{});
+  pl.fb_of.assign(static_cast<size_t>(n), -1);
+  for (int i = 0; i < n; ++i) {
+    const PipeOp& fb = pl.ops[static_cast<size_t>(i)];
+    if (fb.kind != PipeOpKind::kForwardBackward) continue;
+    pl.has_fb = true;
+    PipelinePlan::FbMessages& msg = pl.fb_msgs[static_cast<size_t>(i)];
+    auto take = [&](int j, int* slot_index) {
+      CHECK(*slot_index < 0, "F&B op %d: two messages of one kind", i);
+      *slot_index = j;
+      pl.fb_of[static_cast<size_t>(j)] = i;
+    };
+    for (int j = i - 1; j >= 0; --j) {
+      const PipeOp& o = pl.ops[static_cast<size_t>(j)];
+      if (o.kind == PipeOpKind::kRecvActivation && o.chunk == fb.chunk && o.mb == fb.mb) {
+        take(j, &msg.recv_act);
+      } else if (o.kind == PipeOpKind::kRecvGradient && o.chunk == fb.chunk2 && o.mb == fb.mb2) {
+        take(j, &msg.recv_grad);
+      } else {
+        break;
+      }
+    }
+    for (int j = i + 1; j < n; ++j) {
+      const PipeOp& o = pl.ops[static_cast<size_t>(j)];
+      if (o.kind == PipeOpKind::kSendActivation && o.chunk == fb.chunk && o.mb == fb.mb) {
+        take(j, &msg.send_act);
+      } else if (o.kind == PipeOpKind::kSendGradient && o.chunk == fb.chunk2 && o.mb == fb.mb2) {
+        take(j, &msg.send_grad);
+      } else {
+        break;
+      }
+    }
+  }
   return pl;
 }
 
@@ -175,24 +210,111 @@ struct Runner {
     const ChunkLoss r = model_chunk_forward<float>(m, slot(mb), pl().l0[chunk], pl().l1[chunk],
                                                    p.tokens.data(), p.targets.data(), p.B, p.T, true);
     p.times.compute += now_s() - t;
+    add_loss(chunk, r);
+  }
+
+  void add_loss(int chunk, const ChunkLoss& r) {
     if (pl().l1[chunk] == m.d.L) loss.ce_sum += r.ce_mean;
     loss.aux_sum += r.aux_sum;
   }
 
-  void backward(int chunk, int mb, BackwardPart part) {
-    if (part != BackwardPart::kWeight) {
-      // The residual gradient is about to be written: the last one sent from it must be out.
-      wait(p.send_grad[static_cast<size_t>(slot(mb))], &p.times.recv_wait);
-      uint8_t& got = p.grad_received[sc(mb, chunk)];
-      if (got) {
-        std::memcpy(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
-        got = 0;
-      }
+  // Before a backward's input pass writes the slot's residual gradient: the last one sent from
+  // it must be out, and the received one goes in.
+  void backward_prepare(int chunk, int mb, double* blocked) {
+    wait(p.send_grad[static_cast<size_t>(slot(mb))], blocked);
+    uint8_t& got = p.grad_received[sc(mb, chunk)];
+    if (got) {
+      std::memcpy(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
+      got = 0;
     }
+  }
+
+  void backward(int chunk, int mb, BackwardPart part) {
+    if (part != BackwardPart::kWeight) backward_prepare(chunk, mb, &p.times.recv_wait);
     const double t = now_s();
     model_chunk_backward<float>(m, slot(mb), pl().l0[chunk], pl().l1[chunk], dloss_ce, dloss_aux,
                                 part);
     p.times.compute += now_s() - t;
+  }
+
+  void recv_activation(const PipeOp& op, double* blocked) {
+    wait(p.recv_act[sc(op.mb, op.chunk)], blocked);
+  }
+  void recv_gradient(const PipeOp& op, double* blocked) {
+    wait(p.recv_grad[sc(op.mb, op.chunk)], blocked);
+    p.grad_received[sc(op.mb, op.chunk)] = 1;
+  }
+  void send_activation(const PipeOp& op) {
+    p.send_act[sc(op.mb, op.chunk)] = p.comm->send_start(
+        residual(op.mb, pl().l1[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+        message_tag(pl(), 0, pl().stage[op.chunk] + 1, op.mb));
+  }
+  void send_gradient(const PipeOp& op) {
+    p.send_grad[static_cast<size_t>(slot(op.mb))] = p.comm->send_start(
+        model_chunk_grad<float>(m, slot(op.mb)), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+        message_tag(pl(), 1, pl().stage[op.chunk] - 1, op.mb));
+  }
+  const PipeOp* op_at(int j) const { return j < 0 ? nullptr : &pl().ops[static_cast<size_t>(j)]; }
+
+  // An F&B pair: the forward of (chunk, mb) and the full backward of (chunk2, mb2), with the
+  // messages each consumes and produces. Overlapped, the two advance in turns, each turn
+  // running one chunk up to the start of its next expert exchange (model_chunk_step), so
+  // every all-to-all of one chunk and the pair's pipeline messages are in flight while the
+  // other computes (DeepSeek-V3 report, Figure 4). The turns are the same on every rank of
+  // an EP group (same op list, same layers), which keeps its collectives in one order.
+  void forward_backward(int i, const PipeOp& op) {
+    const PipelinePlan::FbMessages& msg = pl().fb_msgs[static_cast<size_t>(i)];
+    const double t0 = now_s();
+    const double ex0 = m.exchange ? m.exchange->blocked_s() : 0.0;
+    double msg_wait = 0;
+    batch(op.mb, p.tokens.data(), p.targets.data());
+    const bool overlap = p.overlap_fb;
+    ChunkRun f = chunk_run_forward(slot(op.mb), pl().l0[op.chunk], pl().l1[op.chunk],
+                                   p.tokens.data(), p.targets.data(), p.B, p.T, true, 0);
+    ChunkRun b = chunk_run_backward(slot(op.mb2), pl().l0[op.chunk2], pl().l1[op.chunk2],
+                                    dloss_ce, dloss_aux, BackwardPart::kFull, overlap ? 1 : 0);
+    bool f_more = true, b_more = true, b_begun = false;
+    if (const PipeOp* r = op_at(msg.recv_act)) recv_activation(*r, &msg_wait);
+    auto step_f = [&] {
+      f_more = model_chunk_step(m, f);
+      if (f_more) return;
+      add_loss(op.chunk, f.loss);
+      if (const PipeOp* s = op_at(msg.send_act)) send_activation(*s);
+    };
+    auto step_b = [&] {
+      if (!b_begun) {
+        if (const PipeOp* r = op_at(msg.recv_grad)) recv_gradient(*r, &msg_wait);
+        backward_prepare(op.chunk2, op.mb2, &msg_wait);
+        b_begun = true;
+      }
+      b_more = model_chunk_step(m, b);
+      if (!b_more)
+        if (const PipeOp* s = op_at(msg.send_grad)) send_gradient(*s);
+    };
+    if (overlap) {
+      while (f_more || b_more) {
+        if (f_more) step_f();
+        progress();
+        if (b_more) step_b();
+        progress();
+      }
+    } else {
+      while (f_more) step_f();
+      while (b_more) step_b();
+    }
+    const double dt = now_s() - t0;
+    const double ex = m.exchange ? m.exchange->blocked_s() - ex0 : 0.0;
+    p.times.compute += dt - msg_wait;
+    p.times.recv_wait += msg_wait;
+    p.times.fb_wall += dt;
+    p.times.fb_comm_wait += msg_wait + ex;
+    p.times.fb_pairs += 1;
+  }
+
+  // MPI moves messages inside library calls only: one between turns lets the other chunk's
+  // exchange and the pair's sends advance.
+  void progress() {
+    if (m.exchange) m.exchange->progress();
   }
 
   void run() {
@@ -202,24 +324,12 @@ struct Runner {
       for (int mb : pl().acquire_at[static_cast<size_t>(i)]) acquire(mb);
       const PipeOp& op = pl().ops[static_cast<size_t>(i)];
       const bool final_op = i == pl().last_backward_op;
+      if (pl().fb_of[static_cast<size_t>(i)] >= 0) continue;  // its F&B pair runs it
       switch (op.kind) {
-        case PipeOpKind::kRecvActivation:
-          wait(p.recv_act[sc(op.mb, op.chunk)], &p.times.recv_wait);
-          break;
-        case PipeOpKind::kRecvGradient:
-          wait(p.recv_grad[sc(op.mb, op.chunk)], &p.times.recv_wait);
-          p.grad_received[sc(op.mb, op.chunk)] = 1;
-          break;
-        case PipeOpKind::kSendActivation:
-          p.send_act[sc(op.mb, op.chunk)] = p.comm->send_start(
-              residual(op.mb, pl().l1[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
-              message_tag(pl(), 0, pl().stage[op.chunk] + 1, op.mb));
-          break;
-        case PipeOpKind::kSendGradient:
-          p.send_grad[static_cast<size_t>(slot(op.mb))] = p.comm->send_start(
-              model_chunk_grad<float>(m, slot(op.mb)), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
-              message_tag(pl(), 1, pl().stage[op.chunk] - 1, op.mb));
-          break;
+        case PipeOpKind::kRecvActivation: recv_activation(op, &p.times.recv_wait); break;
+        case PipeOpKind::kRecvGradient: recv_gradient(op, &p.times.recv_wait); break;
+        case PipeOpKind::kSendActivation: send_activation(op); break;
+        case PipeOpKind::kSendGradient: send_gradient(op); break;
         case PipeOpKind::kForward: forward(op.chunk, op.mb); break;
         case PipeOpKind::kBackward:
         case PipeOpKind::kBackwardInput:
@@ -233,9 +343,8 @@ struct Runner {
           break;
         }
         case PipeOpKind::kForwardBackward:
-          forward(op.chunk, op.mb);
           if (final_op && on_final) on_final(true);
-          backward(op.chunk2, op.mb2, BackwardPart::kFull);
+          forward_backward(i, op);
           if (final_op && on_final) on_final(false);
           break;
       }

@@ -13,6 +13,15 @@
 // gradient serves both of its chunks (DualPipeV) and may still be on its way out. Tags
 // name (activation or gradient, the receiving stage, the micro-batch), so any order of
 // arrival is matched correctly.
+//
+// F&B pairs (DualPipe, DualPipeV). The forward of one micro-batch and the full backward of
+// another take turns (model_chunk_step), each turn running one chunk up to the start of its
+// next expert exchange, so each all-to-all is in flight while the other chunk computes. The
+// pair runs its own messages: it waits the forward's activation before its first turn and
+// the backward's gradient before the backward's first turn, and sends each chunk's output as
+// soon as that chunk is done, while the other may still be computing. The turns depend only
+// on the op list and the layers, never on timing, so every rank of an EP group starts its
+// collectives in the same order.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +47,16 @@ struct PipelinePlan {
   int n_slots = 1;
   bool split_backward = false;  // the list has Bx / W ops
   int last_backward_op = -1;    // index of the op that makes the gradients final
+  bool has_fb = false;          // the list has F&B pairs (two expert-exchange lanes)
+  // F&B pairs run their own messages, so each can start or wait them between its pieces:
+  // fb_msgs[i] for an F&B op i holds the indices of the receives right before it and the
+  // sends right after it that belong to its chunks (-1 where none), and fb_of[j] is the F&B
+  // op that runs message op j (-1: the op runs in list order).
+  struct FbMessages {
+    int recv_act = -1, recv_grad = -1, send_act = -1, send_grad = -1;
+  };
+  std::vector<FbMessages> fb_msgs;  // (ops)
+  std::vector<int> fb_of;           // (ops)
 };
 
 // bounds: S + 1 layer boundaries of the stages (model_stage_bounds).
@@ -49,6 +68,11 @@ struct PipelineTimes {
   double wall = 0;      // the whole op list
   double compute = 0;   // inside forward / backward compute
   double recv_wait = 0; // blocked waiting for a message
+  // Inside F&B pairs: their whole time, and the part blocked on communication (their
+  // pipeline messages and expert exchanges) that computation did not hide.
+  double fb_wall = 0;
+  double fb_comm_wait = 0;
+  int fb_pairs = 0;
 };
 
 struct Pipeline {
@@ -63,6 +87,9 @@ struct Pipeline {
   std::vector<CommRequest> send_grad;           // (slots)
   std::vector<int32_t> tokens, targets;         // (B T) scratch for one micro-batch
   PipelineTimes times;
+  // F&B pairs interleave their chunks piece by piece (DualPipe); false runs the forward, then
+  // the backward, over the same pieces and messages (the benchmark's baseline).
+  bool overlap_fb = true;
 };
 
 // Everything is allocated here; pipeline_run allocates nothing.

@@ -424,6 +424,7 @@ const std::vector<Overrides> kOneKeyChanges = {
     {"optim.grad_clip=0"}, {"optim.state_dtype=bf16"},
     {"lr.schedule=wsd"}, {"lr.warmup_steps=0"}, {"lr.min_lr_ratio=0"}, {"lr.decay_fraction=0.5"},
     {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"}, {"parallel.bucket_mb=2.5"},
+    {"parallel.fb_overlap=false"},
     {"parallel.stage_layers=[6]"},
     {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"},
     {"checkpoint.dir=ck"}, {"checkpoint.every=0"}, {"checkpoint.keep_last=1"}, {"checkpoint.resume=auto"},

@@ -462,20 +462,27 @@ struct LoopbackGroup {
   }
 };
 
+// Every start does the whole (synchronous) exchange; finishes have nothing left to do. Both
+// ranks make the same calls in the same order, as over MPI.
 class LoopbackExchange : public ExpertExchange {
  public:
   LoopbackExchange(LoopbackGroup& g, int rank) : g_(g), rank_(rank) {}
-  int64_t plan(int64_t key, const int64_t* counts, const int32_t*, int64_t, int64_t,
-               int64_t* local_offsets) override {
+  int lanes() const override { return 2; }
+  void plan_start(int, int64_t key, const int64_t* counts, const int32_t*, int64_t,
+                  int64_t) override {
     g_.counts[key][rank_].assign(counts, counts + g_.E);
     g_.sync.arrive_and_wait();
     const int64_t e0 = rank_ * g_.EL;
-    for (int64_t j = 0; j < g_.EL; ++j) local_offsets[j] = g_.grouped_row(key, e0 + j, 0);
-    local_offsets[g_.EL] = g_.grouped_row(key, e0 + g_.EL - 1, LoopbackGroup::kRanks);
+    offsets_.resize(static_cast<size_t>(g_.EL + 1));
+    for (int64_t j = 0; j < g_.EL; ++j) offsets_[j] = g_.grouped_row(key, e0 + j, 0);
+    offsets_[g_.EL] = g_.grouped_row(key, e0 + g_.EL - 1, LoopbackGroup::kRanks);
     g_.sync.arrive_and_wait();
-    return local_offsets[g_.EL];
   }
-  void dispatch(int64_t key, float* xg, const float* xp, int64_t C) override {
+  int64_t plan_finish(int, int64_t* local_offsets) override {
+    std::copy(offsets_.begin(), offsets_.end(), local_offsets);
+    return offsets_.back();
+  }
+  void dispatch_start(int, int64_t key, float* xg, const float* xp, int64_t C) override {
     g_.from[rank_] = xp;
     g_.sync.arrive_and_wait();
     for (int64_t e = rank_ * g_.EL; e < (rank_ + 1) * g_.EL; ++e)
@@ -484,7 +491,7 @@ class LoopbackExchange : public ExpertExchange {
                     xg + g_.grouped_row(key, e, s) * C);
     g_.sync.arrive_and_wait();
   }
-  void combine(int64_t key, float* yp, const float* yg, int64_t C) override {
+  void combine_start(int, int64_t key, float* yp, const float* yg, int64_t C) override {
     g_.from[rank_] = yg;
     g_.sync.arrive_and_wait();
     for (int64_t e = 0; e < g_.E; ++e)
@@ -492,10 +499,12 @@ class LoopbackExchange : public ExpertExchange {
                   g_.counts[key][rank_][e] * C, yp + g_.sender_row(key, e, rank_) * C);
     g_.sync.arrive_and_wait();
   }
+  void finish(int) override {}
 
  private:
   LoopbackGroup& g_;
   int rank_;
+  std::vector<int64_t> offsets_;
 };
 
 // Rank r of an ep = 2 model against one process: replicated gradients are those of rank r's
@@ -564,6 +573,77 @@ TEST(ModelSplitBackwardEp, TwoRanksMatchOneProcess) {
       if (e / g.EL != s) cross_rows += g.counts[0][s][static_cast<size_t>(e)];
   EXPECT_GT(cross_rows, 0) << "no row crossed ranks: the exchange was not exercised";
   for (const Model<float>& m : ranks) expect_ep_grads_match(m, whole, 1e-5);
+}
+
+// DualPipe's overlapped pair at the model level: the forward of one micro-batch and the full
+// backward of another advance in turns (model_chunk_step, each turn up to the start of an
+// expert exchange, on lanes 0 and 1), on two EP ranks. Losses, gradients, routing counts and
+// input gradients equal, bit for bit, running the same chunks one after the other.
+TEST(ModelChunkSteps, InterleavedPairEqualsSequentialBitForBit) {
+  ModelDims d = split_dims();
+  d.ep = LoopbackGroup::kRanks;
+  const int64_t B = 2, N = B * d.T, L = d.L;
+  const double dce = 1.0 / static_cast<double>(N), daux = 1.0 / static_cast<double>(B);
+  std::array<std::vector<MicroBatch>, 2> mbs = {micro_batches(d, N, 2, 71),
+                                                micro_batches(d, N, 2, 81)};
+  std::array<std::array<Model<float>, 2>, 2> models;  // [rank][sequential, interleaved]
+  std::array<std::array<double, 2>, 2> loss{};
+  std::array<std::array<std::vector<float>, 2>, 2> dx;
+  std::array<int, 2> turns{};
+  LoopbackGroup g(d.E, 2 * d.n_moe_layers());
+  auto rank_main = [&](int r) {
+    omp_set_num_threads(1);
+    ModelDims dr = d;
+    dr.ep_rank = r;
+    LoopbackExchange ex(g, r);
+    const std::vector<MicroBatch>& mb = mbs[static_cast<size_t>(r)];
+    for (int way = 0; way < 2; ++way) {
+      Model<float>& m = models[static_cast<size_t>(r)][static_cast<size_t>(way)];
+      build_for_split_test<float>(m, dr, B, 2, false);
+      m.exchange = &ex;
+      model_chunk_forward<float>(m, 0, 0, L, mb[0].x.data(), mb[0].y.data(), B, d.T, true);
+      ChunkRun f = chunk_run_forward(1, 0, L, mb[1].x.data(), mb[1].y.data(), B, d.T, true, 0);
+      ChunkRun b = chunk_run_backward(0, 0, L, dce, daux, BackwardPart::kFull, 1);
+      if (way == 0) {
+        while (model_chunk_step(m, f)) {
+        }
+        while (model_chunk_step(m, b)) {
+        }
+      } else {
+        bool f_more = true, b_more = true;
+        while (f_more || b_more) {
+          if (f_more) f_more = model_chunk_step(m, f);
+          if (b_more) b_more = model_chunk_step(m, b);
+          ++turns[static_cast<size_t>(r)];
+        }
+      }
+      loss[static_cast<size_t>(r)][static_cast<size_t>(way)] = f.loss.ce_mean + f.loss.aux_sum;
+      const float* g0 = model_chunk_grad<float>(m, 0);
+      dx[static_cast<size_t>(r)][static_cast<size_t>(way)].assign(g0, g0 + N * d.C);
+      model_chunk_backward<float>(m, 1, 0, L, static_cast<float>(dce), static_cast<float>(daux));
+      m.exchange = nullptr;
+    }
+  };
+  std::thread other(rank_main, 1);
+  rank_main(0);
+  other.join();
+  for (size_t r = 0; r < 2; ++r) {
+    SCOPED_TRACE(r);
+    const Model<float>& seq = models[r][0];
+    const Model<float>& mix = models[r][1];
+    // Each MoE layer's forward stops 3 times and its backward twice: the pair took turns.
+    EXPECT_EQ(turns[r], 3 * d.n_moe_layers() + 1);
+    EXPECT_EQ(loss[r][0], loss[r][1]);
+    EXPECT_GT(loss[r][0], 0.0);
+    EXPECT_TRUE(same_bits(seq.grads, mix.grads, static_cast<int64_t>(seq.n_alloc)));
+    EXPECT_TRUE(dx[r][0] == dx[r][1]);
+    for (int64_t i = 0; i < d.n_moe_layers() * d.E; ++i)
+      EXPECT_EQ(seq.expert_load[i], mix.expert_load[i]) << i;
+  }
+  // And what both computed is the model's gradient: against one process per rank's batches.
+  std::array<Model<float>, 2> whole;
+  for (size_t r = 0; r < 2; ++r) full_reference<float>(whole[r], split_dims(), B, mbs[r]);
+  for (size_t r = 0; r < 2; ++r) expect_ep_grads_match(models[r][1], whole, 1e-5);
 }
 
 }  // namespace

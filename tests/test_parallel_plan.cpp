@@ -202,9 +202,15 @@ class FakeComm final : public Comm {
   }
   void reduce_sum(float*, const float*, int64_t, int) override { unexpected("reduce_sum"); }
   void all_gather(float*, const float*, int64_t) override { unexpected("all_gather"); }
-  void all_to_all_v(const void*, const int64_t*, const int64_t*, void*, const int64_t*,
-                    const int64_t*, size_t) override { unexpected("all_to_all_v"); }
-  void all_to_all(const int64_t*, int64_t*, int64_t) override { unexpected("all_to_all"); }
+  CommRequest all_to_all_v_start(const void*, const int*, const int*, void*, const int*,
+                                 const int*) override {
+    unexpected("all_to_all_v_start");
+    return {};
+  }
+  CommRequest all_to_all_start(const int64_t*, int64_t*, int64_t) override {
+    unexpected("all_to_all_start");
+    return {};
+  }
   void broadcast(void*, size_t, int) override { unexpected("broadcast"); }
   void send(const void*, size_t, int, int) override { unexpected("send"); }
   void recv(void*, size_t, int, int) override { unexpected("recv"); }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #include "io/config_model.h"
@@ -65,6 +66,14 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   // Pipeline: each rank's idle share of its op list (waiting for messages, or for the
   // schedule), the measured bubble; the largest over ranks is the step's.
   double pipe[3] = {0, 0, 0};  // wall, compute, receive waits, summed over steps
+  // F&B pairs, overlapped [0..2] and one chunk after the other [3..5]: their time, their
+  // time blocked on communication, and their number, summed over steps.
+  double fb[6] = {0, 0, 0, 0, 0, 0};
+  auto add_fb = [&](double* to) {
+    to[0] += s.pipe->times.fb_wall;
+    to[1] += s.pipe->times.fb_comm_wait;
+    to[2] += s.pipe->times.fb_pairs;
+  };
   for (int i = 1; i <= opt.steps; ++i) {
     train_step(s, i, source);
     if (s.pipe) {
@@ -74,12 +83,31 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
     }
   }
   const double dt = (now_s() - t0) / opt.steps;
-  double bubble[2] = {pipe[0] > 0 ? 1.0 - pipe[1] / pipe[0] : 0.0, pipe[2] / opt.steps};
-  if (grid.world) grid.world->all_reduce_max(bubble, 2);
   // Reduction time the step still pays: blocked at the end, plus starting and testing
   // requests during backward (with MPI, communication progresses inside those calls).
   double red[2] = {(s.reducer.wait_s + s.reducer.busy_s) / opt.steps, 0};
   EpTraffic traffic = s.exchange ? s.exchange->traffic() : EpTraffic{};
+  const bool has_fb = s.pipe && s.pipe->plan.has_fb;
+  if (has_fb) {
+    // The same pairs with their chunks run one after the other have all of their
+    // communication exposed; what the overlapped pairs did not wait for is what they hid.
+    // Steps alternate between the two so a busy moment of the machine hits both alike.
+    const bool was = s.pipe->overlap_fb;
+    for (int i = 1; i <= 2 * opt.steps; ++i) {
+      const bool overlapped = i % 2 == 0;
+      s.pipe->overlap_fb = overlapped;
+      train_step(s, 2 * opt.steps + i, source);
+      add_fb(overlapped ? fb : fb + 3);
+    }
+    s.pipe->overlap_fb = was;
+  }
+  // Summed over ranks: the job's communication time inside pairs.
+  if (grid.world && has_fb) grid.world->all_reduce_sum(fb, 6);
+  const double fb_hidden = fb[4] > 0 ? std::max(0.0, 1.0 - fb[1] / fb[4]) : 0.0;
+  const double fb_pair_s[2] = {fb[2] > 0 ? fb[0] / fb[2] : 0.0, fb[5] > 0 ? fb[3] / fb[5] : 0.0};
+  const double fb_comm_share[2] = {fb[0] > 0 ? fb[1] / fb[0] : 0.0, fb[3] > 0 ? fb[4] / fb[3] : 0.0};
+  double bubble[2] = {pipe[0] > 0 ? 1.0 - pipe[1] / pipe[0] : 0.0, pipe[2] / opt.steps};
+  if (grid.world) grid.world->all_reduce_max(bubble, 2);
   if (grid.world) {
     // The same steps with the whole reduction after backward: its full, unhidden cost.
     s.overlap_reduction = false;
@@ -117,11 +145,14 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
         "\"dp\": %d, \"ep\": %d, \"reduction_exposed_s\": %.6g, \"reduction_blocking_s\": %.6g, "
         "\"reduction_hidden\": %.4f, \"a2a_bytes_per_token\": %.6g, "
         "\"a2a_min_bytes_per_token\": %.6g, \"pp\": %d, \"schedule\": \"%s\", "
-        "\"pipe_bubble\": %.4f, \"pipe_recv_wait_s\": %.6g}\n",
+        "\"pipe_bubble\": %.4f, \"pipe_recv_wait_s\": %.6g, \"fb_pair_s\": %.6g, "
+        "\"fb_pair_sequential_s\": %.6g, \"fb_comm_share\": %.4f, "
+        "\"fb_comm_share_sequential\": %.4f, \"fb_comm_hidden\": %.4f}\n",
         cfg.source.c_str(), omp_get_max_threads(), peak, dt, tps, fpt, mfu,
         static_cast<long long>(counts.total), static_cast<long long>(counts.active_matmul),
         opt.steps, grid.world_size, grid.dp, grid.ep, red[0], red[1], hidden, a2a, a2a_min,
-        grid.pp, to_string(cfg.parallel.schedule), bubble[0], bubble[1]);
+        grid.pp, to_string(cfg.parallel.schedule), bubble[0], bubble[1], fb_pair_s[0],
+        fb_pair_s[1], fb_comm_share[0], fb_comm_share[1], fb_hidden);
   } else {
     std::printf("bench %s: %d rank%s x %d threads\n", cfg.source.c_str(), grid.world_size,
                 grid.world_size > 1 ? "s" : "", omp_get_max_threads());
@@ -137,6 +168,11 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
       std::printf("  pipeline pp %d %s: bubble %.1f%% of the step on the idlest rank "
                   "(%.4f s per step waiting for messages)\n",
                   grid.pp, to_string(cfg.parallel.schedule), 100.0 * bubble[0], bubble[1]);
+    if (has_fb)
+      std::printf("  F&B pairs: %.4f s each overlapped, %.4f s one chunk after the other; "
+                  "communication %.1f%% vs %.1f%% of their time -> %.1f%% of it hidden\n",
+                  fb_pair_s[0], fb_pair_s[1], 100.0 * fb_comm_share[0],
+                  100.0 * fb_comm_share[1], 100.0 * fb_hidden);
     if (s.exchange)
       std::printf("  expert dispatch: %.0f bytes per token per MoE layer to other ranks, "
                   "routing minimum %.0f (x%.2f)\n", a2a, a2a_min, a2a_min > 0 ? a2a / a2a_min : 0.0);

@@ -64,6 +64,7 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   ModelPart part = model_part_whole(d);
   s.root_part = part;
   int n_slots = 1;
+  int exchange_lanes = 1;
   bool split_backward = false;
   if (pp > 1) {
     const PipeSchedule kind = cfg.parallel.schedule;
@@ -74,10 +75,12 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
     part = plan.part;
     n_slots = plan.n_slots;
     split_backward = plan.split_backward;
+    exchange_lanes = plan.has_fb ? 2 : 1;  // an F&B pair's two chunks exchange at once
     std::vector<int> peers;
     for (int q = 0; q < pp; ++q) peers.push_back(grid->pp_peer(q));
     s.pipe = std::make_unique<Pipeline>();
     pipeline_init(*s.pipe, std::move(plan), grid->world.get(), std::move(peers), B, d.T, d.C);
+    s.pipe->overlap_fb = cfg.parallel.fb_overlap;
   }
   model_build<float>(s.model, d, B, param_comm ? param_comm->size() : 1,
                      expert_param_comm ? expert_param_comm->size() : 1, part, n_slots,
@@ -88,7 +91,7 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
     CHECK(grid && grid->ep_comm);
     // One routing plan per (activation slot, MoE layer): each micro-batch in flight keeps its own.
     s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_layers(),
-                                              moe_rows_max(d, B * d.T), d.C);
+                                              moe_rows_max(d, B * d.T), d.C, exchange_lanes);
     m.exchange = s.exchange.get();
   }
   s.regions[0] = shard_region(m.replicated, param_comm, 0);
