@@ -1,0 +1,182 @@
+// The linear layer's three GEMMs in BF16 and FP8 (model/linear.h) against independent
+// references: each input quantized by a straightforward scalar loop written here from the
+// recipe's definition, then a double-precision GEMM. The emulation must feed OpenBLAS
+// exactly those inputs (checked bit for bit on the scratch copies) and differ from the FP64
+// result by FP32 accumulation only; against the unquantized FP32 layer it must stay within
+// the error the format implies, and never produce a NaN.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "model/fp8.h"
+#include "model/linear.h"
+#include "model/rng.h"
+
+namespace moe {
+namespace {
+
+// Per-tile magnitudes spread over 1e-6 .. 1e3 so tiles get very different scales.
+std::vector<float> random_matrix(int64_t R, int64_t C, uint64_t seed) {
+  std::vector<float> m(static_cast<size_t>(R * C));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const double mag = std::pow(10.0, -6.0 + 9.0 * rng_uniform(seed, 1, static_cast<uint64_t>((r / 7) * 1000 + c / 50)));
+      m[static_cast<size_t>(r * C + c)] =
+          static_cast<float>(mag * (rng_uniform(seed, 2, static_cast<uint64_t>(r * C + c)) - 0.5));
+    }
+  return m;
+}
+
+// The recipe, element by element: tile amax, scale = amax clamped / 448, code of x / scale.
+std::vector<float> reference_quantize(const std::vector<float>& x, int64_t R, int64_t C,
+                                      int64_t tr, int64_t tc, PrecisionMode mode) {
+  std::vector<float> out(x.size());
+  if (mode == PrecisionMode::kBf16) {
+    for (size_t i = 0; i < x.size(); ++i) out[i] = bf16_to_float(bf16_from_float(x[i]));
+    return out;
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += tr)
+    for (int64_t c0 = 0; c0 < C; c0 += tc) {
+      float amax = 0;
+      for (int64_t r = r0; r < std::min(R, r0 + tr); ++r)
+        for (int64_t c = c0; c < std::min(C, c0 + tc); ++c)
+          amax = std::max(amax, std::fabs(x[static_cast<size_t>(r * C + c)]));
+      const float scale = std::min(std::max(amax, 448.0f * FLT_MIN), FLT_MAX) / 448.0f;
+      for (int64_t r = r0; r < std::min(R, r0 + tr); ++r)
+        for (int64_t c = c0; c < std::min(C, c0 + tc); ++c) {
+          const size_t i = static_cast<size_t>(r * C + c);
+          out[i] = fp8_e4m3_to_float(fp8_e4m3_from_float(x[i] / scale)) * scale;
+        }
+    }
+  return out;
+}
+
+// Of one (M, K) x (K, N) product, a[i, k] = A[i * sa_i + k * sa_k] etc.: the FP64 result and
+// the sum of |a||b| that bounds every rounding error.
+struct Gemm64 {
+  std::vector<double> c, abs;
+};
+Gemm64 gemm64(const float* A, int64_t sa_i, int64_t sa_k, const float* B, int64_t sb_k,
+              int64_t sb_j, int64_t M, int64_t N, int64_t K) {
+  Gemm64 g{std::vector<double>(static_cast<size_t>(M * N)), std::vector<double>(static_cast<size_t>(M * N))};
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double s = 0, a = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(A[i * sa_i + k * sa_k]) * double(B[k * sb_k + j * sb_j]);
+        s += p;
+        a += std::fabs(p);
+      }
+      g.c[static_cast<size_t>(i * N + j)] = s;
+      g.abs[static_cast<size_t>(i * N + j)] = a;
+    }
+  return g;
+}
+
+struct Case {
+  PrecisionMode mode;
+  int64_t N, IC, OC;
+};
+
+class LinearPrecision : public ::testing::TestWithParam<Case> {};
+
+// got within FP32 accumulation of the FP64 reference, element by element (K terms: K 2^-24 of
+// sum |a||b|, doubled for OpenBLAS's blocking), and within `format_rel` of the FP32 layer in
+// norm: per element the error is at most format_rel sum |a||b| plus, for inputs below their
+// tile's normal range, 2^-10 of the tile scale each, which no per-element bound on sum |a||b|
+// can hold when a tile mixes magnitudes 1e9 apart (as here), but which vanishes in the norm.
+void expect_product(const std::vector<float>& got, const Gemm64& ref, const Gemm64& fp32,
+                    int64_t K, double format_rel, const std::vector<float>& base = {}) {
+  const double acc_rel = 2.0 * static_cast<double>(K) * std::ldexp(1.0, -24);
+  double diff2 = 0, abs2 = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double b = base.empty() ? 0.0 : double(base[i]);
+    const double g = double(got[i]) - b;
+    ASSERT_FALSE(std::isnan(got[i])) << i;
+    // Accumulating into base rounds once more, by at most 2^-24 of the sum.
+    const double add = std::ldexp(std::fabs(b + ref.c[i]), -24);
+    ASSERT_LE(std::fabs(g - ref.c[i]), acc_rel * ref.abs[i] + add + 1e-30) << i;
+    diff2 += (g - fp32.c[i]) * (g - fp32.c[i]);
+    abs2 += fp32.abs[i] * fp32.abs[i];
+  }
+  const double rel = std::sqrt(diff2 / abs2);
+  EXPECT_LE(rel, format_rel);
+  // The quantization did change something (a test that cannot fail proves nothing).
+  EXPECT_GT(rel, format_rel / 1000);
+}
+
+TEST_P(LinearPrecision, ThreeGemmsMatchQuantizedFp64Reference) {
+  const Case c = GetParam();
+  const bool fp8 = c.mode == PrecisionMode::kFp8;
+  // Per element, each input is off by at most 1/17 (E4M3, normal range; tiny elements add
+  // at most 2^-10 of their tile scale) or 2^-9 (BF16): a product by (1 + e)^2 - 1.
+  const double e = fp8 ? 1.0 / 16 : std::ldexp(1.0, -8);
+  const double format_rel = 2 * e + e * e;
+  const std::vector<float> x = random_matrix(c.N, c.IC, 11), w = random_matrix(c.OC, c.IC, 12),
+                           dy = random_matrix(c.N, c.OC, 13);
+  const int64_t cap = c.N * std::max(c.IC, c.OC);
+  std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
+  const LinearScratch<float> s{sa.data(), sb.data(), cap};
+  std::vector<float> wq(w.size());
+  linear_quantize_weight<float>(wq.data(), w.data(), c.OC, c.IC, c.IC, c.mode);
+  EXPECT_EQ(0, std::memcmp(wq.data(), reference_quantize(w, c.OC, c.IC, 128, 128, c.mode).data(),
+                           wq.size() * sizeof(float)));
+  {  // forward: out = x wq^T, x in 1x128 tiles along IC
+    SCOPED_TRACE("forward");
+    std::vector<float> out(static_cast<size_t>(c.N * c.OC));
+    linear_forward<float>(out.data(), x.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
+    const std::vector<float> xq = reference_quantize(x, c.N, c.IC, 1, 128, c.mode);
+    EXPECT_EQ(0, std::memcmp(sa.data(), xq.data(), xq.size() * sizeof(float)));
+    expect_product(out, gemm64(xq.data(), c.IC, 1, wq.data(), 1, c.IC, c.N, c.OC, c.IC),
+                   gemm64(x.data(), c.IC, 1, w.data(), 1, c.IC, c.N, c.OC, c.IC), c.IC,
+                   format_rel);
+  }
+  {  // input gradient: dx = dy wq, dy in 1x128 tiles along OC
+    SCOPED_TRACE("backward_input");
+    std::vector<float> dx(static_cast<size_t>(c.N * c.IC));
+    linear_backward_input<float>(dx.data(), dy.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
+    const std::vector<float> dyq = reference_quantize(dy, c.N, c.OC, 1, 128, c.mode);
+    EXPECT_EQ(0, std::memcmp(sa.data(), dyq.data(), dyq.size() * sizeof(float)));
+    expect_product(dx, gemm64(dyq.data(), c.OC, 1, wq.data(), c.IC, 1, c.N, c.IC, c.OC),
+                   gemm64(dy.data(), c.OC, 1, w.data(), c.IC, 1, c.N, c.IC, c.OC), c.OC,
+                   format_rel);
+  }
+  {  // weight gradient: dw += dy^T x, both in 128x1 tiles along the N tokens
+    SCOPED_TRACE("backward_weight");
+    const std::vector<float> base = random_matrix(c.OC, c.IC, 14);
+    std::vector<float> dw = base;
+    linear_backward_weight<float>(dw.data(), dy.data(), x.data(), c.N, c.IC, c.OC, c.mode, s);
+    const std::vector<float> dyq = reference_quantize(dy, c.N, c.OC, 128, 1, c.mode);
+    const std::vector<float> xq = reference_quantize(x, c.N, c.IC, 128, 1, c.mode);
+    EXPECT_EQ(0, std::memcmp(sa.data(), dyq.data(), dyq.size() * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(sb.data(), xq.data(), xq.size() * sizeof(float)));
+    expect_product(dw, gemm64(dyq.data(), 1, c.OC, xq.data(), c.IC, 1, c.OC, c.IC, c.N),
+                   gemm64(dy.data(), 1, c.OC, x.data(), c.IC, 1, c.OC, c.IC, c.N), c.N,
+                   format_rel, base);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Modes, LinearPrecision,
+    ::testing::Values(Case{PrecisionMode::kFp8, 37, 200, 130}, Case{PrecisionMode::kFp8, 256, 256, 384},
+                      Case{PrecisionMode::kFp8, 130, 64, 129}, Case{PrecisionMode::kBf16, 37, 200, 130},
+                      Case{PrecisionMode::kBf16, 256, 256, 384}),
+    [](const ::testing::TestParamInfo<Case>& i) {
+      return std::string(i.param.mode == PrecisionMode::kFp8 ? "Fp8" : "Bf16") + "N" +
+             std::to_string(i.param.N) + "IC" + std::to_string(i.param.IC) + "OC" +
+             std::to_string(i.param.OC);
+    });
+
+// fp32 is the plain layer, and the only mode the double instantiation takes.
+TEST(LinearPrecision, Fp32IsThePlainGemm) {
+  const std::vector<float> x = random_matrix(5, 7, 1), w = random_matrix(3, 7, 2);
+  std::vector<float> out(15);
+  linear_forward<float>(out.data(), x.data(), w.data(), 5, 7, 3, PrecisionMode::kFp32, {});
+  const Gemm64 r = gemm64(x.data(), 7, 1, w.data(), 1, 7, 5, 3, 7);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], r.c[i], 1e-6 * r.abs[i] + 1e-30);
+}
+
+}  // namespace
+}  // namespace moe
