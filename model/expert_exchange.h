@@ -21,8 +21,6 @@ namespace moe {
 class ExpertExchange {
  public:
   virtual ~ExpertExchange() = default;
-  // Lanes this exchange was built with (at least 1).
-  virtual int lanes() const = 0;
   // counts (E): this rank's rows per global expert (moe_plan's counts); expert_ids (N, K):
   // the routing, for traffic statistics only. Both stay untouched until plan_finish, which
   // fills local_offsets (EL + 1) for the rows this rank's local experts receive and returns

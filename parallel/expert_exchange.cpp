@@ -18,11 +18,15 @@ EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capac
   }
 }
 
-EpExchange::Lane& EpExchange::lane_idle(int lane, int64_t key) {
+EpExchange::Lane& EpExchange::lane_at(int lane) {
   CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
+  return lanes_[static_cast<size_t>(lane)];
+}
+
+EpExchange::Lane& EpExchange::lane_idle(int lane, int64_t key) {
   CHECK(key >= 0 && key < static_cast<int64_t>(plans_.size()), "key %lld of %zu",
         (long long)key, plans_.size());
-  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  Lane& ln = lane_at(lane);
   CHECK(ln.op == Op::kNone, "lane %d already has an exchange in flight", lane);
   ln.key = key;
   return ln;
@@ -40,8 +44,7 @@ void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
 }
 
 int64_t EpExchange::plan_finish(int lane, int64_t* local_offsets) {
-  CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
-  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  Lane& ln = lane_at(lane);
   CHECK(ln.op == Op::kPlan, "lane %d: plan_finish without plan_start", lane);
   const double t = now_s();
   comm_.wait(ln.req);
@@ -92,8 +95,7 @@ void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_
 }
 
 void EpExchange::finish(int lane) {
-  CHECK(lane >= 0 && lane < lanes(), "lane %d of %d", lane, lanes());
-  Lane& ln = lanes_[static_cast<size_t>(lane)];
+  Lane& ln = lane_at(lane);
   CHECK(ln.op == Op::kDispatch || ln.op == Op::kCombine, "lane %d: finish without a start",
         lane);
   const double t = now_s();

@@ -29,7 +29,7 @@ class EpExchange final : public ExpertExchange {
   EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
              int n_lanes = 1);
 
-  int lanes() const override { return static_cast<int>(lanes_.size()); }
+  int lanes() const { return static_cast<int>(lanes_.size()); }
   void plan_start(int lane, int64_t key, const int64_t* counts, const int32_t* expert_ids,
                   int64_t N, int64_t K) override;
   int64_t plan_finish(int lane, int64_t* local_offsets) override;
@@ -57,6 +57,7 @@ class EpExchange final : public ExpertExchange {
     const int32_t* expert_ids = nullptr;
     int64_t N = 0, K = 0;
   };
+  Lane& lane_at(int lane);
   Lane& lane_idle(int lane, int64_t key);
   void count_traffic(const EpPlan& p, const Lane& ln);
 
