@@ -28,6 +28,8 @@ ModelDims config_model_dims(const Config& cfg) {
   d.rope_theta = cfg.attention.rope_theta;
   d.init_std = mc.init_std;
   d.tie_embeddings = mc.tie_embeddings;
+  d.precision = cfg.precision.mode;
+  d.dispatch_fp8 = cfg.precision.dispatch_fp8;
   return d;
 }
 

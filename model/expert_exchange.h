@@ -23,11 +23,14 @@ class ExpertExchange {
   virtual ~ExpertExchange() = default;
   // counts (E): this rank's rows per global expert (moe_plan's counts); expert_ids (N, K):
   // the routing, for traffic statistics only. Both stay untouched until plan_finish, which
-  // fills local_offsets (EL + 1) for the rows this rank's local experts receive and returns
-  // their number.
+  // fills local_offsets (EL + 1) for the rows this rank's local experts receive and
+  // block_offsets (EL ep + 1): local expert j's rows from sender p start at row
+  // block_offsets[j ep + p] (senders in rank order), the last entry is the rows received,
+  // which it returns. FP8 weight gradients start their 128-row tiles at every block, so
+  // their rounding does not depend on which rows share a rank.
   virtual void plan_start(int lane, int64_t key, const int64_t* counts, const int32_t* expert_ids,
                           int64_t N, int64_t K) = 0;
-  virtual int64_t plan_finish(int lane, int64_t* local_offsets) = 0;
+  virtual int64_t plan_finish(int lane, int64_t* local_offsets, int64_t* block_offsets) = 0;
   // x_grouped (rows of key's plan, C) <- xp (N K, C); x_grouped is written by finish.
   virtual void dispatch_start(int lane, int64_t key, float* x_grouped, const float* xp,
                               int64_t C) = 0;

@@ -6,41 +6,45 @@
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/layers.h"
+#include "model/linear.h"
 
 namespace moe {
 
 namespace {
 
+// The most EP ranks an expert's rows come from (a bound for the stack array of blocks).
+constexpr int kMaxEpBlocks = 4096;
+
 // SwiGLU MLP on rows: gu (n, 2F) = x W13^T, h (n, F) = silu(g) * u, out (n, C) = h W2^T.
+// The GEMMs run in pm (model/linear.h) with scratch ls.
 template <typename T>
 void swiglu_mlp_forward(T* out, T* gu, T* h, const T* x, const T* w13, const T* w2, int64_t n,
-                        int64_t C, int64_t F) {
-  cpu::matmul_forward<T>(gu, x, w13, n, C, 2 * F);
+                        int64_t C, int64_t F, PrecisionMode pm, const LinearScratch<T>& ls) {
+  linear_forward<T>(gu, x, w13, n, C, 2 * F, pm, ls);
   cpu::swiglu_forward<T>(h, gu, n, F);
-  cpu::matmul_forward<T>(out, h, w2, n, F, C);
+  linear_forward<T>(out, h, w2, n, F, C, pm, ls);
 }
 
 // Input pass: dx (n, C) assigned when accumulate_dx is false, += otherwise; dgu (n, 2F) is
 // kept for the weight pass, dh (n, F) is scratch.
 template <typename T>
 void swiglu_mlp_backward_input(T* dx, T* dgu, T* dh, const T* dout, const T* gu, const T* w13,
-                               const T* w2, int64_t n, int64_t C, int64_t F,
-                               bool accumulate_dx) {
-  cpu::matmul_backward_input<T>(dh, dout, w2, n, F, C);
+                               const T* w2, int64_t n, int64_t C, int64_t F, bool accumulate_dx,
+                               PrecisionMode pm, const LinearScratch<T>& ls) {
+  linear_backward_input<T>(dh, dout, w2, n, F, C, pm, ls);
   cpu::swiglu_backward<T>(dgu, dh, gu, n, F);
-  if (accumulate_dx) {
-    cpu::gemm<T>(false, false, n, C, 2 * F, T(1), dgu, 2 * F, w13, C, T(1), dx, C);
-  } else {
-    cpu::matmul_backward_input<T>(dx, dgu, w13, n, C, 2 * F);
-  }
+  linear_backward_input<T>(dx, dgu, w13, n, C, 2 * F, pm, ls, accumulate_dx);
 }
 
 // Weight pass: dw2 += dout^T h, dw13 += dgu^T x.
+// blocks (n_blocks + 1 row offsets, null: one block) restart the FP8 128-row tiles.
 template <typename T>
 void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, const T* x,
-                                const T* h, int64_t n, int64_t C, int64_t F) {
-  cpu::matmul_backward_weight<T>(dw2, dout, h, n, F, C);
-  cpu::matmul_backward_weight<T>(dw13, dgu, x, n, C, 2 * F);
+                                const T* h, int64_t n, int64_t C, int64_t F, PrecisionMode pm,
+                                const LinearScratch<T>& ls, const int64_t* blocks = nullptr,
+                                int64_t n_blocks = 1) {
+  linear_backward_weight<T>(dw2, dout, h, n, F, C, pm, ls, blocks, n_blocks);
+  linear_backward_weight<T>(dw13, dgu, x, n, C, 2 * F, pm, ls, blocks, n_blocks);
 }
 
 }  // namespace
@@ -48,7 +52,7 @@ void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, co
 template <typename T>
 void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                        const ModelDims& d, int64_t N) {
-  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F);
+  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F, d.precision, la.lin);
 }
 
 template <typename T>
@@ -57,14 +61,15 @@ void dense_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const Laye
   const LayerKept<T>& k = la.kept;
   std::copy(dout, dout + N * d.C, k.dres_out);
   swiglu_mlp_backward_input<T>(dx, k.dgu, a.dh, k.dres_out, la.gu, lp.w13, lp.w2, N, d.C, d.F,
-                               false);
+                               false, d.precision, la.lin);
 }
 
 template <typename T>
 void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
                                const ModelDims& d, int64_t N) {
   const LayerKept<T>& k = la.kept;
-  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, N, d.C, d.F);
+  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, N, d.C, d.F,
+                                d.precision, la.lin);
 }
 
 template <typename T>
@@ -79,6 +84,7 @@ void moe_layer_route_forward(LayerActs<T>& la, const T* x, const LayerParams<T>&
   cpu::moe_permute_forward<T>(la.xp, x, la.token_of, N * K, C);
   if (d.ep == 1) {
     std::copy(la.offsets, la.offsets + E + 1, la.local_offsets);
+    std::copy(la.offsets, la.offsets + E + 1, la.block_offsets);
     la.rows_recv = N * K;
   }
 }
@@ -91,14 +97,17 @@ void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const Layer
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
     swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
-                          lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE);
+                          lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE, d.precision,
+                          la.lin);
   }
 }
 
 template <typename T>
 void moe_layer_shared_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                         const ModelDims& d, int64_t N) {
-  if (d.S > 0) swiglu_mlp_forward<T>(out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S);
+  if (d.S > 0)
+    swiglu_mlp_forward<T>(out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S, d.precision,
+                          la.lin);
 }
 
 template <typename T>
@@ -132,7 +141,7 @@ void moe_layer_combine_backward_input(T* dyp, LayerActs<T>& la, const T* dout,
   cpu::router_backward<T>(k.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
                           d.score, d.route_scale);
   if (d.S > 0) {
-    cpu::matmul_backward_input<T>(a.dh, k.dres_out, lp.sw2, N, d.S, C);
+    linear_backward_input<T>(a.dh, k.dres_out, lp.sw2, N, d.S, C, d.precision, la.lin);
     cpu::swiglu_backward<T>(k.dsgu, a.dh, la.sgu, N, d.S);
   }
 }
@@ -147,7 +156,7 @@ void moe_layer_experts_backward_input(T* dxg, LayerActs<T>& la, const LayerParam
     if (n == 0) continue;
     swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
                                  la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
-                                 lp.ew2 + e * C * FE, n, C, FE, false);
+                                 lp.ew2 + e * C * FE, n, C, FE, false, d.precision, la.lin);
   }
 }
 
@@ -159,7 +168,7 @@ void moe_layer_permute_backward_input(T* dx, LayerActs<T>& la, const T* dxp, con
   cpu::moe_permute_backward<T>(dx, dxp, la.row_of, N, d.K, C);
   cpu::gemm<T>(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
   if (d.S > 0)
-    cpu::gemm<T>(false, false, N, C, 2 * d.S, T(1), k.dsgu, 2 * d.S, lp.sw13, C, T(1), dx, C);
+    linear_backward_input<T>(dx, k.dsgu, lp.sw13, N, C, 2 * d.S, d.precision, la.lin, true);
 }
 
 template <typename T>
@@ -167,12 +176,16 @@ void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& l
   const int64_t C = d.C, FE = d.FE;
   const LayerKept<T>& k = la.kept;
   const T* xg = d.ep > 1 ? la.xg : la.xp;
+  // Each expert's rows from each EP rank are a block of their own (see LayerActs).
+  int64_t blocks[kMaxEpBlocks + 1];
+  CHECK(d.ep <= kMaxEpBlocks, "ep %lld > %d", (long long)d.ep, kMaxEpBlocks);
   for (int64_t e = 0; e < d.EL(); ++e) {
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
+    for (int64_t p = 0; p <= d.ep; ++p) blocks[p] = la.block_offsets[e * d.ep + p] - r0;
     swiglu_mlp_backward_weight<T>(lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE,
                                   k.degu + r0 * 2 * FE, k.dyg + r0 * C, xg + r0 * C,
-                                  la.eh + r0 * FE, n, C, FE);
+                                  la.eh + r0 * FE, n, C, FE, d.precision, la.lin, blocks, d.ep);
   }
 }
 
@@ -182,7 +195,8 @@ void moe_layer_router_shared_backward_weight(LayerParams<T>& lg, const LayerActs
   const LayerKept<T>& k = la.kept;
   cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, d.C, d.E);
   if (d.S > 0)
-    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, d.C, d.S);
+    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, d.C, d.S,
+                                  d.precision, la.lin);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \

@@ -3,6 +3,7 @@
 #include <type_traits>
 
 #include "model/check.h"
+#include "model/fp8.h"
 #include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 
@@ -17,6 +18,34 @@ void quantize_input(float* dst, const float* src, int64_t R, int64_t C, Precisio
     fp8_fake_quantize(dst, src, R, C, tile);
   } else {
     bf16_fake_quantize(dst, src, R * C);
+  }
+}
+
+// fn(r0, n) for every non-empty block of rows (blocks: n_blocks + 1 offsets from 0 to N;
+// null: one block of N rows).
+template <typename Fn>
+void for_each_block(const int64_t* blocks, int64_t n_blocks, int64_t N, const Fn& fn) {
+  const int64_t whole[2] = {0, N};
+  if (!blocks) {
+    blocks = whole;
+    n_blocks = 1;
+  }
+  CHECK(n_blocks >= 1 && blocks[0] == 0 && blocks[n_blocks] == N, "blocks of %lld rows",
+        (long long)N);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    CHECK(blocks[b + 1] >= blocks[b], "block %lld ends before it starts", (long long)b);
+    if (blocks[b + 1] > blocks[b]) fn(blocks[b], blocks[b + 1] - blocks[b]);
+  }
+}
+
+// dst (R, C) <- x restored from its saved form (fp8: 1x128 tiles dequantized).
+void restore_saved(float* dst, const LinearSaved& x, int64_t R, int64_t C, PrecisionMode mode) {
+  if (mode == PrecisionMode::kFp8) {
+    CHECK(x.codes && x.scales, "no saved FP8 input");
+    fp8_dequantize(dst, x.codes, x.scales, R, C, kTileAct);
+  } else {
+    CHECK(x.bf16, "no saved BF16 input");
+    for (int64_t i = 0; i < R * C; ++i) dst[i] = bf16_to_float(x.bf16[i]);
   }
 }
 
@@ -53,49 +82,117 @@ void linear_quantize_weight(T* wq, const T* w, int64_t OC, int64_t IC, int64_t l
   }
 }
 
+int64_t linear_saved_bytes(int64_t N, int64_t IC, PrecisionMode mode) {
+  switch (mode) {
+    case PrecisionMode::kFp32: return 0;
+    case PrecisionMode::kBf16: return N * IC * static_cast<int64_t>(sizeof(uint16_t));
+    case PrecisionMode::kFp8:
+      return N * IC + fp8_scale_count(N, IC, kTileAct) * static_cast<int64_t>(sizeof(float));
+  }
+  return 0;
+}
+
+LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC) {
+  LinearSaved r;
+  if (x.bf16) r.bf16 = x.bf16 + r0 * IC;
+  if (x.codes) r.codes = x.codes + r0 * IC;
+  if (x.scales) r.scales = x.scales + fp8_scale_count(r0, IC, kTileAct);
+  return r;
+}
+
 template <typename T>
 void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                    PrecisionMode mode, const LinearScratch<T>& s) {
+                    PrecisionMode mode, const LinearScratch<T>& s, const LinearSaved* save) {
   if (exact<T>(mode)) return cpu::matmul_forward<T>(out, x, wq, N, IC, OC);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * IC);
-    quantize_input(s.a, x, N, IC, mode, kTileAct);
+    if (!save) {
+      quantize_input(s.a, x, N, IC, mode, kTileAct);
+    } else if (mode == PrecisionMode::kFp8) {
+      // The saved codes are the GEMM's operand: the forward multiplies what backward reads.
+      fp8_quantize(save->codes, save->scales, x, N, IC, kTileAct);
+      fp8_dequantize(s.a, save->codes, save->scales, N, IC, kTileAct);
+    } else {
+      for (int64_t i = 0; i < N * IC; ++i) {
+        save->bf16[i] = bf16_from_float(x[i]);
+        s.a[i] = bf16_to_float(save->bf16[i]);
+      }
+    }
     cpu::matmul_forward<float>(out, s.a, wq, N, IC, OC);
   }
 }
 
 template <typename T>
 void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                           PrecisionMode mode, const LinearScratch<T>& s) {
-  if (exact<T>(mode)) return cpu::matmul_backward_input<T>(dx, dout, wq, N, IC, OC);
-  if constexpr (std::is_same_v<T, float>) {
-    check_room(s, N * OC);
-    quantize_input(s.a, dout, N, OC, mode, kTileAct);
-    cpu::matmul_backward_input<float>(dx, s.a, wq, N, IC, OC);
+                           PrecisionMode mode, const LinearScratch<T>& s, bool accumulate) {
+  const T* a = dout;
+  if (!exact<T>(mode)) {
+    if constexpr (std::is_same_v<T, float>) {
+      check_room(s, N * OC);
+      quantize_input(s.a, dout, N, OC, mode, kTileAct);
+      a = s.a;
+    }
   }
+  cpu::gemm<T>(false, false, N, IC, OC, T(1), a, OC, wq, IC, accumulate ? T(1) : T(0), dx, IC);
 }
 
 template <typename T>
 void linear_backward_weight(T* dw, const T* dout, const T* x, int64_t N, int64_t IC, int64_t OC,
-                            PrecisionMode mode, const LinearScratch<T>& s) {
+                            PrecisionMode mode, const LinearScratch<T>& s, const int64_t* blocks,
+                            int64_t n_blocks) {
   if (exact<T>(mode)) return cpu::matmul_backward_weight<T>(dw, dout, x, N, IC, OC);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * (IC > OC ? IC : OC));
-    quantize_input(s.a, dout, N, OC, mode, kTileActT);
-    quantize_input(s.b, x, N, IC, mode, kTileActT);
+    for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
+      quantize_input(s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
+      quantize_input(s.b + r0 * IC, x + r0 * IC, n, IC, mode, kTileActT);
+    });
     cpu::matmul_backward_weight<float>(dw, s.a, s.b, N, IC, OC);
   }
+}
+
+namespace {
+
+void saved_backward_weight(float* dw, const float* dout, const LinearSaved& x, int64_t N,
+                           int64_t IC, int64_t OC, PrecisionMode mode,
+                           const LinearScratch<float>& s, const int64_t* blocks,
+                           int64_t n_blocks) {
+  check_room(s, N * (IC > OC ? IC : OC));
+  restore_saved(s.b, x, N, IC, mode);
+  for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
+    quantize_input(s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
+    // BF16 values round to themselves; FP8 ones move from 1x128 to 128x1 tiles.
+    if (mode == PrecisionMode::kFp8)
+      fp8_fake_quantize(s.b + r0 * IC, s.b + r0 * IC, n, IC, kTileActT);
+  });
+  cpu::matmul_backward_weight<float>(dw, s.a, s.b, N, IC, OC);
+}
+
+}  // namespace
+
+template <typename T>
+void linear_backward_weight_saved(T* dw, const T* dout, const T* x_fp32, const LinearSaved& x,
+                                  int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
+                                  const LinearScratch<T>& s, const int64_t* blocks,
+                                  int64_t n_blocks) {
+  if (exact<T>(mode)) return cpu::matmul_backward_weight<T>(dw, dout, x_fp32, N, IC, OC);
+  if constexpr (std::is_same_v<T, float>) saved_backward_weight(dw, dout, x, N, IC, OC, mode, s,
+                                                                blocks, n_blocks);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
   template void linear_quantize_weight<T>(T*, const T*, int64_t, int64_t, int64_t,            \
                                           PrecisionMode);                                     \
   template void linear_forward<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,          \
-                                  PrecisionMode, const LinearScratch<T>&);                    \
+                                  PrecisionMode, const LinearScratch<T>&, const LinearSaved*); \
   template void linear_backward_input<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,   \
-                                         PrecisionMode, const LinearScratch<T>&);             \
+                                         PrecisionMode, const LinearScratch<T>&, bool);       \
   template void linear_backward_weight<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,  \
-                                          PrecisionMode, const LinearScratch<T>&);
+                                          PrecisionMode, const LinearScratch<T>&, const int64_t*, \
+                                          int64_t);                                           \
+  template void linear_backward_weight_saved<T>(T*, const T*, const T*, const LinearSaved&,   \
+                                                int64_t, int64_t, int64_t, PrecisionMode,     \
+                                                const LinearScratch<T>&, const int64_t*, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -28,23 +28,53 @@ struct LinearScratch {
   int64_t capacity = 0;
 };
 
+// A linear layer's input as its weight gradient needs it, saved by the forward in the GEMM
+// input format instead of FP32 (DeepSeek-V3 report 3.3.3, low-precision storage): bf16 its
+// BF16 bits; fp8 its E4M3 codes with the forward's own 1x128 scales, from which the weight
+// gradient rebuilds 128x1 tiles (dequantize, quantize again). fp32 saves the float tensor
+// itself and uses no LinearSaved. Rows of IC elements.
+struct LinearSaved {
+  uint16_t* bf16 = nullptr;  // (N, IC)
+  uint8_t* codes = nullptr;  // (N, IC)
+  float* scales = nullptr;   // (N, ceil(IC / 128))
+};
+// Bytes of a LinearSaved of N rows (0 for fp32).
+int64_t linear_saved_bytes(int64_t N, int64_t IC, PrecisionMode mode);
+// The saved rows from row r0 on.
+LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC);
+
 // wq (OC, IC) with row stride ld <- w in the mode's GEMM input format (a copy for fp32).
 // In place allowed (wq == w).
 template <typename T>
 void linear_quantize_weight(T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
                             PrecisionMode mode);
 
-// out (N, OC) = x (N, IC) . wq^T
+// out (N, OC) = x (N, IC) . wq^T. With `save` (bf16 / fp8), x is also saved there in the GEMM
+// input format, for linear_backward_weight_saved.
 template <typename T>
 void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                    PrecisionMode mode, const LinearScratch<T>& s);
-// dx (N, IC) = dout (N, OC) . wq (assigned)
+                    PrecisionMode mode, const LinearScratch<T>& s,
+                    const LinearSaved* save = nullptr);
+// dx (N, IC) = dout (N, OC) . wq, assigned; added to dx when `accumulate` (a layer input
+// that feeds several branches).
 template <typename T>
 void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                           PrecisionMode mode, const LinearScratch<T>& s);
-// dw (OC, IC) += dout^T (OC, N) . x (N, IC)
+                           PrecisionMode mode, const LinearScratch<T>& s,
+                           bool accumulate = false);
+// dw (OC, IC) += dout^T (OC, N) . x (N, IC). blocks (n_blocks + 1 row offsets from 0 to N;
+// null: one block) split the tokens into groups whose FP8 128x1 tiles start afresh, as if
+// each were zero-padded to a multiple of 128 rows (the routed experts' rows from different
+// EP ranks), so the rounding does not depend on which rows share a GEMM.
 template <typename T>
 void linear_backward_weight(T* dw, const T* dout, const T* x, int64_t N, int64_t IC, int64_t OC,
-                            PrecisionMode mode, const LinearScratch<T>& s);
+                            PrecisionMode mode, const LinearScratch<T>& s,
+                            const int64_t* blocks = nullptr, int64_t n_blocks = 1);
+// The same from what the forward saved of x: in fp32 the float tensor x itself, otherwise
+// `saved` (x is not read and may be scratch the forward has reused).
+template <typename T>
+void linear_backward_weight_saved(T* dw, const T* dout, const T* x, const LinearSaved& saved,
+                                  int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
+                                  const LinearScratch<T>& s, const int64_t* blocks = nullptr,
+                                  int64_t n_blocks = 1);
 
 }  // namespace moe

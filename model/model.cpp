@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "model/check.h"
+#include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/layers.h"
 
@@ -57,6 +58,20 @@ void exchange_start(ExpertExchange* ex, bool dispatch, int lane, int64_t key, T*
     }
   } else {
     CHECK(false, "expert parallelism needs float parameters");
+  }
+}
+
+// dispatch_fp8 with every expert local: n rows of C rounded in place as the EP wire rounds
+// them, FP8 (1x128 tiles) for a dispatch, BF16 for a combine.
+template <typename T>
+void local_wire_round(const ModelDims& d, bool dispatch, T* rows, int64_t n) {
+  if (!d.dispatch_fp8) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (dispatch) {
+      fp8_fake_quantize(rows, rows, n, d.C, kTileAct);
+    } else {
+      bf16_fake_quantize(rows, rows, n * d.C);
+    }
   }
 }
 
@@ -129,7 +144,7 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
   const int64_t l = r.layer, N = r.B * r.T, C = d.C;
   Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
   T* res_in = a.res + l * N * C;
   T* res_out = a.res + (l + 1) * N * C;
   ExpertExchange* ex = m.exchange;
@@ -152,8 +167,10 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
         r.phase = 1;
         return true;
       }
+      local_wire_round(d, true, la.xp, N * d.K);
       moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
       moe_layer_experts_forward<T>(la.yp, la, la.xp, lp, d);
+      local_wire_round(d, false, la.yp, N * d.K);
       r.phase = 3;
       [[fallthrough]];
     case 3:
@@ -162,7 +179,7 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
           res_out, la, a.tmp, r.training ? m.expert_load + moe_l * d.E : nullptr, d, r.B, r.T);
       break;
     case 1:
-      la.rows_recv = ex->plan_finish(r.lane, la.local_offsets);
+      la.rows_recv = ex->plan_finish(r.lane, la.local_offsets, la.block_offsets);
       CHECK(la.rows_recv <= moe_rows_max(d, N));
       exchange_start<T>(ex, true, r.lane, key, la.xg, la.xp, C);
       moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
@@ -234,7 +251,7 @@ template <typename T>
 void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
   const int64_t N = a.B * a.Tcur;
   attention_block_backward_input<T>(a.dres, a.layers[static_cast<size_t>(l)],
-                                    a.res + l * N * m.d.C, m.p.layers[static_cast<size_t>(l)], a,
+                                    a.res + l * N * m.d.C, m.q.layers[static_cast<size_t>(l)], a,
                                     m.d, a.B, a.Tcur);
 }
 
@@ -312,7 +329,7 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
   Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   const int64_t l = r.layer, N = a.B * a.Tcur, C = d.C;
   LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const LayerParams<T>& lp = m.p.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
   const LayerKept<T>& k = la.kept;
   const bool full = r.part == BackwardPart::kFull;
   ExpertExchange* ex = m.exchange;
@@ -334,7 +351,9 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
         r.phase = 1;
         return true;
       }
+      local_wire_round(d, true, k.dyg, N * d.K);
       moe_layer_experts_backward_input<T>(a.dxp, la, lp, a, d);
+      local_wire_round(d, false, a.dxp, N * d.K);
       if (full) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)], la, d);
       r.phase = 2;
       [[fallthrough]];

@@ -23,6 +23,7 @@
 
 #include "model/arena.h"
 #include "model/expert_exchange.h"
+#include "model/linear.h"
 #include "model/types.h"
 
 namespace moe {
@@ -38,6 +39,15 @@ struct ModelDims {
   double rope_theta = 10000.0;
   double init_std = 0.02;
   bool tie_embeddings = false;
+  // The inputs of the linear layers' GEMMs (attention projections, dense FFN, shared and
+  // routed experts; see model/linear.h); embedding, head, router, norms and the attention
+  // core stay in T.
+  PrecisionMode precision = PrecisionMode::kFp32;
+  // Routed experts' rows travel as DeepSeek-V3 sends them: dispatches (inputs, and output
+  // gradients in backward) in FP8 with 1x128 scales, combines in BF16. With ep > 1 the
+  // exchange's wire rounds them (parallel/expert_dispatch.h); with every expert local the
+  // model applies the same rounding, so the numbers do not depend on where experts live.
+  bool dispatch_fp8 = false;
   // Expert parallelism: this model holds routed experts [ep_rank EL, (ep_rank + 1) EL) of E
   // (EL = E / ep); everything else is replicated. ep = 1 holds them all.
   int64_t ep = 1, ep_rank = 0;
@@ -161,12 +171,18 @@ struct LayerActs {
   // arrive from the EP group (rows_recv <= R_max = ep N min(K, EL), dropless).
   T* xg;                   // (R_max, C), ep > 1 only
   int64_t* local_offsets;  // (EL + 1)
+  // (EL ep + 1): local expert j's rows from EP rank p start at block_offsets[j ep + p]
+  // (ExpertExchange::plan_finish); with ep = 1 these are local_offsets.
+  int64_t* block_offsets;
   int64_t rows_recv;
   T* egu;  // (R_max, 2FE)
   T* eh;   // (R_max, FE)
   T* yp;   // (N K, C) expert outputs, back in xp's row order
   T* sgu;  // (N, 2S)
   T* sh;   // (N, S)
+  // Scratch for the quantized inputs of the layer's GEMMs (bf16 / fp8): the slot's, shared
+  // by all its layers (a slot runs one layer at a time). Empty in fp32.
+  LinearScratch<T> lin;
   LayerKept<T> kept;       // from the input pass to the weight pass of this layer
   bool weight_pending;     // split backward: kInput ran, its kWeight has not yet
 };
@@ -240,6 +256,11 @@ struct Model {
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
   ModelParams<T> p, g;  // null views for tensors of parts not held
+  // The weights as the GEMMs read them (model_quantize_weights): the linear layers' matrices
+  // in d.precision's input format, held in gemm_arena; every other view aliases p's. In fp32
+  // q is p.
+  Arena gemm_arena;
+  ModelParams<T> q;
   std::vector<Activations<T>> slots;  // activation slots, at least one
   T* rope_cos = nullptr;  // (T, HD/2)
   T* rope_sin = nullptr;
@@ -295,6 +316,14 @@ void model_init(Model<T>& m, uint64_t seed);
 
 template <typename T>
 void model_zero_grads(Model<T>& m);
+
+// Refreshes m.q from the master weights: every linear layer's matrix quantized as one GEMM
+// operand (wqkv, wo, w13, w2, sw13, sw2, and each routed expert's w13 and w2 on its own, as a
+// grouped GEMM reads them), 128x128 blocks in fp8. Call whenever the master weights changed
+// (init, load, an optimizer step) before the next forward; the trainer does it at the start
+// of every step and evaluation. Nothing to do in fp32.
+template <typename T>
+void model_quantize_weights(Model<T>& m);
 
 // Forward over tokens (B, T) (T <= d.T). With targets, returns the mean cross-entropy over
 // targets >= 0 (and sets aux_loss_sum); without, computes logits only and returns 0.

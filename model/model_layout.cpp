@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
@@ -138,6 +139,7 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
       la.xp = c.take<T>(NK * C);
       la.xg = ep ? c.take<T>(R * C) : nullptr;
       la.local_offsets = c.take<int64_t>(static_cast<size_t>(d.EL()) + 1);
+      la.block_offsets = c.take<int64_t>(static_cast<size_t>(d.EL() * d.ep) + 1);
       la.egu = c.take<T>(R * 2 * static_cast<size_t>(d.FE));
       la.eh = c.take<T>(R * static_cast<size_t>(d.FE));
       la.yp = c.take<T>(NK * C);
@@ -175,6 +177,18 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.dxg = ep ? c.take<T>(R * C) : nullptr;
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
+  if (d.precision != PrecisionMode::kFp32) {
+    // Every GEMM operand of a linear layer: (rows, width) for each of its inputs and outputs.
+    const size_t F = any_dense ? static_cast<size_t>(d.F) : 0;
+    const size_t FE = any_moe ? static_cast<size_t>(d.FE) : 0;
+    const size_t S = any_moe ? static_cast<size_t>(d.S) : 0;
+    const size_t cap = std::max({N * C, N * static_cast<size_t>(d.qkv()),
+                                 N * static_cast<size_t>(d.d_attn()), N * 2 * F, N * 2 * S,
+                                 (any_moe ? R : 0) * std::max(C, 2 * FE)});
+    LinearScratch<T> lin{c.take<T>(cap), c.take<T>(cap), static_cast<int64_t>(cap)};
+    for (int64_t l = 0; l < d.L; ++l)
+      if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].lin = lin;
+  }
 }
 
 void dims_check(const ModelDims& d) {
@@ -294,6 +308,25 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   m.grads = reinterpret_cast<T*>(m.grad_arena.data());
   param_layout<T>(d, part, static_cast<size_t>(pad_replicated), m.params, &m.p, nullptr);
   param_layout<T>(d, part, static_cast<size_t>(pad_replicated), m.grads, &m.g, nullptr);
+  CHECK((std::is_same_v<T, float>) || !d.dispatch_fp8, "FP8 dispatch needs float parameters");
+  if (d.precision == PrecisionMode::kFp32) {
+    m.gemm_arena = Arena();
+    m.q = m.p;
+  } else {
+    CHECK((std::is_same_v<T, float>), "BF16 / FP8 GEMMs need float parameters");
+    m.gemm_arena = Arena("GEMM weights", m.n_alloc * sizeof(T));
+    T* base = reinterpret_cast<T*>(m.gemm_arena.data());
+    param_layout<T>(d, part, static_cast<size_t>(pad_replicated), base, &m.q, nullptr);
+    // Only the linear layers' matrices have a GEMM copy.
+    m.q.wte = m.p.wte;
+    m.q.final_norm = m.p.final_norm;
+    m.q.lm_head = m.p.lm_head;
+    for (size_t l = 0; l < m.q.layers.size(); ++l) {
+      m.q.layers[l].attn_norm = m.p.layers[l].attn_norm;
+      m.q.layers[l].ffn_norm = m.p.layers[l].ffn_norm;
+      m.q.layers[l].router = m.p.layers[l].router;
+    }
+  }
   m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
   const size_t rope = static_cast<size_t>(d.T * d.HD / 2);
   m.act_arena = arena_build("activations", [&](Carver& c) {
@@ -337,6 +370,34 @@ void model_zero_grads(Model<T>& m) {
   std::memset(m.grads, 0, m.n_alloc * sizeof(T));
 }
 
+template <typename T>
+void model_quantize_weights(Model<T>& m) {
+  const ModelDims& d = m.d;
+  const PrecisionMode mode = d.precision;
+  if (mode == PrecisionMode::kFp32) return;
+  auto quantize = [&](T* wq, const T* w, int64_t OC, int64_t IC) {
+    if (w) linear_quantize_weight<T>(wq, w, OC, IC, IC, mode);
+  };
+  for (int64_t l = 0; l < d.L; ++l) {
+    if (!m.part.holds_layer(l)) continue;
+    const LayerParams<T>& p = m.p.layers[static_cast<size_t>(l)];
+    LayerParams<T>& q = m.q.layers[static_cast<size_t>(l)];
+    quantize(q.wqkv, p.wqkv, d.qkv(), d.C);
+    quantize(q.wo, p.wo, d.C, d.d_attn());
+    if (!d.is_moe(l)) {
+      quantize(q.w13, p.w13, 2 * d.F, d.C);
+      quantize(q.w2, p.w2, d.C, d.F);
+      continue;
+    }
+    quantize(q.sw13, p.sw13, 2 * d.S, d.C);
+    quantize(q.sw2, p.sw2, d.C, d.S);
+    for (int64_t e = 0; e < d.EL(); ++e) {
+      quantize(q.ew13 + e * 2 * d.FE * d.C, p.ew13 + e * 2 * d.FE * d.C, 2 * d.FE, d.C);
+      quantize(q.ew2 + e * d.C * d.FE, p.ew2 + e * d.C * d.FE, d.C, d.FE);
+    }
+  }
+}
+
 ModelCounts model_counts(const ModelDims& dims) {
   const ModelDims d = dims.whole_model();  // whatever this rank holds
   ModelCounts c;
@@ -374,5 +435,7 @@ template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);
 template void model_zero_grads<double>(Model<double>&);
+template void model_quantize_weights<float>(Model<float>&);
+template void model_quantize_weights<double>(Model<double>&);
 
 }  // namespace moe

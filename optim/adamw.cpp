@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/fp8.h"
+
 namespace moe {
 
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
@@ -18,6 +20,29 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
     const float vi = b2 * v[i] + (1.0f - b2) * g * g;
     m[i] = mi;
     v[i] = vi;
+    const float update = (mi * c1) / (std::sqrt(vi * c2) + s.eps) + wd * param[i];
+    param[i] -= s.lr * update;
+  }
+}
+
+// NOTE: the parameter update reads the new moments before they are rounded to BF16. They are
+// the most accurate values this step has, so BF16 storage only perturbs later steps (through
+// the moments they start from), never the step that computed them, and a step from BF16-
+// representable moments equals adamw_update's bit for bit. A fused GPU kernel would do the
+// same: the moments live in FP32 registers and only the store rounds.
+void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v, int64_t n,
+                       const AdamWStep& s, bool decay) {
+  const float b1 = s.beta1, b2 = s.beta2;
+  const float c1 = 1.0f / (1.0f - std::pow(b1, static_cast<float>(s.t)));
+  const float c2 = 1.0f / (1.0f - std::pow(b2, static_cast<float>(s.t)));
+  const float wd = decay ? s.weight_decay : 0.0f;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = grad[i] * s.grad_scale;
+    const float mi = b1 * bf16_to_float(m[i]) + (1.0f - b1) * g;
+    const float vi = b2 * bf16_to_float(v[i]) + (1.0f - b2) * g * g;
+    m[i] = bf16_from_float(mi);
+    v[i] = bf16_from_float(vi);
     const float update = (mi * c1) / (std::sqrt(vi * c2) + s.eps) + wd * param[i];
     param[i] -= s.lr * update;
   }

@@ -1,5 +1,7 @@
 // AdamW with decoupled weight decay over FP32 master weights, global gradient-norm
-// clipping and the learning-rate schedules.
+// clipping and the learning-rate schedules. The moments are stored in FP32 (adamw_update) or
+// BF16 (adamw_update_bf16, optim.state_dtype = "bf16", as DeepSeek-V3 does); the arithmetic
+// is FP32 either way.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +21,12 @@ struct AdamWStep {
 // One AdamW update of n elements. m and v are the first and second moments.
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
                   const AdamWStep& s, bool decay);
+
+// The same update with BF16 moments (bits as model/fp8.h's bf16_from_float makes them): m and
+// v are widened to float, updated with exactly adamw_update's FP32 arithmetic, and stored
+// rounded to nearest even. The parameter moves by the unrounded FP32 moments of this step.
+void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v, int64_t n,
+                       const AdamWStep& s, bool decay);
 
 // Sum of squares of n gradients, in double, in a fixed order (deterministic for any
 // thread count: fixed-size blocks reduced in block order). `partials` holds

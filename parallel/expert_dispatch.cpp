@@ -6,8 +6,11 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 
 #include "model/check.h"
+#include "model/fp8.h"
+#include "model/fp8_quant.h"
 
 namespace moe {
 
@@ -143,10 +146,10 @@ EpWire ep_wire_create(int ep) {
 namespace {
 
 // Rows to bytes as MPI ints: every per-peer message and offset must stay under 2 GiB.
-void wire_fill(EpWire& w, const EpPlan& plan, int64_t C) {
+// row: bytes of one row on the wire.
+void wire_fill(EpWire& w, const EpPlan& plan, int64_t row) {
   CHECK(static_cast<int>(w.send_bytes.size()) == plan.ep, "wire for ep=%zu used with ep=%d",
         w.send_bytes.size(), plan.ep);
-  const int64_t row = C * static_cast<int64_t>(sizeof(float));
   auto bytes = [&](int64_t rows) {
     const int64_t b = rows * row;
     CHECK(b <= INT_MAX, "expert exchange message of %lld bytes is over 2 GiB", (long long)b);
@@ -165,7 +168,7 @@ void wire_fill(EpWire& w, const EpPlan& plan, int64_t C) {
 CommRequest ep_dispatch_start(float* scratch, const float* xp, const EpPlan& plan, int64_t C,
                               EpWire& wire, Comm& comm) {
   check_call(plan, C, comm);
-  wire_fill(wire, plan, C);
+  wire_fill(wire, plan, ep_dispatch_row_bytes(EpWireFormat::kFloat, C));
   return comm.all_to_all_v_start(xp, wire.send_bytes.data(), wire.send_displs.data(), scratch,
                                  wire.recv_bytes.data(), wire.recv_displs.data());
 }
@@ -180,7 +183,7 @@ CommRequest ep_combine_start(float* yp, float* scratch, const float* y_grouped,
   check_call(plan, C, comm);
   copy_blocks(scratch, plan.block_wire_off.data(), y_grouped, plan.block_grouped_off.data(),
               plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
-  wire_fill(wire, plan, C);
+  wire_fill(wire, plan, ep_combine_row_bytes(EpWireFormat::kFloat, C));
   // The dispatch's all_to_all_v with the sides swapped.
   return comm.all_to_all_v_start(scratch, wire.recv_bytes.data(), wire.recv_displs.data(), yp,
                                  wire.send_bytes.data(), wire.send_displs.data());
@@ -201,11 +204,162 @@ void ep_combine(float* yp, float* scratch, const float* y_grouped, const EpPlan&
   comm.wait(r);
 }
 
+int64_t ep_rows_sent_remote(const EpPlan& plan) {
+  return plan.rows_sent - plan.send_counts[static_cast<size_t>(plan.rank)];
+}
+
+int64_t ep_rows_recv_remote(const EpPlan& plan) {
+  return plan.rows_recv - plan.recv_counts[static_cast<size_t>(plan.rank)];
+}
+
 int64_t ep_bytes_sent(const EpPlan& plan, int64_t C) {
-  int64_t rows = 0;
-  for (int q = 0; q < plan.ep; ++q)
-    if (q != plan.rank) rows += plan.send_counts[static_cast<size_t>(q)];
-  return rows * C * static_cast<int64_t>(sizeof(float));
+  return ep_rows_sent_remote(plan) * ep_dispatch_row_bytes(EpWireFormat::kFloat, C);
+}
+
+// ---- Wire formats ----
+
+namespace {
+
+int64_t tiles_per_row(int64_t C) { return (C + kTileAct.cols - 1) / kTileAct.cols; }
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 14;
+// BF16 elements converted per step through a local array, then memcpy'd: the wire is bytes
+// at any offset, so it is never read or written as uint16_t.
+constexpr int64_t kBf16Chunk = 512;
+
+// The per-row FP32 scales, between the compact (rows, nt) array fp8_quantize_ld writes /
+// fp8_dequantize_ld reads and the tails of the wire rows (byte offset C of each row).
+void scales_to_wire(uint8_t* wire, const float* scales, int64_t rows, int64_t C) {
+  const int64_t nt = tiles_per_row(C), rb = ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, C);
+  const size_t bytes = static_cast<size_t>(nt) * sizeof(float);
+#pragma omp parallel for schedule(static) if (rows * nt >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(wire + r * rb + C, scales + r * nt, bytes);
+}
+
+void scales_from_wire(float* scales, const uint8_t* wire, int64_t rows, int64_t C) {
+  const int64_t nt = tiles_per_row(C), rb = ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, C);
+  const size_t bytes = static_cast<size_t>(nt) * sizeof(float);
+#pragma omp parallel for schedule(static) if (rows * nt >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(scales + r * nt, wire + r * rb + C, bytes);
+}
+
+// n contiguous floats <-> n BF16 at dst / src (2 n bytes, any alignment).
+void bf16_encode(uint8_t* dst, const float* x, int64_t n) {
+  uint16_t h[kBf16Chunk];
+  for (int64_t i0 = 0; i0 < n; i0 += kBf16Chunk) {
+    const int64_t m = std::min(kBf16Chunk, n - i0);
+    for (int64_t i = 0; i < m; ++i) h[i] = bf16_from_float(x[i0 + i]);
+    std::memcpy(dst + 2 * i0, h, static_cast<size_t>(m) * sizeof(uint16_t));
+  }
+}
+
+void bf16_decode(float* x, const uint8_t* src, int64_t n) {
+  uint16_t h[kBf16Chunk];
+  for (int64_t i0 = 0; i0 < n; i0 += kBf16Chunk) {
+    const int64_t m = std::min(kBf16Chunk, n - i0);
+    std::memcpy(h, src + 2 * i0, static_cast<size_t>(m) * sizeof(uint16_t));
+    for (int64_t i = 0; i < m; ++i) x[i0 + i] = bf16_to_float(h[i]);
+  }
+}
+
+// The compact starts' checks: the float ones, and N K rows must fit the buffers too.
+void check_compact_call(const EpPlan& plan, int64_t C, const Comm& comm) {
+  check_call(plan, C, comm);
+  CHECK(plan.rows_sent <= plan.rows_capacity, "N K=%lld rows over capacity %lld",
+        (long long)plan.rows_sent, (long long)plan.rows_capacity);
+}
+
+}  // namespace
+
+const char* ep_wire_format_name(EpWireFormat f) {
+  switch (f) {
+    case EpWireFormat::kFloat: return "float";
+    case EpWireFormat::kFp8Bf16: return "fp8-dispatch/bf16-combine";
+  }
+  return "?";
+}
+
+int64_t ep_dispatch_row_bytes(EpWireFormat f, int64_t C) {
+  CHECK(C >= 0, "C=%lld", (long long)C);
+  if (f == EpWireFormat::kFloat) return C * static_cast<int64_t>(sizeof(float));
+  return C + tiles_per_row(C) * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t ep_combine_row_bytes(EpWireFormat f, int64_t C) {
+  CHECK(C >= 0, "C=%lld", (long long)C);
+  if (f == EpWireFormat::kFloat) return C * static_cast<int64_t>(sizeof(float));
+  return C * static_cast<int64_t>(sizeof(uint16_t));
+}
+
+int64_t ep_wire_bytes(EpWireFormat f, int64_t rows, int64_t C) {
+  CHECK(rows >= 0, "rows=%lld", (long long)rows);
+  return rows * std::max(ep_dispatch_row_bytes(f, C), ep_combine_row_bytes(f, C));
+}
+
+int64_t ep_wire_scale_count(int64_t rows, int64_t C) {
+  CHECK(rows >= 0 && C >= 0, "rows=%lld C=%lld", (long long)rows, (long long)C);
+  return rows * tiles_per_row(C);
+}
+
+CommRequest ep_dispatch_fp8_start(uint8_t* recv_wire, uint8_t* send_wire, float* scales,
+                                  const float* xp, const EpPlan& plan, int64_t C, EpWire& wire,
+                                  Comm& comm) {
+  check_compact_call(plan, C, comm);
+  const int64_t rb = ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, C);
+  if (plan.rows_sent > 0) {
+    // Codes straight from xp into the rows' heads; the scales through `scales` to the tails.
+    fp8_quantize_ld(send_wire, rb, scales, xp, C, plan.rows_sent, C, kTileAct);
+    scales_to_wire(send_wire, scales, plan.rows_sent, C);
+  }
+  wire_fill(wire, plan, rb);
+  return comm.all_to_all_v_start(send_wire, wire.send_bytes.data(), wire.send_displs.data(),
+                                 recv_wire, wire.recv_bytes.data(), wire.recv_displs.data());
+}
+
+void ep_dispatch_fp8_finish(float* x_grouped, float* scales, const uint8_t* recv_wire,
+                            const EpPlan& plan, int64_t C) {
+  const int64_t rb = ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, C), nt = tiles_per_row(C);
+  if (plan.rows_recv == 0) return;
+  scales_from_wire(scales, recv_wire, plan.rows_recv, C);
+  // Block by block from the wire layout into the grouped one; each call splits its rows over
+  // the threads itself.
+  for (int64_t b = 0; b < plan.ep * plan.EL; ++b) {
+    const size_t i = static_cast<size_t>(b);
+    const int64_t n = plan.recv_expert_counts[i], w = plan.block_wire_off[i];
+    if (n == 0) continue;
+    fp8_dequantize_ld(x_grouped + plan.block_grouped_off[i] * C, C, recv_wire + w * rb, rb,
+                      scales + w * nt, n, C, kTileAct);
+  }
+}
+
+CommRequest ep_combine_bf16_start(uint8_t* recv_wire, uint8_t* send_wire,
+                                  const float* y_grouped, const EpPlan& plan, int64_t C,
+                                  EpWire& wire, Comm& comm) {
+  check_compact_call(plan, C, comm);
+  const int64_t rb = ep_combine_row_bytes(EpWireFormat::kFp8Bf16, C);
+  // Grouped layout -> wire layout, rounded on the way; a block's rows are contiguous on both
+  // sides and each block has one writer.
+  const int64_t blocks = plan.ep * plan.EL;
+#pragma omp parallel for schedule(dynamic) if (plan.rows_recv * C >= kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const size_t i = static_cast<size_t>(b);
+    const int64_t n = plan.recv_expert_counts[i];
+    if (n == 0) continue;
+    bf16_encode(send_wire + plan.block_wire_off[i] * rb, y_grouped + plan.block_grouped_off[i] * C,
+                n * C);
+  }
+  wire_fill(wire, plan, rb);
+  // The dispatch's all_to_all_v with the sides swapped.
+  return comm.all_to_all_v_start(send_wire, wire.recv_bytes.data(), wire.recv_displs.data(),
+                                 recv_wire, wire.send_bytes.data(), wire.send_displs.data());
+}
+
+void ep_combine_bf16_finish(float* yp, const uint8_t* recv_wire, const EpPlan& plan, int64_t C) {
+  const int64_t rb = ep_combine_row_bytes(EpWireFormat::kFp8Bf16, C);
+  const int64_t rows = plan.rows_sent;
+#pragma omp parallel for schedule(static) if (rows * C >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) bf16_decode(yp + r * C, recv_wire + r * rb, C);
 }
 
 void EpPlan::check_validity() const {

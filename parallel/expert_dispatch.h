@@ -12,10 +12,12 @@
 //  - xp (N K, C), "sender layout": moe_plan's permuted rows, sorted by (global expert, token,
 //    slot). Sorted by expert means sorted by destination rank, so the rows for rank q are the
 //    contiguous range [send_displs[q], send_displs[q] + send_counts[q]); within it, the rows
-//    of q's local expert j come in order of j. xp is sent as is.
+//    of q's local expert j come in order of j. xp is sent as is (kFloat) or encoded row by
+//    row in the same order (send_wire, compact formats).
 //  - scratch (R, C), "wire layout": what all_to_all_v delivers, blocks [sender p][local expert
 //    j] in that order; block (p, j) holds recv_expert_counts[p EL + j] rows and starts at row
-//    block_wire_off[p EL + j]; sender p's blocks start at recv_displs[p].
+//    block_wire_off[p EL + j]; sender p's blocks start at recv_displs[p]. The compact formats
+//    keep the same row order in byte buffers with their own row size (EpWireFormat).
 //  - x_grouped (R, C), "grouped layout": what the local experts compute on. Local expert j
 //    owns the contiguous rows [local_offsets[j], local_offsets[j + 1]); inside them the rows
 //    come from senders in rank order, each sender's rows in the sender's (token, slot) order.
@@ -27,9 +29,9 @@
 // dy_grouped = ep_dispatch(dyp), dxp = ep_combine(dx_grouped).
 //
 // Collectives: ep_plan makes one all_to_all of EL int64 per peer; ep_dispatch and ep_combine
-// one all_to_all_v each. All ranks of the group call them together with the same C. The split
-// forms allocate nothing after ep_plan_create / ep_wire_create; results are deterministic
-// (copies only, no arithmetic).
+// one all_to_all_v each. All ranks of the group call them together with the same C and wire
+// format. The split forms allocate nothing after ep_plan_create / ep_wire_create; results are
+// deterministic (kFloat: copies only, no arithmetic; compact: each row rounded on its own).
 #pragma once
 
 #include <cstdint>
@@ -128,5 +130,54 @@ CommRequest ep_combine_start(float* yp, float* scratch, const float* y_grouped,
 // Bytes this rank sends to other ranks (itself excluded) in one ep_dispatch of C floats per
 // row; ep_combine receives the same amount.
 int64_t ep_bytes_sent(const EpPlan& plan, int64_t C);
+// Rows one dispatch sends to other ranks (itself excluded), and rows one combine sends to
+// other ranks (the rows they dispatched here). Times a format's row bytes: bytes on the wire.
+int64_t ep_rows_sent_remote(const EpPlan& plan);
+int64_t ep_rows_recv_remote(const EpPlan& plan);
+
+// ---- Wire formats ----
+// What a row becomes between the ranks (DeepSeek-V3 report, section 3.3.3: "quantize the
+// activation before MoE up-projections into FP8 and then apply dispatch ... retain combine in
+// BF16"). Forward and backward alike: every dispatch (xp, dyp) uses the dispatch encoding,
+// every combine (y_grouped, dx_grouped) the combine encoding.
+//  - kFloat: C floats as they are, 4 C bytes a row both ways (the functions above).
+//  - kFp8Bf16: dispatch row = C E4M3 codes, then the row's ceil(C / 128) FP32 scales of
+//    model/fp8_quant.h's 1x128 tiles (kTileAct), C + 4 ceil(C / 128) bytes, no padding: the
+//    scales sit at any byte offset and are moved with memcpy. The sender quantizes, the
+//    receiver decodes, so a received row is fp8_fake_quantize(row, 1, C, kTileAct) bit for
+//    bit. Combine row = C BF16 (round to nearest even, model/fp8.h), 2 C bytes; received =
+//    bf16_round(sent) bit for bit. Rows a rank sends itself take the same path, so results do
+//    not depend on where the experts live.
+enum class EpWireFormat { kFloat, kFp8Bf16 };
+const char* ep_wire_format_name(EpWireFormat f);
+int64_t ep_dispatch_row_bytes(EpWireFormat f, int64_t C);
+int64_t ep_combine_row_bytes(EpWireFormat f, int64_t C);
+// Bytes each of send_wire / recv_wire below needs for `rows` rows in either direction, and the
+// floats of the scales scratch.
+int64_t ep_wire_bytes(EpWireFormat f, int64_t rows, int64_t C);
+int64_t ep_wire_scale_count(int64_t rows, int64_t C);
+
+// Split forms of the kFp8Bf16 wire; contract as the float split forms, plus a finish for the
+// combine. Buffers, none overlapping another:
+//   send_wire, recv_wire: ep_wire_bytes(kFp8Bf16, plan.rows_capacity, C) bytes each;
+//   scales: ep_wire_scale_count(plan.rows_capacity, C) floats of scratch.
+// NOTE: both directions move rows_sent (N K) and rows_recv (R) rows through them, so
+// plan.rows_capacity must bound N K as well as R (ep_rows_worst_case and moe_rows_max do).
+//   ep_dispatch_fp8_start: quantizes xp (N K, C) straight into send_wire (xp's order) and
+//     posts the all_to_all_v into recv_wire (wire layout); xp and scales may be reused once
+//     it returns, send_wire and recv_wire only after the wait.
+//   ep_dispatch_fp8_finish: decodes recv_wire straight into x_grouped (R, C), grouped layout.
+//   ep_combine_bf16_start: rounds y_grouped (R, C) into send_wire in the wire layout, posts
+//     the all_to_all_v into recv_wire (xp's order); y_grouped may be reused once it returns.
+//   ep_combine_bf16_finish: widens recv_wire into yp (N K, C).
+CommRequest ep_dispatch_fp8_start(uint8_t* recv_wire, uint8_t* send_wire, float* scales,
+                                  const float* xp, const EpPlan& plan, int64_t C, EpWire& wire,
+                                  Comm& comm);
+void ep_dispatch_fp8_finish(float* x_grouped, float* scales, const uint8_t* recv_wire,
+                            const EpPlan& plan, int64_t C);
+CommRequest ep_combine_bf16_start(uint8_t* recv_wire, uint8_t* send_wire,
+                                  const float* y_grouped, const EpPlan& plan, int64_t C,
+                                  EpWire& wire, Comm& comm);
+void ep_combine_bf16_finish(float* yp, const uint8_t* recv_wire, const EpPlan& plan, int64_t C);
 
 }  // namespace moe

@@ -6,15 +6,22 @@
 namespace moe {
 
 EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
-                       int n_lanes)
-    : comm_(comm), C_max_(C) {
+                       int n_lanes, EpWireFormat format)
+    : comm_(comm), C_max_(C), format_(format) {
   CHECK(n_keys >= 0 && C >= 1 && n_lanes >= 1);
   for (int64_t k = 0; k < n_keys; ++k)
     plans_.push_back(ep_plan_create(comm.size(), E, rows_capacity));
   lanes_.resize(static_cast<size_t>(n_lanes));
   for (Lane& ln : lanes_) {
     ln.wire = ep_wire_create(comm.size());
-    ln.scratch.assign(static_cast<size_t>(rows_capacity * C), 0.0f);
+    if (format == EpWireFormat::kFloat) {
+      ln.scratch.assign(static_cast<size_t>(rows_capacity * C), 0.0f);
+    } else {
+      const size_t bytes = static_cast<size_t>(ep_wire_bytes(format, rows_capacity, C));
+      ln.send_wire.assign(bytes, 0);
+      ln.recv_wire.assign(bytes, 0);
+      ln.scales.assign(static_cast<size_t>(ep_wire_scale_count(rows_capacity, C)), 0.0f);
+    }
   }
 }
 
@@ -43,7 +50,7 @@ void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
   ln.req = ep_plan_start(plans_[static_cast<size_t>(key)], counts, comm_);
 }
 
-int64_t EpExchange::plan_finish(int lane, int64_t* local_offsets) {
+int64_t EpExchange::plan_finish(int lane, int64_t* local_offsets, int64_t* block_offsets) {
   Lane& ln = lane_at(lane);
   CHECK(ln.op == Op::kPlan, "lane %d: plan_finish without plan_start", lane);
   const double t = now_s();
@@ -53,6 +60,10 @@ int64_t EpExchange::plan_finish(int lane, int64_t* local_offsets) {
   EpPlan& p = plans_[static_cast<size_t>(ln.key)];
   ep_plan_finish(p, ln.counts, comm_);
   std::copy(p.local_offsets.begin(), p.local_offsets.end(), local_offsets);
+  for (int64_t j = 0; j < p.EL; ++j)
+    for (int q = 0; q < p.ep; ++q)
+      block_offsets[j * p.ep + q] = p.block_grouped_off[static_cast<size_t>(q * p.EL + j)];
+  block_offsets[p.EL * p.ep] = p.rows_recv;
   count_traffic(p, ln);
   return p.rows_recv;
 }
@@ -79,9 +90,14 @@ void EpExchange::dispatch_start(int lane, int64_t key, float* x_grouped, const f
   Lane& ln = lane_idle(lane, key);
   ln.op = Op::kDispatch;
   ln.C = C;
-  ln.x_grouped = x_grouped;
-  ln.req = ep_dispatch_start(ln.scratch.data(), xp, plans_[static_cast<size_t>(key)], C, ln.wire,
-                             comm_);
+  ln.out = x_grouped;
+  const EpPlan& p = plans_[static_cast<size_t>(key)];
+  if (format_ == EpWireFormat::kFloat)
+    ln.req = ep_dispatch_start(ln.scratch.data(), xp, p, C, ln.wire, comm_);
+  else
+    ln.req = ep_dispatch_fp8_start(ln.recv_wire.data(), ln.send_wire.data(), ln.scales.data(), xp,
+                                   p, C, ln.wire, comm_);
+  traffic_.bytes_dispatch += ep_rows_sent_remote(p) * ep_dispatch_row_bytes(format_, C);
 }
 
 void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_grouped,
@@ -90,8 +106,14 @@ void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_
   Lane& ln = lane_idle(lane, key);
   ln.op = Op::kCombine;
   ln.C = C;
-  ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, plans_[static_cast<size_t>(key)],
-                            C, ln.wire, comm_);
+  ln.out = yp;
+  const EpPlan& p = plans_[static_cast<size_t>(key)];
+  if (format_ == EpWireFormat::kFloat)
+    ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, p, C, ln.wire, comm_);
+  else
+    ln.req = ep_combine_bf16_start(ln.recv_wire.data(), ln.send_wire.data(), y_grouped, p, C,
+                                   ln.wire, comm_);
+  traffic_.bytes_combine += ep_rows_recv_remote(p) * ep_combine_row_bytes(format_, C);
 }
 
 void EpExchange::finish(int lane) {
@@ -101,8 +123,14 @@ void EpExchange::finish(int lane) {
   const double t = now_s();
   comm_.wait(ln.req);
   blocked_s_ += now_s() - t;
-  if (ln.op == Op::kDispatch)
-    ep_dispatch_finish(ln.x_grouped, ln.scratch.data(), plans_[static_cast<size_t>(ln.key)], ln.C);
+  const EpPlan& p = plans_[static_cast<size_t>(ln.key)];
+  if (format_ == EpWireFormat::kFloat) {
+    if (ln.op == Op::kDispatch) ep_dispatch_finish(ln.out, ln.scratch.data(), p, ln.C);
+  } else if (ln.op == Op::kDispatch) {
+    ep_dispatch_fp8_finish(ln.out, ln.scales.data(), ln.recv_wire.data(), p, ln.C);
+  } else {
+    ep_combine_bf16_finish(ln.out, ln.recv_wire.data(), p, ln.C);
+  }
   ln.op = Op::kNone;
 }
 

@@ -1,7 +1,8 @@
 // The MoE layer's expert exchange over an EP group (model/expert_exchange.h's interface):
-// one EpPlan per key (micro-batch slot x MoE layer), a wire buffer per lane, and traffic and
-// waiting counters for the benchmark. Everything is sized at creation; a step allocates
-// nothing.
+// one EpPlan per key (micro-batch slot x MoE layer), wire buffers per lane in the wire format
+// chosen at creation (EpWireFormat, parallel/expert_dispatch.h), and traffic and waiting
+// counters for the benchmark. Everything is sized at creation for the worst case; a step
+// allocates nothing.
 #pragma once
 
 #include <cstdint>
@@ -19,20 +20,26 @@ struct EpTraffic {
   int64_t tokens = 0;           // tokens routed (summed over MoE layers)
   int64_t rows_remote = 0;      // rows dispatched to other ranks
   int64_t rows_remote_min = 0;  // distinct (token, other rank) pairs
+  // Bytes on the wire to other ranks in the exchange's format, every dispatch (forward and
+  // backward) and every combine counted.
+  int64_t bytes_dispatch = 0;
+  int64_t bytes_combine = 0;
 };
 
 class EpExchange final : public ExpertExchange {
  public:
   // comm: the EP group (kept by reference; must outlive this); E routed experts; n_keys plans;
-  // rows_capacity: the most rows a layer may receive (moe_rows_max); C: row width; n_lanes
-  // exchanges in flight at once.
+  // rows_capacity: the most rows a layer may receive (moe_rows_max), which must also bound the
+  // rows it sends (N K; moe_rows_max does); C: the widest row; n_lanes exchanges in flight at
+  // once; format: what rows become on the wire (kFloat: exact copies).
   EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
-             int n_lanes = 1);
+             int n_lanes = 1, EpWireFormat format = EpWireFormat::kFloat);
 
   int lanes() const { return static_cast<int>(lanes_.size()); }
+  EpWireFormat format() const { return format_; }
   void plan_start(int lane, int64_t key, const int64_t* counts, const int32_t* expert_ids,
                   int64_t N, int64_t K) override;
-  int64_t plan_finish(int lane, int64_t* local_offsets) override;
+  int64_t plan_finish(int lane, int64_t* local_offsets, int64_t* block_offsets) override;
   void dispatch_start(int lane, int64_t key, float* x_grouped, const float* xp,
                       int64_t C) override;
   void combine_start(int lane, int64_t key, float* yp, const float* y_grouped,
@@ -51,8 +58,13 @@ class EpExchange final : public ExpertExchange {
     int64_t key = 0, C = 0;
     CommRequest req;
     EpWire wire;
-    std::vector<float> scratch;  // (rows_capacity, C): the wire layout
-    float* x_grouped = nullptr;  // dispatch: where finish unpacks
+    // kFloat: scratch (rows_capacity, C) floats, the wire layout.
+    // kFp8Bf16: send_wire / recv_wire, ep_wire_bytes(format, rows_capacity, C) bytes each;
+    // scales (rows_capacity, ceil(C / 128)), the FP8 scales between wire and quantizer.
+    std::vector<float> scratch;
+    std::vector<uint8_t> send_wire, recv_wire;
+    std::vector<float> scales;
+    float* out = nullptr;  // where finish unpacks: x_grouped (dispatch), yp (combine, compact)
     const int64_t* counts = nullptr;
     const int32_t* expert_ids = nullptr;
     int64_t N = 0, K = 0;
@@ -63,6 +75,7 @@ class EpExchange final : public ExpertExchange {
 
   Comm& comm_;
   int64_t C_max_;
+  EpWireFormat format_;
   std::vector<EpPlan> plans_;  // per key
   std::vector<Lane> lanes_;
   EpTraffic traffic_;

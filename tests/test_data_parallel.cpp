@@ -49,6 +49,33 @@ TEST(DataParallel, EveryLayoutMatchesSingleProcess) {
   }
 }
 
+// FP8 GEMMs with the FP8 dispatch / BF16 combine wire: every layout quantizes the same
+// tiles as one process (activation tiles are per row; a routed expert's weight-gradient tiles
+// restart at each sender's rows; the wire rounds rows as one process does), so a step's
+// gradients agree to FP32 summation order, as in FP32: the checkpoint after one step (its
+// Adam moments are that step's gradients) within 2e-4 (the router's, a sum with much
+// cancellation, differ by 4.9e-5; every other tensor's by at most 1.5e-6), its weights within
+// 2e-5 (Adam's first update is about lr sign(g): a router gradient element near zero moves
+// its weight by 1.1e-5 of the router's norm). Later steps drift apart faster than in FP32 (a last-bit
+// difference in a master weight can flip its FP8 rounding, a 2^-4 jump), so the comparison
+// stops at step 1.
+TEST(DataParallel, Fp8LayoutsQuantizeLikeOneProcess) {
+  const std::string fp8 = " --set precision.mode=fp8 --set precision.dispatch_fp8=true"
+                          " --set training.steps=1";
+  const fs::path one = make_run("fp8_dp1");
+  ASSERT_EQ(run(one, dp_args(1, 1, fp8)), 0) << slurp(one / "err.txt");
+  const std::vector<std::string> ref = losses(one / "metrics.jsonl");
+  ASSERT_EQ(ref.size(), 1u);
+  for (const auto& [dp, ep] : {std::pair<int, int>{2, 2}, std::pair<int, int>{4, 4}}) {
+    SCOPED_TRACE("dp=" + std::to_string(dp) + " ep=" + std::to_string(ep));
+    const fs::path d = make_run("fp8_dp" + std::to_string(dp) + "_ep" + std::to_string(ep));
+    ASSERT_EQ(run(d, dp_args(dp, ep, fp8), dp), 0) << slurp(d / "err.txt");
+    expect_close_losses(losses(d / "metrics.jsonl"), ref, 1e-5);
+    expect_close_checkpoint(one / "ckpt" / "step-00000001.h5", d / "ckpt" / "step-00000001.h5",
+                            2e-5);
+  }
+}
+
 // A checkpoint written with dp = 2, ep = 2 resumes with dp = 4, ep = 1 and then with one
 // process, continuing the same run (tensors are stored whole under global names, never as a
 // rank's shard or expert subset).

@@ -6,11 +6,13 @@
 // the error the format implies, and never produce a NaN.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "model/fp8.h"
+#include "model/kernels/cpu/dense_ops.h"
 #include "model/linear.h"
 #include "model/rng.h"
 
@@ -168,6 +170,39 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(i.param.N) + "IC" + std::to_string(i.param.IC) + "OC" +
              std::to_string(i.param.OC);
     });
+
+// Token blocks (a routed expert's rows from several EP ranks): each block's 128x1 tiles start
+// at its own first row, bit for bit as if the blocks were quantized one by one, and the
+// result differs from one block (so the blocks did change the tiles).
+TEST(LinearPrecision, WeightGradientTilesRestartAtEveryBlock) {
+  const int64_t N = 300, IC = 96, OC = 40;
+  const int64_t blocks[] = {0, 70, 70, 250, 300};  // an empty block and 180 rows
+  const std::vector<float> x = random_matrix(N, IC, 21), dy = random_matrix(N, OC, 22);
+  const int64_t cap = N * IC;
+  std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
+  const LinearScratch<float> s{sa.data(), sb.data(), cap};
+  std::vector<float> dw(static_cast<size_t>(OC * IC), 0.0f), dw_one = dw;
+  linear_backward_weight<float>(dw.data(), dy.data(), x.data(), N, IC, OC, PrecisionMode::kFp8, s,
+                                blocks, 4);
+  std::vector<float> dyq(dy.size()), xq(x.size());
+  for (int b = 0; b < 4; ++b) {
+    const int64_t r0 = blocks[b], n = blocks[b + 1] - r0;
+    const std::vector<float> dyb(dy.begin() + r0 * OC, dy.begin() + (r0 + n) * OC);
+    const std::vector<float> xb(x.begin() + r0 * IC, x.begin() + (r0 + n) * IC);
+    const std::vector<float> qd = reference_quantize(dyb, n, OC, 128, 1, PrecisionMode::kFp8);
+    const std::vector<float> qx = reference_quantize(xb, n, IC, 128, 1, PrecisionMode::kFp8);
+    std::copy(qd.begin(), qd.end(), dyq.begin() + r0 * OC);
+    std::copy(qx.begin(), qx.end(), xq.begin() + r0 * IC);
+  }
+  EXPECT_EQ(0, std::memcmp(sa.data(), dyq.data(), dyq.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(sb.data(), xq.data(), xq.size() * sizeof(float)));
+  std::vector<float> ref(dw.size(), 0.0f);
+  cpu::matmul_backward_weight<float>(ref.data(), dyq.data(), xq.data(), N, IC, OC);
+  EXPECT_EQ(0, std::memcmp(dw.data(), ref.data(), dw.size() * sizeof(float)));
+  linear_backward_weight<float>(dw_one.data(), dy.data(), x.data(), N, IC, OC,
+                                PrecisionMode::kFp8, s);
+  EXPECT_NE(0, std::memcmp(dw.data(), dw_one.data(), dw.size() * sizeof(float)));
+}
 
 // fp32 is the plain layer, and the only mode the double instantiation takes.
 TEST(LinearPrecision, Fp32IsThePlainGemm) {

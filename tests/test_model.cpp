@@ -475,10 +475,16 @@ class LoopbackExchange : public ExpertExchange {
     offsets_.resize(static_cast<size_t>(g_.EL + 1));
     for (int64_t j = 0; j < g_.EL; ++j) offsets_[j] = g_.grouped_row(key, e0 + j, 0);
     offsets_[g_.EL] = g_.grouped_row(key, e0 + g_.EL - 1, LoopbackGroup::kRanks);
+    blocks_.resize(static_cast<size_t>(g_.EL * LoopbackGroup::kRanks + 1));
+    for (int64_t j = 0; j < g_.EL; ++j)
+      for (int q = 0; q < LoopbackGroup::kRanks; ++q)
+        blocks_[static_cast<size_t>(j * LoopbackGroup::kRanks + q)] = g_.grouped_row(key, e0 + j, q);
+    blocks_.back() = offsets_[g_.EL];
     g_.sync.arrive_and_wait();
   }
-  int64_t plan_finish(int, int64_t* local_offsets) override {
+  int64_t plan_finish(int, int64_t* local_offsets, int64_t* block_offsets) override {
     std::copy(offsets_.begin(), offsets_.end(), local_offsets);
+    std::copy(blocks_.begin(), blocks_.end(), block_offsets);
     return offsets_.back();
   }
   void dispatch_start(int, int64_t key, float* xg, const float* xp, int64_t C) override {
@@ -503,7 +509,7 @@ class LoopbackExchange : public ExpertExchange {
  private:
   LoopbackGroup& g_;
   int rank_;
-  std::vector<int64_t> offsets_;
+  std::vector<int64_t> offsets_, blocks_;
 };
 
 // Rank r of an ep = 2 model against one process: replicated gradients are those of rank r's

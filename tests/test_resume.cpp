@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "model/fp8.h"
 #include "model/rng.h"
 #include "tests/binary_harness.h"
 
@@ -79,6 +80,61 @@ TEST(Resume, ExitAtStepThenResumeEqualsStraight) {
   for (const auto& e : fs::directory_iterator(split / "ckpt")) files += e.path().extension() == ".h5";
   EXPECT_EQ(files, 2);
   EXPECT_EQ(slurp(split / "ckpt" / "latest"), "step-00000024.h5\n");
+}
+
+// Checkpoint datasets under `prefix`: how many elements in all, and how many are not
+// BF16-representable (bf16_round(x) != x, bit for bit) or are nonzero.
+struct Bf16Census {
+  int64_t elements = 0, not_bf16 = 0, nonzero = 0;
+};
+Bf16Census bf16_census(const fs::path& file, const std::string& prefix) {
+  moe::CheckpointReader r(file.string());
+  Bf16Census c;
+  for (const moe::CheckpointDataset& ds : r.list()) {
+    if (ds.path.rfind(prefix, 0) != 0 || ds.dtype != "float32") continue;
+    int64_t n = 1;
+    for (int64_t d : ds.shape) n *= d;
+    std::vector<float> x(static_cast<size_t>(n));
+    r.read_f32(ds.path, ds.shape, x.data(), ds.shape.back());
+    for (float e : x) {
+      c.elements += 1;
+      c.not_bf16 += moe::f32_bits(moe::bf16_round(e)) != moe::f32_bits(e);
+      c.nonzero += e != 0.0f;
+    }
+  }
+  return c;
+}
+
+// optim.state_dtype = "bf16": the file still holds FP32 moments, every one of them a widened
+// BF16 value, so stopping and resuming continues bit for bit. The weights stay FP32.
+TEST(Resume, Bf16StateExitAtStepThenResumeEqualsStraight) {
+  const std::string kBf16 = " --set optim.state_dtype=bf16";
+  const fs::path straight = make_run("bf16_straight");
+  ASSERT_EQ(run(straight, "train --config c.toml" + kBf16), 0) << slurp(straight / "err.txt");
+  EXPECT_NE(slurp(straight / "log.txt").find("bf16 moments"), std::string::npos);
+  const fs::path split = make_run("bf16_split");
+  ASSERT_EQ(run(split, "train --config c.toml --set training.exit_at_step=10" + kBf16), 0)
+      << slurp(split / "err.txt");
+  ASSERT_TRUE(fs::exists(split / "ckpt" / "step-00000010.h5"));
+  ASSERT_EQ(run(split, "train --config c.toml --resume" + kBf16), 0) << slurp(split / "err.txt");
+  const std::vector<std::string> ref = losses(straight / "metrics.jsonl");
+  ASSERT_EQ(ref.size(), 24u);
+  EXPECT_EQ(losses(split / "metrics.jsonl"), ref);
+  const fs::path last = straight / "ckpt" / "step-00000024.h5";
+  expect_same_checkpoint(last, split / "ckpt" / "step-00000024.h5");
+
+  for (const char* moment : {"/optim/m/", "/optim/v/"}) {
+    const Bf16Census c = bf16_census(last, moment);
+    EXPECT_GT(c.elements, 1000) << moment;
+    EXPECT_GT(c.nonzero, c.elements / 2) << moment;
+    EXPECT_EQ(c.not_bf16, 0) << moment;
+  }
+  // The master weights are FP32, and an FP32-state run's moments are not BF16 values: the
+  // census above can fail.
+  EXPECT_GT(bf16_census(last, "/model/").not_bf16, 1000);
+  const fs::path fp32 = make_run("bf16_vs_fp32");
+  ASSERT_EQ(run(fp32, "train --config c.toml --set training.steps=3"), 0);
+  EXPECT_GT(bf16_census(fp32 / "ckpt" / "step-00000003.h5", "/optim/m/").not_bf16, 1000);
 }
 
 TEST(Resume, SigtermSavesAndExitsZero) {

@@ -123,7 +123,8 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   }
   const double hidden = red[1] > 0 ? std::max(0.0, 1.0 - red[0] / red[1]) : 0.0;
   // Dispatch bytes per routed token (per MoE layer), and the least the routing allows.
-  const double row_bytes = static_cast<double>(s.model.d.C) * sizeof(float);
+  const double row_bytes = static_cast<double>(ep_dispatch_row_bytes(
+      s.exchange ? s.exchange->format() : EpWireFormat::kFloat, s.model.d.C));
   const double tok = std::max<double>(1, static_cast<double>(traffic.tokens));
   const double a2a = static_cast<double>(traffic.rows_remote) * row_bytes / tok;
   const double a2a_min = static_cast<double>(traffic.rows_remote_min) * row_bytes / tok;

@@ -17,6 +17,7 @@ struct BenchOptions {
   int steps = 5;        // timed optimizer steps (after one warm-up step); I/O repetitions
   bool json = false;
   bool checkpoint_io = false;  // measure checkpoint save/load instead of training steps
+  bool precision = false;      // compare the precision modes' step time and memory
   std::string io_dir;          // where (default: <checkpoint.dir>/bench-io)
 };
 
@@ -25,5 +26,9 @@ int bench_main(const Config& cfg, const BenchOptions& opt);
 
 // `moetrain bench --checkpoint-io`: save/load MB/s against raw write+fsync / read MB/s.
 int bench_checkpoint_main(const Config& cfg, const BenchOptions& opt);
+
+// `moetrain bench --precision`: the config's step in fp32, bf16 and fp8 (one process, round
+// robin), their step-time cost over fp32 and activation memory per micro-batch.
+int bench_precision_main(const Config& cfg, const BenchOptions& opt);
 
 }  // namespace moe

@@ -12,6 +12,7 @@ namespace moe {
 std::string generate_text(Model<float>& m, const std::string& prompt, int n_tokens,
                           double temperature, int top_k, uint64_t seed, uint64_t sample_index) {
   const ModelDims& d = m.d;
+  model_quantize_weights(m);  // the master weights may have changed since the last step
   std::vector<int32_t> ctx;
   for (unsigned char c : prompt) ctx.push_back(static_cast<int32_t>(c) % static_cast<int32_t>(d.V));
   if (ctx.empty()) ctx.push_back('\n' % static_cast<int32_t>(d.V));

@@ -75,6 +75,8 @@ int main(int argc, char** argv) {
   bench->add_flag("--json", bench_opt.json, "print one JSON object");
   bench->add_flag("--checkpoint-io", bench_opt.checkpoint_io,
                   "measure checkpoint save/load MB/s against raw disk speed instead");
+  bench->add_flag("--precision", bench_opt.precision,
+                  "compare fp32 / bf16 / fp8: step-time cost and activation memory (one process)");
   bench->add_option("--io-dir", bench_opt.io_dir, "folder for --checkpoint-io (default <checkpoint.dir>/bench-io)");
 
   std::string ckpt;
@@ -157,6 +159,9 @@ int main(int argc, char** argv) {
       }
       return moe::train_main(cfg);
     }
+    if (*bench && bench_opt.checkpoint_io && bench_opt.precision)
+      moe::user_error("bench: --checkpoint-io and --precision are separate measurements; pass one");
+    if (*bench && bench_opt.precision) return moe::bench_precision_main(cfg, bench_opt);
     if (*bench && !bench_opt.checkpoint_io && moe::mpi_launched()) {
       moe::mpi_start(&argc, &argv);
       std::atexit(moe::mpi_finish);

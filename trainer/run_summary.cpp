@@ -26,6 +26,7 @@ std::string run_summary(const Config& cfg) {
   // With a pipeline, the pipeline rank holding the most: its stages' tensors, and one
   // activation slot (its layers only) per micro-batch it holds at once.
   double params = 0, optim = 0, acts = 0;
+  const double moment_bytes = cfg.optim.state_dtype == StateDtype::kBf16 ? 2 : 4;
   const double whole_acts =
       static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float)));
   const std::vector<ParamInfo> table = model_param_table(d);
@@ -48,9 +49,10 @@ std::string run_summary(const Config& cfg) {
     int64_t layers = 0;
     for (uint8_t h : part.layers) layers += h;
     params = std::max(params, (n_rep + n_exp) * 4);
-    // Adam first and second moments, FP32, sharded (ZeRO-1); plus the reduced-gradient
-    // shard when sharded at all.
-    optim = std::max(optim, (zero > 1 ? 3 : 2) * (n_rep / zero + n_exp / ezero) * 4);
+    // Adam first and second moments, FP32 or BF16 (optim.state_dtype), sharded (ZeRO-1);
+    // plus the FP32 reduced-gradient shard when sharded at all.
+    const double shard = n_rep / zero + n_exp / ezero;
+    optim = std::max(optim, shard * (2 * moment_bytes + (zero > 1 ? 4 : 0)));
     acts = std::max(acts, whole_acts * static_cast<double>(layers) / static_cast<double>(d.L) * slots);
   }
   const double grads = params;
@@ -66,10 +68,11 @@ std::string run_summary(const Config& cfg) {
                  static_cast<long long>(d.n_moe_layers()), static_cast<long long>(d.E),
                  static_cast<long long>(d.K), static_cast<long long>(cfg.moe.num_shared_experts));
   s += strprintf("memory (per rank, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
-                 "(ZeRO-1 over %d, experts over %d), activations %.1f (micro-batch %d x %d), "
-                 "total %.1f\n",
-                 mib(params), mib(grads), mib(optim), zero, ezero, mib(acts), cfg.training.micro_batch,
-                 cfg.model.seq_len, mib(params + grads + optim + acts));
+                 "(%s moments, ZeRO-1 over %d, experts over %d), activations %.1f "
+                 "(micro-batch %d x %d), total %.1f\n",
+                 mib(params), mib(grads), mib(optim), to_string(cfg.optim.state_dtype), zero,
+                 ezero, mib(acts), cfg.training.micro_batch, cfg.model.seq_len,
+                 mib(params + grads + optim + acts));
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,
                  static_cast<long long>(d.n_moe_layers() > 0 ? d.E / ep : 0));

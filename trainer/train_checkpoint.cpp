@@ -1,6 +1,7 @@
 #include "trainer/train_checkpoint.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <ctime>
 #include <map>
 #include <memory>
@@ -8,6 +9,7 @@
 
 #include "io/checkpoint_file.h"
 #include "model/check.h"
+#include "model/fp8.h"
 
 namespace moe {
 
@@ -40,21 +42,41 @@ void for_each_shard_run(const LogicalTensor& t, int64_t lo, int64_t hi, F&& f) {
   }
 }
 
+// Elements as the file holds them (FP32) and as the state holds them (FP32, or BF16 moment
+// bits: widening is exact, narrowing rounds to nearest even, exact for widened BF16).
+float as_f32(float x) { return x; }
+float as_f32(uint16_t h) { return bf16_to_float(h); }
+void store_as(float* dst, float x) { *dst = x; }
+void store_as(uint16_t* dst, float x) { *dst = bf16_from_float(x); }
+
 // shard (this rank's part of a flat buffer, indexed from lo) -> dense (the tensor, rows ld
-// apart), and back.
-void shard_to_dense(float* dense, const float* shard, const LogicalTensor& t, int64_t lo,
+// apart), and back. The shard holds floats or BF16 moments; the dense tensor is FP32.
+template <typename T>
+void shard_to_dense(float* dense, const T* shard, const LogicalTensor& t, int64_t lo,
                     int64_t hi) {
   const int64_t base = static_cast<int64_t>(t.offset);
   for_each_shard_run(t, lo, hi, [&](int64_t a, int64_t b) {
-    std::copy(shard + (a - lo), shard + (b - lo), dense + (a - base));
+    for (int64_t i = a; i < b; ++i) dense[i - base] = as_f32(shard[i - lo]);
   });
 }
-void dense_to_shard(float* shard, const float* dense, const LogicalTensor& t, int64_t lo,
+template <typename T>
+void dense_to_shard(T* shard, const float* dense, const LogicalTensor& t, int64_t lo,
                     int64_t hi) {
   const int64_t base = static_cast<int64_t>(t.offset);
   for_each_shard_run(t, lo, hi, [&](int64_t a, int64_t b) {
-    std::copy(dense + (a - base), dense + (b - base), shard + (a - lo));
+    for (int64_t i = a; i < b; ++i) store_as(shard + (i - lo), dense[i - base]);
   });
+}
+
+// Calls f(p) with moment k (0: m, 1: v) of this rank's shards, (state_size) elements, typed
+// as the state keeps it: float* or uint16_t* (BF16 bits).
+template <typename S, typename F>
+void with_moment(S& s, int k, F&& f) {
+  if (s.adam_m_bf16) {
+    f(k == 0 ? s.adam_m_bf16 : s.adam_v_bf16);
+  } else {
+    f(k == 0 ? s.adam_m : s.adam_v);
+  }
 }
 
 int64_t dense_span(const LogicalTensor& t) {
@@ -70,13 +92,14 @@ void load_model_tensors(Model<float>& m, const CheckpointReader& r, TrainState* 
     r.read_f32("/model/" + t.name, t.shape, m.params + t.offset, t.ld);
     if (!s) continue;
     dense.resize(static_cast<size_t>(dense_span(t)));
-    float* moments[2] = {s->adam_m, s->adam_v};
     const char* names[2] = {"/optim/m/", "/optim/v/"};
     for (int k = 0; k < 2; ++k) {
       r.read_f32(names[k] + t.name, t.shape, dense.data(), t.ld);
-      for (const ShardRegion& g : s->regions)
-        dense_to_shard(moments[k] + g.state_offset, dense.data(), t, g.shard_begin,
-                       g.shard_begin + g.shard);
+      with_moment(*s, k, [&](auto* moment) {
+        for (const ShardRegion& g : s->regions)
+          dense_to_shard(moment + g.state_offset, dense.data(), t, g.shard_begin,
+                         g.shard_begin + g.shard);
+      });
     }
   }
   for (int64_t l = 0; l < m.d.n_moe_layers(); ++l)
@@ -151,19 +174,30 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
                          static_cast<int64_t>(t->offset) + dense_span(*t));
       });
     }
-    const float* moments[2] = {s.adam_m, s.adam_v};
+    // The moments go into the file as FP32 whatever the state's dtype (BF16 widens exactly).
     const char* names[2] = {"/optim/m/", "/optim/v/"};
     for (int k = 0; k < 2; ++k) {
-      if (!world) {  // one rank holds everything: write straight from the moment buffer
-        w->write_f32(names[k] + g.name, g.shape, moments[k] + t->offset, t->ld);
+      // Puts this rank's elements of the moment into tensor t's layout (one tensor's worth).
+      auto fill = [&](float* dense) {
+        if (!t) return;
+        with_moment(s, k, [&](const auto* moment) {
+          for (const ShardRegion& r : s.regions)
+            shard_to_dense(dense, moment + r.state_offset, *t, r.shard_begin,
+                           r.shard_begin + r.shard);
+        });
+      };
+      if (!world && s.adam_m) {  // one rank holds everything: write straight from FP32 state
+        const float* moment = k == 0 ? s.adam_m : s.adam_v;
+        w->write_f32(names[k] + g.name, g.shape, moment + t->offset, t->ld);
         continue;
       }
-      assemble_and_write(names[k] + g.name, g, [&](float* dense) {
-        if (!t) return;
-        for (const ShardRegion& r : s.regions)
-          shard_to_dense(dense, moments[k] + r.state_offset, *t, r.shard_begin,
-                         r.shard_begin + r.shard);
-      });
+      if (!world) {  // one rank, BF16 state: widen one tensor at a time
+        mine.assign(static_cast<size_t>(dense_span(*t)), 0.0f);
+        fill(mine.data());
+        w->write_f32(names[k] + g.name, g.shape, mine.data(), t->ld);
+        continue;
+      }
+      assemble_and_write(names[k] + g.name, g, fill);
     }
   }
   if (writer) {

@@ -31,14 +31,6 @@ namespace {
 // later part of the project: refuse them clearly instead of silently training without them.
 void reject_unsupported(const Config& cfg) {
   const char* src = cfg.source.c_str();
-  if (cfg.precision.mode != PrecisionMode::kFp32)
-    user_error("%s: precision.mode = \"%s\" is not supported by this build yet (only \"fp32\")", src,
-               to_string(cfg.precision.mode));
-  if (cfg.precision.dispatch_fp8)
-    user_error("%s: precision.dispatch_fp8 = true is not supported by this build yet", src);
-  if (cfg.optim.state_dtype != StateDtype::kFp32)
-    user_error("%s: optim.state_dtype = \"%s\" is not supported by this build yet (only \"fp32\")",
-               src, to_string(cfg.optim.state_dtype));
   if (cfg.attention.kind != AttentionKind::kMha)
     user_error("%s: attention.kind = \"%s\" is not supported by this build yet (only \"mha\")", src,
                to_string(cfg.attention.kind));

@@ -91,7 +91,9 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
     CHECK(grid && grid->ep_comm);
     // One routing plan per (activation slot, MoE layer): each micro-batch in flight keeps its own.
     s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_layers(),
-                                              moe_rows_max(d, B * d.T), d.C, exchange_lanes);
+                                              moe_rows_max(d, B * d.T), d.C, exchange_lanes,
+                                              d.dispatch_fp8 ? EpWireFormat::kFp8Bf16
+                                                             : EpWireFormat::kFloat);
     m.exchange = s.exchange.get();
   }
   s.regions[0] = shard_region(m.replicated, param_comm, 0);
@@ -99,9 +101,16 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   s.state_size = s.regions[0].shard + s.regions[1].shard;
   const size_t n = static_cast<size_t>(s.state_size);
   const bool any_sharded = s.regions[0].comm || s.regions[1].comm;
+  s.adam_m = s.adam_v = nullptr;
+  s.adam_m_bf16 = s.adam_v_bf16 = nullptr;
   s.opt_arena = arena_build("optimizer state", [&](Carver& c) {
-    s.adam_m = c.take<float>(n);
-    s.adam_v = c.take<float>(n);
+    if (cfg.optim.state_dtype == StateDtype::kBf16) {
+      s.adam_m_bf16 = c.take<uint16_t>(n);
+      s.adam_v_bf16 = c.take<uint16_t>(n);
+    } else {
+      s.adam_m = c.take<float>(n);
+      s.adam_v = c.take<float>(n);
+    }
     s.grad_shard = any_sharded ? c.take<float>(n) : nullptr;
   });
   s.decay.clear();
@@ -131,6 +140,8 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
 }
 
 StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
+  // The GEMMs of this step read the weights the last update (or init, or a load) left.
+  model_quantize_weights(s.model);
   Model<float>& m = s.model;
   const ModelDims& d = m.d;
   Comm* world = train_world_comm(s);
@@ -209,15 +220,19 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   for (const ShardRegion& r : s.regions) {
     const int64_t lo = r.shard_begin, hi = r.shard_begin + r.shard;
     const float* g = region_grad(s, r);
-    float* mm = s.adam_m + r.state_offset;
-    float* vv = s.adam_v + r.state_offset;
     for (size_t i = 0; i < m.table.size(); ++i) {
       const ParamInfo& p = m.table[i];
       const int64_t a = std::max<int64_t>(lo, static_cast<int64_t>(p.offset));
       const int64_t b = std::min<int64_t>(hi, static_cast<int64_t>(p.offset + p.count));
       if (a >= b) continue;
-      adamw_update(m.params + a, g + (a - lo), mm + (a - lo), vv + (a - lo), b - a, as,
-                   s.decay[i] != 0);
+      const int64_t k = r.state_offset + (a - lo);  // element a's index in the moments
+      if (s.adam_m_bf16) {
+        adamw_update_bf16(m.params + a, g + (a - lo), s.adam_m_bf16 + k, s.adam_v_bf16 + k,
+                          b - a, as, s.decay[i] != 0);
+      } else {
+        adamw_update(m.params + a, g + (a - lo), s.adam_m + k, s.adam_v + k, b - a, as,
+                     s.decay[i] != 0);
+      }
     }
     if (r.comm) r.comm->all_gather(m.params + r.begin, nullptr, r.shard);
   }
@@ -234,6 +249,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
 }
 
 double eval_loss(TrainState& s, int64_t n_batches, const BatchSource& source) {
+  model_quantize_weights(s.model);
   const int64_t B = s.cfg.training.micro_batch, T_ = s.model.d.T;
   const int64_t dp_rank = s.grid ? s.grid->dp_rank : 0, dp_size = s.grid ? s.grid->dp : 1;
   double sum = 0;

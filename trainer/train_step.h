@@ -27,7 +27,7 @@ struct ShardRegion {
   int64_t count = 0;         // flat elements, padding included
   int64_t shard = 0;         // elements per rank of the group
   int64_t shard_begin = 0;   // this rank's first flat element
-  int64_t state_offset = 0;  // where the shard starts in adam_m / adam_v / grad_shard
+  int64_t state_offset = 0;  // where the shard starts in the Adam moments and grad_shard
 };
 
 // Data parallelism with ZeRO-1 and expert parallelism: every rank holds the full FP32
@@ -44,8 +44,12 @@ struct TrainState {
   ShardRegion regions[2];   // [0] replicated, [1] routed experts
   int64_t state_size = 0;   // shard elements over both regions
   Arena opt_arena;          // Adam moments of the shards, and the reduced gradient shards
-  float* adam_m = nullptr;  // (state_size)
-  float* adam_v = nullptr;  // (state_size)
+  // The Adam moments in cfg.optim.state_dtype: FP32 in adam_m / adam_v, or BF16 bits
+  // (model/fp8.h) in adam_m_bf16 / adam_v_bf16; the other pair is null. Zero at start.
+  float* adam_m = nullptr;          // (state_size) FP32 state
+  float* adam_v = nullptr;          // (state_size) FP32 state
+  uint16_t* adam_m_bf16 = nullptr;  // (state_size) BF16 state
+  uint16_t* adam_v_bf16 = nullptr;  // (state_size) BF16 state
   float* grad_shard = nullptr;  // (state_size) reduce-scatter target (dp > 1)
   GradReducer reducer;
   std::vector<uint8_t> decay;    // per parameter table entry

@@ -10,6 +10,7 @@
 // skips depend only on values that are equal on all ranks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,10 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "model/fp8.h"
+#include "model/fp8_quant.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/rng.h"
 #include "parallel/comm.h"
 #include "parallel/expert_dispatch.h"
+#include "parallel/expert_exchange.h"
 
 namespace moe {
 namespace {
@@ -116,6 +120,8 @@ const DispatchCase kCases[] = {
     {"EmptyExpertsAndRanks", 24, 3, 9, 15, 2, -1, Routing::kSubset},
     {"ZeroTokensOnRank1", 16, 4, 29, 13, 2, 1, Routing::kRandom},
     {"ZeroTokensEverywhere", 8, 2, 4, 0, 0, -1, Routing::kRandom},
+    {"WideC200", 8, 2, 200, 7, 3, -1, Routing::kRandom},  // FP8 tiles: 128 + a partial 72
+    {"WideC256", 8, 3, 256, 5, 2, -1, Routing::kRandom},  // two whole tiles
 };
 
 std::vector<DispatchParam> all_params() {
@@ -215,6 +221,55 @@ class ExpertDispatch : public testing::TestWithParam<DispatchParam> {
                   d.ids.data(), d.N, c.E, c.K);
     xp_.assign(d.N * c.K * c.C, 0.0f);
     cpu::moe_permute_forward(xp_.data(), d.x.data(), token_of_.data(), d.N * c.K, c.C);
+  }
+
+  // Calls fn(row, g, p, n) for every row this rank's experts receive, in the grouped layout's
+  // order: local expert g's rows from each sender p in rank order, p's in (token n, slot) order.
+  template <typename Fn>
+  int64_t for_each_expected_row(const Fn& fn) const {
+    const DispatchCase& c = GetParam().c;
+    const int64_t EL = c.E / ep_;
+    int64_t row = 0;
+    for (int64_t j = 0; j < EL; ++j)
+      for (int p = 0; p < ep_; ++p) {
+        const RankData& d = ranks_[p];
+        for (int64_t n = 0; n < d.N; ++n)
+          for (int64_t k = 0; k < c.K; ++k)
+            if (d.ids[n * c.K + k] == me_ * EL + j) fn(row++, me_ * EL + j, p, n);
+      }
+    return row;
+  }
+
+  // plan_finish's block_offsets: local expert j's rows from sender p start where the
+  // reference walk reaches them; local_offsets are the first block of each expert.
+  void expect_blocks(const std::vector<int64_t>& blocks, const std::vector<int64_t>& offs) const {
+    const DispatchCase& c = GetParam().c;
+    const int64_t EL = c.E / ep_;
+    std::vector<int64_t> want(EL * ep_ + 1, -1);
+    int64_t last = -1;
+    const int64_t rows = for_each_expected_row([&](int64_t row, int64_t g, int p, int64_t) {
+      const int64_t b = (g - me_ * EL) * ep_ + p;
+      if (b != last) want[b] = row;
+      last = b;
+    });
+    // Empty blocks start where the next non-empty one (or the end) does.
+    want[EL * ep_] = rows;
+    for (int64_t b = EL * ep_ - 1; b >= 0; --b)
+      if (want[b] < 0) want[b] = want[b + 1];
+    EXPECT_EQ(blocks, want);
+    for (int64_t j = 0; j <= EL; ++j) EXPECT_EQ(offs[j], want[j * ep_]) << "expert " << j;
+  }
+
+  // For the compact wire: magnitudes from 2^-9 to 2^9 varying by token and 128-column tile
+  // (so each tile gets its own scale), and every fifth token all zeros. Same on every rank.
+  void vary_magnitudes() {
+    const int64_t C = GetParam().c.C;
+    for (RankData& d : ranks_)
+      for (int64_t n = 0; n < d.N; ++n)
+        for (int64_t i = 0; i < C; ++i) {
+          const int e = static_cast<int>((n + 3 * (i / 128)) % 7) * 3 - 9;
+          d.x[n * C + i] = n % 5 == 2 ? 0.0f : std::ldexp(d.x[n * C + i], e);
+        }
   }
 
   std::unique_ptr<Comm> world_, comm_;
@@ -319,6 +374,227 @@ TEST_P(ExpertDispatch, RoundTripIsIdentity) {
   ep_dispatch(xg.data(), scratch.data(), xp2.data(), plan, c.C, *comm_);
   ep_combine(back.data(), scratch.data(), xg.data(), plan, c.C, *comm_);
   EXPECT_TRUE(same_bits(back.data(), xp2.data(), static_cast<int64_t>(xp2.size())));
+}
+
+// ---- EpExchange and its wire formats. ----
+
+// fp8_fake_quantize of one row with the activation tiles: what the FP8 dispatch delivers.
+std::vector<float> fp8_row(const float* x, int64_t C) {
+  std::vector<float> out(static_cast<size_t>(C));
+  fp8_fake_quantize(out.data(), x, 1, C, kTileAct);
+  return out;
+}
+
+TEST(EpWireFormat, RowBytes) {
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFloat, 200), 800);
+  EXPECT_EQ(ep_combine_row_bytes(EpWireFormat::kFloat, 200), 800);
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, 200), 200 + 2 * 4);
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, 128), 128 + 4);
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, 129), 129 + 2 * 4);
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, 7168), 7168 + 56 * 4);
+  EXPECT_EQ(ep_dispatch_row_bytes(EpWireFormat::kFp8Bf16, 1), 1 + 4);
+  EXPECT_EQ(ep_combine_row_bytes(EpWireFormat::kFp8Bf16, 200), 400);
+  EXPECT_EQ(ep_wire_bytes(EpWireFormat::kFp8Bf16, 3, 200), 3 * 400);  // combine is larger
+  EXPECT_EQ(ep_wire_bytes(EpWireFormat::kFp8Bf16, 3, 1), 3 * 5);      // dispatch is larger
+  EXPECT_EQ(ep_wire_bytes(EpWireFormat::kFloat, 3, 200), 3 * 800);
+  EXPECT_EQ(ep_wire_scale_count(3, 200), 6);
+  EXPECT_STREQ(ep_wire_format_name(EpWireFormat::kFloat), "float");
+}
+
+// The default format is the float wire: exact copies, the same bits as ep_dispatch /
+// ep_combine, and 4 C bytes per remote row.
+TEST_P(ExpertDispatch, ExchangeDefaultWireIsExactCopy) {
+  const DispatchCase& c = GetParam().c;
+  const int64_t C = c.C, EL = c.E / ep_;
+  local_plan();
+  const RankData& d = ranks_[me_];
+  EpExchange ex(*comm_, c.E, 1, capacity_, C);
+  EXPECT_EQ(ex.format(), EpWireFormat::kFloat);
+  std::vector<int64_t> offs(EL + 1, -1), blocks(EL * ep_ + 1, -1);
+  ex.plan_start(0, 0, counts_.data(), d.ids.data(), d.N, c.K);
+  const int64_t R = ex.plan_finish(0, offs.data(), blocks.data());
+  expect_blocks(blocks, offs);
+  const float kPoison = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> xg(capacity_ * C, kPoison), back(xp_.size(), kPoison);
+  ex.dispatch_start(0, 0, xg.data(), xp_.data(), C);
+  ex.finish(0);
+  int64_t bad = 0;
+  const int64_t rows = for_each_expected_row([&](int64_t row, int64_t, int p, int64_t n) {
+    bad += !same_bits(xg.data() + row * C, ranks_[p].x.data() + n * C, C);
+  });
+  EXPECT_EQ(R, rows);
+  EXPECT_EQ(offs[EL], rows);
+  EXPECT_EQ(bad, 0);
+  ex.combine_start(0, 0, back.data(), xg.data(), C);
+  ex.finish(0);
+  EXPECT_TRUE(same_bits(back.data(), xp_.data(), static_cast<int64_t>(xp_.size())));
+
+  EpPlan plan = ep_plan_create(ep_, c.E, capacity_);
+  ep_plan(plan, counts_.data(), *comm_);
+  std::vector<float> xg_ref(capacity_ * C, kPoison), scratch(capacity_ * C);
+  ep_dispatch(xg_ref.data(), scratch.data(), xp_.data(), plan, C, *comm_);
+  EXPECT_TRUE(same_bits(xg.data(), xg_ref.data(), R * C));
+  EXPECT_EQ(ex.traffic().bytes_dispatch, ep_bytes_sent(plan, C));
+  EXPECT_EQ(ex.traffic().bytes_combine, ep_rows_recv_remote(plan) * C * 4);
+}
+
+// The FP8 / BF16 wire through EpExchange, two lanes in flight at once: every dispatched row
+// is the FP8 fake quantization of its source row, every combined row the BF16 rounding of
+// what the expert produced, bit for bit; the bytes are the format's.
+TEST_P(ExpertDispatch, ExchangeCompactWireRoundsRowByRow) {
+  const DispatchCase& c = GetParam().c;
+  const int64_t C = c.C, EL = c.E / ep_;
+  vary_magnitudes();
+  local_plan();
+  const RankData& d = ranks_[me_];
+  EpExchange ex(*comm_, c.E, 1, capacity_, C, 2, EpWireFormat::kFp8Bf16);
+  EXPECT_EQ(ex.format(), EpWireFormat::kFp8Bf16);
+  std::vector<int64_t> offs(EL + 1, -1), blocks(EL * ep_ + 1, -1);
+  ex.plan_start(0, 0, counts_.data(), d.ids.data(), d.N, c.K);
+  const int64_t R = ex.plan_finish(0, offs.data(), blocks.data());
+  expect_blocks(blocks, offs);
+
+  const float kPoison = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> xg(capacity_ * C, kPoison);
+  ex.dispatch_start(0, 0, xg.data(), xp_.data(), C);
+  ex.finish(0);
+  // Received rows against the senders' rows, fake-quantized here.
+  int64_t bad = 0, changed = 0, nonzero = 0, zero_rows = 0;
+  std::string first_bad;
+  const int64_t rows = for_each_expected_row([&](int64_t row, int64_t g, int p, int64_t n) {
+    const float* src = ranks_[p].x.data() + n * C;
+    const std::vector<float> want = fp8_row(src, C);
+    if (!same_bits(xg.data() + row * C, want.data(), C) && bad++ == 0)
+      first_bad = "row " + std::to_string(row) + " (expert " + std::to_string(g) + ", sender " +
+                  std::to_string(p) + ", token " + std::to_string(n) + ")";
+    int64_t nz = 0;
+    for (int64_t i = 0; i < C; ++i) {
+      changed += want[i] != src[i];
+      nz += src[i] != 0.0f;
+    }
+    nonzero += nz;
+    zero_rows += nz == 0;
+  });
+  EXPECT_EQ(R, rows);
+  EXPECT_EQ(offs[EL], rows);
+  EXPECT_EQ(bad, 0) << "first mismatch at " << first_bad;
+  EXPECT_EQ(nonzero > 0, rows > 0) << "inputs must not be all zero";
+  // (With C = 1 each row is its own tile's amax, which comes back as itself or a neighbour.)
+  if (C > 1) {
+    EXPECT_EQ(changed > 0, nonzero > 0) << "FP8 must round some element, or nothing is tested";
+  }
+  int64_t zero_sent = 0;  // all-zero rows this rank dispatches (token 2 when N > 2)
+  for (int64_t r = 0; r < d.N * c.K; ++r)
+    zero_sent += std::all_of(xp_.begin() + r * C, xp_.begin() + (r + 1) * C,
+                             [](float v) { return v == 0.0f; });
+  EXPECT_EQ(zero_sent > 0, d.N > 2) << "all-zero rows must be among the inputs";
+  EXPECT_LE(zero_rows, rows);
+
+  // Experts y = x * (g + 1); the combine (lane 0) runs while a second dispatch (lane 1, the
+  // backward's dyp = -3 xp) is in flight.
+  std::vector<float> yg(capacity_ * C, kPoison);
+  for (int64_t j = 0; j < EL; ++j)
+    for (int64_t r = offs[j]; r < offs[j + 1]; ++r)
+      for (int64_t i = 0; i < C; ++i) yg[r * C + i] = expert_fn(xg[r * C + i], me_ * EL + j);
+  std::vector<float> dyp(xp_.size()), dyg(capacity_ * C, kPoison);
+  for (size_t i = 0; i < dyp.size(); ++i) dyp[i] = -3.0f * xp_[i];
+  std::vector<float> yp(xp_.size(), kPoison);
+  ex.combine_start(0, 0, yp.data(), yg.data(), C);
+  ex.dispatch_start(1, 0, dyg.data(), dyp.data(), C);
+  std::fill(yg.begin(), yg.end(), kPoison);  // the combine no longer reads y_grouped
+  ex.finish(0);
+  ex.finish(1);
+
+  // yp row r (expert e) = bf16_round(expert_fn(fp8(xp row r), e)), in xp's row order.
+  int64_t bad_yp = 0, bf16_changed = 0;
+  for (int64_t e = 0; e < c.E; ++e)
+    for (int64_t r = offsets_[e]; r < offsets_[e + 1]; ++r) {
+      const std::vector<float> q = fp8_row(xp_.data() + r * C, C);
+      for (int64_t i = 0; i < C; ++i) {
+        const float y = expert_fn(q[i], e), want = bf16_round(y);
+        bad_yp += f32_bits(yp[r * C + i]) != f32_bits(want);
+        bf16_changed += want != y;
+      }
+    }
+  EXPECT_EQ(bad_yp, 0);
+  EXPECT_EQ(bf16_changed > 0, zero_sent < d.N * c.K) << "BF16 must round some element";
+  int64_t bad_dy = 0;
+  for_each_expected_row([&](int64_t row, int64_t, int p, int64_t n) {
+    std::vector<float> src(ranks_[p].x.begin() + n * C, ranks_[p].x.begin() + (n + 1) * C);
+    for (float& v : src) v *= -3.0f;
+    bad_dy += !same_bits(dyg.data() + row * C, fp8_row(src.data(), C).data(), C);
+  });
+  EXPECT_EQ(bad_dy, 0);
+
+  // Round trip: combining the dispatched rows gives bf16_round(fp8(xp)) back.
+  std::vector<float> back(xp_.size(), kPoison);
+  ex.combine_start(1, 0, back.data(), xg.data(), C);
+  ex.finish(1);
+  int64_t bad_back = 0;
+  for (int64_t r = 0; r < d.N * c.K; ++r) {
+    const std::vector<float> q = fp8_row(xp_.data() + r * C, C);
+    for (int64_t i = 0; i < C; ++i) bad_back += f32_bits(back[r * C + i]) != f32_bits(bf16_round(q[i]));
+  }
+  EXPECT_EQ(bad_back, 0);
+
+  // Bytes on the wire: two dispatches and two combines, at the format's row sizes.
+  EpPlan plan = ep_plan_create(ep_, c.E, capacity_);
+  ep_plan(plan, counts_.data(), *comm_);
+  const int64_t nt = (C + 127) / 128;
+  const int64_t sent = ep_rows_sent_remote(plan), recv = ep_rows_recv_remote(plan);
+  const EpTraffic& t = ex.traffic();
+  EXPECT_EQ(t.bytes_dispatch, 2 * sent * (C + 4 * nt));
+  EXPECT_EQ(t.bytes_combine, 2 * recv * 2 * C);
+  // Against the float wire: dispatch (C + 4 ceil(C / 128)) / 4 C, combine exactly 1 / 2.
+  EXPECT_EQ(t.bytes_dispatch * 4 * C, 2 * ep_bytes_sent(plan, C) * (C + 4 * nt));
+  EXPECT_EQ(t.bytes_combine * 2, 2 * recv * 4 * C);
+  if (C >= 128 && sent > 0) {
+    EXPECT_LT(t.bytes_dispatch * 100, 2 * ep_bytes_sent(plan, C) * 27);
+  }
+}
+
+// The free split forms of the compact wire: per-peer byte counts are rows times the format's
+// row bytes, and the decoded rows equal the reference.
+TEST_P(ExpertDispatch, CompactWireBytesPerPeer) {
+  const DispatchCase& c = GetParam().c;
+  const int64_t C = c.C;
+  vary_magnitudes();
+  local_plan();
+  EpPlan plan = ep_plan_create(ep_, c.E, capacity_);
+  ep_plan(plan, counts_.data(), *comm_);
+  const EpWireFormat f = EpWireFormat::kFp8Bf16;
+  const int64_t bytes = ep_wire_bytes(f, capacity_, C);
+  std::vector<uint8_t> send(bytes + 1), recv(bytes + 1);  // + 1: an odd base address
+  std::vector<float> scales(ep_wire_scale_count(capacity_, C));
+  std::vector<float> xg(capacity_ * C, std::numeric_limits<float>::quiet_NaN());
+  EpWire wire = ep_wire_create(ep_);
+  CommRequest r = ep_dispatch_fp8_start(recv.data() + 1, send.data() + 1, scales.data(),
+                                        xp_.data(), plan, C, wire, *comm_);
+  comm_->wait(r);
+  ep_dispatch_fp8_finish(xg.data(), scales.data(), recv.data() + 1, plan, C);
+  const int64_t rb = ep_dispatch_row_bytes(f, C);
+  for (int q = 0; q < ep_; ++q) {
+    EXPECT_EQ(wire.send_bytes[q], plan.send_counts[q] * rb) << "peer " << q;
+    EXPECT_EQ(wire.send_displs[q], plan.send_displs[q] * rb) << "peer " << q;
+    EXPECT_EQ(wire.recv_bytes[q], plan.recv_counts[q] * rb) << "peer " << q;
+    EXPECT_EQ(wire.recv_displs[q], plan.recv_displs[q] * rb) << "peer " << q;
+  }
+  int64_t bad = 0;
+  for_each_expected_row([&](int64_t row, int64_t, int p, int64_t n) {
+    bad += !same_bits(xg.data() + row * C, fp8_row(ranks_[p].x.data() + n * C, C).data(), C);
+  });
+  EXPECT_EQ(bad, 0);
+  std::vector<float> back(xp_.size(), std::numeric_limits<float>::quiet_NaN());
+  r = ep_combine_bf16_start(recv.data() + 1, send.data() + 1, xg.data(), plan, C, wire, *comm_);
+  comm_->wait(r);
+  ep_combine_bf16_finish(back.data(), recv.data() + 1, plan, C);
+  for (int q = 0; q < ep_; ++q) EXPECT_EQ(wire.send_bytes[q], plan.send_counts[q] * 2 * C);
+  int64_t bad_back = 0;
+  for (int64_t row = 0; row < plan.rows_sent; ++row) {
+    const std::vector<float> q = fp8_row(xp_.data() + row * C, C);
+    for (int64_t i = 0; i < C; ++i) bad_back += f32_bits(back[row * C + i]) != f32_bits(bf16_round(q[i]));
+  }
+  EXPECT_EQ(bad_back, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ExpertDispatch, testing::ValuesIn(all_params()), param_name);
