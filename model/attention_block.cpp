@@ -16,11 +16,11 @@ void attention_block_forward(T* res_out, LayerActs<T>& la, const T* res_in,
   const int64_t N = B * T_, C = d.C, QKV = d.qkv();
   cpu::rmsnorm_forward<T>(la.ln1, la.rstd1, res_in, lp.attn_norm, N, C, static_cast<T>(d.norm_eps));
   const PrecisionMode pm = d.precision;
-  linear_forward<T>(la.qkv, la.ln1, lp.wqkv, N, C, QKV, pm, la.lin);
+  linear_forward<T>(la.qkv, la.ln1, lp.wqkv, N, C, QKV, pm, la.lin, &la.saved_ln1);
   cpu::rope_forward<T>(la.qkv, a.rope_cos, a.rope_sin, B, T_, d.NH, d.HD, QKV);
   cpu::rope_forward<T>(la.qkv + d.NH * d.HD, a.rope_cos, a.rope_sin, B, T_, d.NKV, d.HD, QKV);
   cpu::attention_forward<T>(la.attn_out, la.probs, la.qkv, B, T_, d.NH, d.NKV, d.HD);
-  linear_forward<T>(a.tmp, la.attn_out, lp.wo, N, d.d_attn(), C, pm, la.lin);
+  linear_forward<T>(a.tmp, la.attn_out, lp.wo, N, d.d_attn(), C, pm, la.lin, &la.saved_attn_out);
   cpu::residual_forward<T>(res_out, res_in, a.tmp, N * C);
 }
 
@@ -48,8 +48,10 @@ void attention_block_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la,
   const int64_t C = d.C;
   const LayerKept<T>& k = la.kept;
   const PrecisionMode pm = d.precision;
-  linear_backward_weight<T>(lg.wo, k.dres_mid, la.attn_out, N, d.d_attn(), C, pm, la.lin);
-  linear_backward_weight<T>(lg.wqkv, k.dqkv, la.ln1, N, C, d.qkv(), pm, la.lin);
+  linear_backward_weight_saved<T>(lg.wo, k.dres_mid, la.attn_out, la.saved_attn_out, N,
+                                  d.d_attn(), C, pm, la.lin);
+  linear_backward_weight_saved<T>(lg.wqkv, k.dqkv, la.ln1, la.saved_ln1, N, C, d.qkv(), pm,
+                                  la.lin);
   cpu::rmsnorm_backward_weight<T>(lg.attn_norm, k.dln1, res_in, la.rstd1, N, C);
 }
 

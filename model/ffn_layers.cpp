@@ -17,12 +17,14 @@ constexpr int kMaxEpBlocks = 4096;
 
 // SwiGLU MLP on rows: gu (n, 2F) = x W13^T, h (n, F) = silu(g) * u, out (n, C) = h W2^T.
 // The GEMMs run in pm (model/linear.h) with scratch ls.
+// save_x / save_h: where x and h are saved for the weight pass (null: x is kept as is).
 template <typename T>
 void swiglu_mlp_forward(T* out, T* gu, T* h, const T* x, const T* w13, const T* w2, int64_t n,
-                        int64_t C, int64_t F, PrecisionMode pm, const LinearScratch<T>& ls) {
-  linear_forward<T>(gu, x, w13, n, C, 2 * F, pm, ls);
+                        int64_t C, int64_t F, PrecisionMode pm, const LinearScratch<T>& ls,
+                        const LinearSaved* save_x, const LinearSaved* save_h) {
+  linear_forward<T>(gu, x, w13, n, C, 2 * F, pm, ls, save_x);
   cpu::swiglu_forward<T>(h, gu, n, F);
-  linear_forward<T>(out, h, w2, n, F, C, pm, ls);
+  linear_forward<T>(out, h, w2, n, F, C, pm, ls, save_h);
 }
 
 // Input pass: dx (n, C) assigned when accumulate_dx is false, += otherwise; dgu (n, 2F) is
@@ -38,13 +40,20 @@ void swiglu_mlp_backward_input(T* dx, T* dgu, T* dh, const T* dout, const T* gu,
 
 // Weight pass: dw2 += dout^T h, dw13 += dgu^T x.
 // blocks (n_blocks + 1 row offsets, null: one block) restart the FP8 128-row tiles.
+// saved_x / saved_h as the forward's save_x / save_h.
 template <typename T>
 void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, const T* x,
-                                const T* h, int64_t n, int64_t C, int64_t F, PrecisionMode pm,
-                                const LinearScratch<T>& ls, const int64_t* blocks = nullptr,
-                                int64_t n_blocks = 1) {
-  linear_backward_weight<T>(dw2, dout, h, n, F, C, pm, ls, blocks, n_blocks);
-  linear_backward_weight<T>(dw13, dgu, x, n, C, 2 * F, pm, ls, blocks, n_blocks);
+                                const T* h, const LinearSaved* saved_x,
+                                const LinearSaved& saved_h, int64_t n, int64_t C, int64_t F,
+                                PrecisionMode pm, const LinearScratch<T>& ls,
+                                const int64_t* blocks = nullptr, int64_t n_blocks = 1) {
+  linear_backward_weight_saved<T>(dw2, dout, h, saved_h, n, F, C, pm, ls, blocks, n_blocks);
+  if (saved_x) {
+    linear_backward_weight_saved<T>(dw13, dgu, x, *saved_x, n, C, 2 * F, pm, ls, blocks,
+                                    n_blocks);
+  } else {
+    linear_backward_weight<T>(dw13, dgu, x, n, C, 2 * F, pm, ls, blocks, n_blocks);
+  }
 }
 
 }  // namespace
@@ -52,7 +61,8 @@ void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, co
 template <typename T>
 void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                        const ModelDims& d, int64_t N) {
-  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F, d.precision, la.lin);
+  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F, d.precision, la.lin,
+                        &la.saved_ln2, &la.saved_h);
 }
 
 template <typename T>
@@ -68,8 +78,8 @@ template <typename T>
 void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
                                const ModelDims& d, int64_t N) {
   const LayerKept<T>& k = la.kept;
-  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, N, d.C, d.F,
-                                d.precision, la.lin);
+  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, &la.saved_ln2,
+                                la.saved_h, N, d.C, d.F, d.precision, la.lin);
 }
 
 template <typename T>
@@ -96,9 +106,11 @@ void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const Layer
   for (int64_t e = 0; e < d.EL(); ++e) {
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
+    const LinearSaved sx = linear_saved_rows(la.saved_xg, r0, C);
+    const LinearSaved sh = linear_saved_rows(la.saved_eh, r0, FE);
     swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
                           lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE, d.precision,
-                          la.lin);
+                          la.lin, &sx, &sh);
   }
 }
 
@@ -107,7 +119,7 @@ void moe_layer_shared_forward(T* out, LayerActs<T>& la, const T* x, const LayerP
                         const ModelDims& d, int64_t N) {
   if (d.S > 0)
     swiglu_mlp_forward<T>(out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S, d.precision,
-                          la.lin);
+                          la.lin, nullptr, &la.saved_sh);
 }
 
 template <typename T>
@@ -183,9 +195,11 @@ void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& l
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
     for (int64_t p = 0; p <= d.ep; ++p) blocks[p] = la.block_offsets[e * d.ep + p] - r0;
+    const LinearSaved sx = linear_saved_rows(la.saved_xg, r0, C);
     swiglu_mlp_backward_weight<T>(lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE,
                                   k.degu + r0 * 2 * FE, k.dyg + r0 * C, xg + r0 * C,
-                                  la.eh + r0 * FE, n, C, FE, d.precision, la.lin, blocks, d.ep);
+                                  la.eh + r0 * FE, &sx, linear_saved_rows(la.saved_eh, r0, FE), n,
+                                  C, FE, d.precision, la.lin, blocks, d.ep);
   }
 }
 
@@ -195,8 +209,8 @@ void moe_layer_router_shared_backward_weight(LayerParams<T>& lg, const LayerActs
   const LayerKept<T>& k = la.kept;
   cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, d.C, d.E);
   if (d.S > 0)
-    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, N, d.C, d.S,
-                                  d.precision, la.lin);
+    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, nullptr,
+                                  la.saved_sh, N, d.C, d.S, d.precision, la.lin);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \

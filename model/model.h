@@ -180,9 +180,15 @@ struct LayerActs {
   T* yp;   // (N K, C) expert outputs, back in xp's row order
   T* sgu;  // (N, 2S)
   T* sh;   // (N, S)
-  // Scratch for the quantized inputs of the layer's GEMMs (bf16 / fp8): the slot's, shared
-  // by all its layers (a slot runs one layer at a time). Empty in fp32.
+  // Scratch for the quantized inputs of the layer's GEMMs (bf16 / fp8): the model's work_arena,
+  // shared by every layer and slot (a GEMM call uses it and is done). Empty in fp32.
   LinearScratch<T> lin;
+  // bf16 / fp8: the linear layers' inputs that only weight gradients read are saved here in
+  // the GEMM input format (model/linear.h), and ln1, attn_out, h, sh, eh (and ln2 of a dense
+  // layer) point into the model's work_arena, xp and xg into slot scratch (an exchange in
+  // flight holds them across chunk steps). The MoE layer's ln2 stays: the router's weight
+  // gradient is FP32. Empty in fp32.
+  LinearSaved saved_ln1, saved_attn_out, saved_ln2, saved_h, saved_sh, saved_eh, saved_xg;
   LayerKept<T> kept;       // from the input pass to the weight pass of this layer
   bool weight_pending;     // split backward: kInput ran, its kWeight has not yet
 };
@@ -253,6 +259,7 @@ struct Model {
   // model_grad_stage); empty: not called. Lets the trainer start reducing them early.
   std::function<void(int64_t stage)> grads_ready;
   Arena param_arena, grad_arena, act_arena, state_arena;
+  Arena work_arena;  // bf16 / fp8: GEMM operands and the floats of saved inputs (one set)
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
   ModelParams<T> p, g;  // null views for tensors of parts not held
@@ -425,7 +432,11 @@ ModelCounts model_counts(const ModelDims& d);
 // QK^T and PV over the full T x T window, the PaLM convention).
 double model_flops_per_token(const ModelDims& d);
 
-// Activation bytes for one micro-batch of B sequences (element size elem).
+// Activation bytes for one micro-batch of B sequences (element size elem): what an activation
+// slot holds, saved tensors and per-slot scratch.
 size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem);
+// bf16 / fp8: the workspace every slot shares (quantized GEMM operands, the floats of inputs
+// saved in the GEMM input format) for micro-batches of B sequences; 0 in fp32.
+size_t model_workspace_bytes(const ModelDims& d, int64_t B);
 
 }  // namespace moe

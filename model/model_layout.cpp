@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "model/check.h"
+#include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/model.h"
 #include "model/rng.h"
@@ -97,10 +98,47 @@ LayerKept<T> kept_layout(const ModelDims& d, size_t N, size_t R, bool dense, boo
   return k;
 }
 
+// bf16 / fp8: buffers that live only inside one piece of a layer (model_chunk_step never
+// stops between writing and reading them), so one set serves every slot and layer: the
+// quantized GEMM operands, and the float tensors the layers save in the GEMM input format.
+template <typename T>
+struct GemmWorkspace {
+  T *ln1 = nullptr, *attn_out = nullptr, *ln2 = nullptr, *h = nullptr, *eh = nullptr;
+  LinearScratch<T> lin;
+};
+
+template <typename T>
+GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int64_t B,
+                                  Carver& c) {
+  GemmWorkspace<T> w;
+  if (d.precision == PrecisionMode::kFp32) return w;
+  bool any_dense = false, any_moe = false;
+  for (int64_t l = 0; l < d.L; ++l) {
+    if (!part.holds_layer(l)) continue;
+    any_dense |= !d.is_moe(l);
+    any_moe |= d.is_moe(l);
+  }
+  const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
+  const size_t R = any_moe ? static_cast<size_t>(moe_rows_max(d, B * d.T)) : 0;
+  const size_t HA = static_cast<size_t>(d.d_attn()), QKV = static_cast<size_t>(d.qkv());
+  const size_t F = any_dense ? static_cast<size_t>(d.F) : 0;
+  const size_t FE = static_cast<size_t>(d.FE), S = any_moe ? static_cast<size_t>(d.S) : 0;
+  w.ln1 = c.take<T>(N * C);
+  w.attn_out = c.take<T>(N * HA);
+  if (any_dense) w.ln2 = c.take<T>(N * C);
+  w.h = c.take<T>(std::max(N * F, N * S));
+  if (any_moe) w.eh = c.take<T>(R * FE);
+  // Every GEMM operand of a linear layer: (rows, width) of each of its inputs and outputs.
+  const size_t cap = std::max({N * C, N * QKV, N * HA, N * 2 * F, N * 2 * S, R * C, R * 2 * FE});
+  w.lin = LinearScratch<T>{c.take<T>(cap), c.take<T>(cap), static_cast<int64_t>(cap)};
+  return w;
+}
+
 // split_backward: every held layer keeps its own LayerKept; otherwise they share one.
+// ws: the model's GemmWorkspace (bf16 / fp8).
 template <typename T>
 void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split_backward,
-                Carver& c, Activations<T>& a) {
+                const GemmWorkspace<T>& ws, Carver& c, Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
   const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
@@ -112,22 +150,55 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.layers.resize(static_cast<size_t>(d.L));
   bool any_dense = false, any_moe = false;
   for (int64_t l = 0; l < d.L; ++l) {
-    LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-    la = LayerActs<T>{};
     if (!part.holds_layer(l)) continue;
     any_dense |= !d.is_moe(l);
     any_moe |= d.is_moe(l);
+  }
+  const PrecisionMode pm = d.precision;
+  const bool q = pm != PrecisionMode::kFp32;
+  const size_t HA = static_cast<size_t>(d.d_attn()), F = static_cast<size_t>(d.F);
+  const size_t FE = static_cast<size_t>(d.FE), S = static_cast<size_t>(d.S);
+  // bf16 / fp8: the float tensors that only a weight gradient reads are saved in the GEMM
+  // input format; the floats live in the model's workspace, except the expert rows, which
+  // an exchange in flight holds across chunk steps: once per slot. fp32 keeps them per layer.
+  T *xp_once = nullptr, *xg_once = nullptr;
+  if (q && any_moe) {
+    xp_once = c.take<T>(NK * C);
+    if (ep) xg_once = c.take<T>(R * C);
+  }
+  auto take_saved = [&](size_t rows, size_t cols) {
+    LinearSaved sv;
+    if (pm == PrecisionMode::kBf16) sv.bf16 = c.take<uint16_t>(rows * cols);
+    if (pm == PrecisionMode::kFp8) {
+      sv.codes = c.take<uint8_t>(rows * cols);
+      sv.scales = c.take<float>(static_cast<size_t>(
+          fp8_scale_count(static_cast<int64_t>(rows), static_cast<int64_t>(cols), kTileAct)));
+    }
+    return sv;
+  };
+  for (int64_t l = 0; l < d.L; ++l) {
+    LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+    la = LayerActs<T>{};
+    if (!part.holds_layer(l)) continue;
     la.res_mid = c.take<T>(N * C);
-    la.ln1 = c.take<T>(N * C);
+    la.ln1 = q ? ws.ln1 : c.take<T>(N * C);
     la.rstd1 = c.take<T>(N);
     la.qkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
     la.probs = c.take<T>(TT);
-    la.attn_out = c.take<T>(N * static_cast<size_t>(d.d_attn()));
-    la.ln2 = c.take<T>(N * C);
+    la.attn_out = q ? ws.attn_out : c.take<T>(N * HA);
+    la.ln2 = q && !d.is_moe(l) ? ws.ln2 : c.take<T>(N * C);
     la.rstd2 = c.take<T>(N);
+    if (q) {
+      la.saved_ln1 = take_saved(N, C);
+      la.saved_attn_out = take_saved(N, HA);
+    }
     if (!d.is_moe(l)) {
-      la.gu = c.take<T>(N * 2 * static_cast<size_t>(d.F));
-      la.h = c.take<T>(N * static_cast<size_t>(d.F));
+      la.gu = c.take<T>(N * 2 * F);
+      la.h = q ? ws.h : c.take<T>(N * F);
+      if (q) {
+        la.saved_ln2 = take_saved(N, C);
+        la.saved_h = take_saved(N, F);
+      }
     } else {
       la.scores = c.take<T>(N * E);
       la.expert_ids = c.take<int32_t>(NK);
@@ -136,16 +207,21 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
       la.offsets = c.take<int64_t>(E + 1);
       la.row_of = c.take<int32_t>(NK);
       la.token_of = c.take<int32_t>(NK);
-      la.xp = c.take<T>(NK * C);
-      la.xg = ep ? c.take<T>(R * C) : nullptr;
+      la.xp = q ? xp_once : c.take<T>(NK * C);
+      la.xg = !ep ? nullptr : q ? xg_once : c.take<T>(R * C);
       la.local_offsets = c.take<int64_t>(static_cast<size_t>(d.EL()) + 1);
       la.block_offsets = c.take<int64_t>(static_cast<size_t>(d.EL() * d.ep) + 1);
-      la.egu = c.take<T>(R * 2 * static_cast<size_t>(d.FE));
-      la.eh = c.take<T>(R * static_cast<size_t>(d.FE));
+      la.egu = c.take<T>(R * 2 * FE);
+      la.eh = q ? ws.eh : c.take<T>(R * FE);
       la.yp = c.take<T>(NK * C);
       if (d.S > 0) {
-        la.sgu = c.take<T>(N * 2 * static_cast<size_t>(d.S));
-        la.sh = c.take<T>(N * static_cast<size_t>(d.S));
+        la.sgu = c.take<T>(N * 2 * S);
+        la.sh = q ? ws.h : c.take<T>(N * S);
+      }
+      if (q) {
+        la.saved_xg = take_saved(R, C);
+        la.saved_eh = take_saved(R, FE);
+        if (d.S > 0) la.saved_sh = take_saved(N, S);
       }
     }
     if (split_backward) la.kept = kept_layout<T>(d, N, R, !d.is_moe(l), d.is_moe(l), c);
@@ -177,18 +253,8 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.dxg = ep ? c.take<T>(R * C) : nullptr;
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
-  if (d.precision != PrecisionMode::kFp32) {
-    // Every GEMM operand of a linear layer: (rows, width) for each of its inputs and outputs.
-    const size_t F = any_dense ? static_cast<size_t>(d.F) : 0;
-    const size_t FE = any_moe ? static_cast<size_t>(d.FE) : 0;
-    const size_t S = any_moe ? static_cast<size_t>(d.S) : 0;
-    const size_t cap = std::max({N * C, N * static_cast<size_t>(d.qkv()),
-                                 N * static_cast<size_t>(d.d_attn()), N * 2 * F, N * 2 * S,
-                                 (any_moe ? R : 0) * std::max(C, 2 * FE)});
-    LinearScratch<T> lin{c.take<T>(cap), c.take<T>(cap), static_cast<int64_t>(cap)};
-    for (int64_t l = 0; l < d.L; ++l)
-      if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].lin = lin;
-  }
+  for (int64_t l = 0; l < d.L; ++l)
+    if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].lin = ws.lin;
 }
 
 void dims_check(const ModelDims& d) {
@@ -329,11 +395,14 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   }
   m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
   const size_t rope = static_cast<size_t>(d.T * d.HD / 2);
+  GemmWorkspace<T> ws;
+  m.work_arena = arena_build("GEMM workspace",
+                             [&](Carver& c) { ws = workspace_layout<T>(d, part, B_max, c); });
   m.act_arena = arena_build("activations", [&](Carver& c) {
     m.rope_cos = c.take<T>(rope);
     m.rope_sin = c.take<T>(rope);
     for (Activations<T>& a : m.slots) {
-      act_layout<T>(d, part, B_max, split_backward, c, a);
+      act_layout<T>(d, part, B_max, split_backward, ws, c, a);
       a.rope_cos = m.rope_cos;
       a.rope_sin = m.rope_sin;
     }
@@ -419,11 +488,17 @@ size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
   Carver measure;
   if (elem == sizeof(double)) {
     Activations<double> a;
-    act_layout<double>(d, model_part_whole(d), B, false, measure, a);
+    act_layout<double>(d, model_part_whole(d), B, false, GemmWorkspace<double>{}, measure, a);
   } else {
     Activations<float> a;
-    act_layout<float>(d, model_part_whole(d), B, false, measure, a);
+    act_layout<float>(d, model_part_whole(d), B, false, GemmWorkspace<float>{}, measure, a);
   }
+  return measure.used();
+}
+
+size_t model_workspace_bytes(const ModelDims& d, int64_t B) {
+  Carver measure;
+  workspace_layout<float>(d, model_part_whole(d), B, measure);
   return measure.used();
 }
 

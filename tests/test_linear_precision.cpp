@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "model/fp8.h"
+#include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/linear.h"
 #include "model/rng.h"
@@ -202,6 +203,58 @@ TEST(LinearPrecision, WeightGradientTilesRestartAtEveryBlock) {
   linear_backward_weight<float>(dw_one.data(), dy.data(), x.data(), N, IC, OC,
                                 PrecisionMode::kFp8, s);
   EXPECT_NE(0, std::memcmp(dw.data(), dw_one.data(), dw.size() * sizeof(float)));
+}
+
+// The forward saves its input in the GEMM input format; the weight gradient from the saved
+// input is the report's recipe: BF16 exactly the gradient from the float input (BF16 rounds
+// to itself), FP8 the 1x128 codes dequantized and quantized again in 128x1 tiles.
+TEST(LinearPrecision, WeightGradientFromTheSavedInput) {
+  const int64_t N = 200, IC = 160, OC = 72;
+  const std::vector<float> x = random_matrix(N, IC, 31), w = random_matrix(OC, IC, 32),
+                           dy = random_matrix(N, OC, 33);
+  const int64_t cap = N * IC;
+  std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
+  const LinearScratch<float> s{sa.data(), sb.data(), cap};
+  for (PrecisionMode mode : {PrecisionMode::kBf16, PrecisionMode::kFp8}) {
+    SCOPED_TRACE(mode == PrecisionMode::kFp8 ? "fp8" : "bf16");
+    std::vector<uint16_t> bf16(static_cast<size_t>(N * IC));
+    std::vector<uint8_t> codes(static_cast<size_t>(N * IC));
+    std::vector<float> scales(static_cast<size_t>(fp8_scale_count(N, IC, kTileAct)));
+    const LinearSaved saved{bf16.data(), codes.data(), scales.data()};
+    EXPECT_EQ(linear_saved_bytes(N, IC, mode),
+              mode == PrecisionMode::kFp8 ? N * IC + N * 2 * 4 : N * IC * 2);
+    std::vector<float> wq(w.size()), out(static_cast<size_t>(N * OC)), plain = out;
+    linear_quantize_weight<float>(wq.data(), w.data(), OC, IC, IC, mode);
+    linear_forward<float>(plain.data(), x.data(), wq.data(), N, IC, OC, mode, s);
+    linear_forward<float>(out.data(), x.data(), wq.data(), N, IC, OC, mode, s, &saved);
+    EXPECT_EQ(0, std::memcmp(out.data(), plain.data(), out.size() * sizeof(float)))
+        << "saving changed the forward";
+    // The forward's operand, restored from what was saved, is the 1x128 quantization.
+    const std::vector<float> xq = reference_quantize(x, N, IC, 1, 128, mode);
+    std::vector<float> restored(x.size());
+    if (mode == PrecisionMode::kFp8) {
+      fp8_dequantize(restored.data(), codes.data(), scales.data(), N, IC, kTileAct);
+    } else {
+      for (size_t i = 0; i < restored.size(); ++i) restored[i] = bf16_to_float(bf16[i]);
+    }
+    EXPECT_EQ(0, std::memcmp(restored.data(), xq.data(), xq.size() * sizeof(float)));
+    std::vector<float> dw(static_cast<size_t>(OC * IC), 0.0f), ref = dw;
+    const std::vector<float> garbage(x.size(), 1e30f);  // the float input is not read
+    linear_backward_weight_saved<float>(dw.data(), dy.data(), garbage.data(), saved, N, IC, OC,
+                                        mode, s);
+    if (mode == PrecisionMode::kBf16) {
+      linear_backward_weight<float>(ref.data(), dy.data(), x.data(), N, IC, OC, mode, s);
+    } else {
+      const std::vector<float> xt = reference_quantize(xq, N, IC, 128, 1, mode);
+      const std::vector<float> dyt = reference_quantize(dy, N, OC, 128, 1, mode);
+      cpu::matmul_backward_weight<float>(ref.data(), dyt.data(), xt.data(), N, IC, OC);
+      // Quantizing twice is not quantizing once: the test can tell the two recipes apart.
+      std::vector<float> once(dw.size(), 0.0f);
+      linear_backward_weight<float>(once.data(), dy.data(), x.data(), N, IC, OC, mode, s);
+      EXPECT_NE(0, std::memcmp(once.data(), ref.data(), ref.size() * sizeof(float)));
+    }
+    EXPECT_EQ(0, std::memcmp(dw.data(), ref.data(), dw.size() * sizeof(float)));
+  }
 }
 
 // fp32 is the plain layer, and the only mode the double instantiation takes.

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -187,6 +188,46 @@ TEST(ModelPrecision, LossAndGradientsStayCloseToFp32) {
     err[i++] = rel_error(m, g, ref, "layers/");
   }
   EXPECT_LT(err[0] * 4, err[1]) << "BF16's gradients should be far closer to FP32's than FP8's";
+}
+
+// Saving the linear layers' inputs in the GEMM input format shrinks a micro-batch's
+// activations: the FP32 tensors ln1, attn_out (every layer), ln2, h (dense), the experts'
+// inputs and eh, sh (MoE) become BF16 (2 bytes) or E4M3 codes with a scale per 128 (1 + 4/128),
+// less one float copy of the permuted expert rows per slot (an exchange in flight holds it).
+// Counted here from that list, independently of the layout code (up to the arena's 64-byte
+// alignment of each buffer); the workspace the slots share is reported on its own.
+TEST(ModelPrecision, SavedInputsShrinkActivationMemory) {
+  const ModelDims d = precision_dims(PrecisionMode::kFp32);
+  const int64_t N = kB * d.T, R = N * d.K, HA = d.d_attn();
+  auto saving = [&](PrecisionMode mode) {
+    auto saved = [&](int64_t rows, int64_t cols) {
+      return mode == PrecisionMode::kBf16 ? 2 * rows * cols
+                                          : rows * cols + rows * ((cols + 127) / 128) * 4;
+    };
+    auto moved = [&](int64_t rows, int64_t cols) { return 4 * rows * cols - saved(rows, cols); };
+    int64_t b = 0;
+    for (int64_t l = 0; l < d.L; ++l) {
+      b += moved(N, d.C) + moved(N, HA);
+      b += d.is_moe(l) ? moved(R, d.C) + moved(R, d.FE) + moved(N, d.S)
+                       : moved(N, d.C) + moved(N, d.F);
+    }
+    return b - 4 * R * d.C;
+  };
+  const int64_t fp32 = static_cast<int64_t>(model_activation_bytes(d, kB, 4));
+  int64_t got[2];
+  int i = 0;
+  for (PrecisionMode mode : {PrecisionMode::kBf16, PrecisionMode::kFp8}) {
+    SCOPED_TRACE(to_string(mode));
+    const ModelDims dm = precision_dims(mode);
+    got[i] = static_cast<int64_t>(model_activation_bytes(dm, kB, 4));
+    EXPECT_NEAR(static_cast<double>(fp32 - got[i]), static_cast<double>(saving(mode)), 64 * 40);
+    EXPECT_GT(model_workspace_bytes(dm, kB), 0u);
+    ++i;
+  }
+  std::printf("activation bytes per micro-batch: fp32 %lld, bf16 %lld, fp8 %lld\n",
+              static_cast<long long>(fp32), static_cast<long long>(got[0]),
+              static_cast<long long>(got[1]));
+  EXPECT_EQ(model_workspace_bytes(d, kB), 0u);
 }
 
 TEST(ModelPrecision, DoubleModelsRefuseQuantizedGemms) {

@@ -45,11 +45,12 @@ int bench_precision_main(const Config& base, const BenchOptions& opt) {
       best[i] = dt < best[i] ? dt : best[i];
       sum[i] += dt;
     }
-  size_t act[3], gemm_weights[3];
+  size_t act[3], gemm_weights[3], workspace[3];
   for (int i = 0; i < 3; ++i) {
     const Model<float>& m = states[static_cast<size_t>(i)].model;
     act[i] = model_activation_bytes(m.d, base.training.micro_batch, sizeof(float));
     gemm_weights[i] = m.gemm_arena.bytes();
+    workspace[i] = m.work_arena.bytes();
   }
   const double cost[2] = {best[1] / best[0] - 1, best[2] / best[0] - 1};
   if (opt.json) {
@@ -58,23 +59,26 @@ int bench_precision_main(const Config& base, const BenchOptions& opt) {
                 "\"step_mean_s\": {\"fp32\": %.6g, \"bf16\": %.6g, \"fp8\": %.6g}, "
                 "\"cost_over_fp32\": {\"bf16\": %.4f, \"fp8\": %.4f}, "
                 "\"activation_bytes\": {\"fp32\": %zu, \"bf16\": %zu, \"fp8\": %zu}, "
-                "\"gemm_weight_bytes\": {\"fp32\": %zu, \"bf16\": %zu, \"fp8\": %zu}}\n",
+                "\"gemm_weight_bytes\": {\"fp32\": %zu, \"bf16\": %zu, \"fp8\": %zu}, "
+                "\"workspace_bytes\": {\"fp32\": %zu, \"bf16\": %zu, \"fp8\": %zu}}\n",
                 base.source.c_str(), omp_get_max_threads(), opt.steps,
                 static_cast<long long>(base.training.micro_batch), best[0], best[1], best[2],
                 sum[0] / opt.steps, sum[1] / opt.steps, sum[2] / opt.steps, cost[0], cost[1],
-                act[0], act[1], act[2], gemm_weights[0], gemm_weights[1], gemm_weights[2]);
+                act[0], act[1], act[2], gemm_weights[0], gemm_weights[1], gemm_weights[2],
+                workspace[0], workspace[1], workspace[2]);
     return 0;
   }
   std::printf("bench --precision %s: 1 rank x %d threads, best of %d steps each (round robin)\n",
               base.source.c_str(), omp_get_max_threads(), opt.steps);
   for (int i = 0; i < 3; ++i)
-    std::printf("  %-4s step %.3f s (mean %.3f)%s  activations per micro-batch of %lld: %.1f MiB"
-                "  GEMM weight copy: %.1f MiB\n",
+    std::printf("  %-4s step %.3f s (mean %.3f)  activations per micro-batch of %lld: %.1f MiB"
+                " (%.1f%% of fp32)  GEMM weight copy %.1f MiB, workspace %.1f MiB\n",
                 to_string(modes[i]), best[i], sum[i] / opt.steps,
-                i == 0 ? "         " : (cost[i - 1] >= 0 ? " +" : " -"),
                 static_cast<long long>(base.training.micro_batch),
                 static_cast<double>(act[i]) / (1 << 20),
-                static_cast<double>(gemm_weights[i]) / (1 << 20));
+                100.0 * static_cast<double>(act[i]) / static_cast<double>(act[0]),
+                static_cast<double>(gemm_weights[i]) / (1 << 20),
+                static_cast<double>(workspace[i]) / (1 << 20));
   std::printf("  cost over fp32: bf16 %+.1f%%, fp8 %+.1f%% of the step\n", 100 * cost[0],
               100 * cost[1]);
   return 0;

@@ -56,6 +56,12 @@ std::string run_summary(const Config& cfg) {
     acts = std::max(acts, whole_acts * static_cast<double>(layers) / static_cast<double>(d.L) * slots);
   }
   const double grads = params;
+  // bf16 / fp8: the weights as the GEMMs read them (stored as rounded FP32 by the CPU
+  // emulation), and the workspace of quantized GEMM operands every slot shares.
+  const bool quantized = cfg.precision.mode != PrecisionMode::kFp32;
+  const double gemm_weights = quantized ? params : 0.0;
+  const double workspace =
+      static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
   acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
   const double fpt = model_flops_per_token(d);
@@ -69,10 +75,14 @@ std::string run_summary(const Config& cfg) {
                  static_cast<long long>(d.K), static_cast<long long>(cfg.moe.num_shared_experts));
   s += strprintf("memory (per rank, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
                  "(%s moments, ZeRO-1 over %d, experts over %d), activations %.1f "
-                 "(micro-batch %d x %d), total %.1f\n",
+                 "(micro-batch %d x %d, %s)",
                  mib(params), mib(grads), mib(optim), to_string(cfg.optim.state_dtype), zero,
                  ezero, mib(acts), cfg.training.micro_batch, cfg.model.seq_len,
-                 mib(params + grads + optim + acts));
+                 to_string(cfg.precision.mode));
+  if (quantized)
+    s += strprintf(", GEMM weight copy %.1f, GEMM workspace %.1f", mib(gemm_weights),
+                   mib(workspace));
+  s += strprintf(", total %.1f\n", mib(params + grads + optim + acts + gemm_weights + workspace));
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,
                  static_cast<long long>(d.n_moe_layers() > 0 ? d.E / ep : 0));
