@@ -137,6 +137,21 @@ TEST(Resume, Bf16StateExitAtStepThenResumeEqualsStraight) {
   EXPECT_GT(bf16_census(fp32 / "ckpt" / "step-00000003.h5", "/optim/m/").not_bf16, 1000);
 }
 
+// Every low-precision option at once (FP8 GEMMs, the FP8 dispatch rounding, BF16 moments):
+// the GEMM copy of the weights is rebuilt from the master weights at each step, so a resumed
+// run is still the straight run bit for bit.
+TEST(Resume, Fp8ExitAtStepThenResumeEqualsStraight) {
+  const std::string fp8 = " --set precision.mode=fp8 --set precision.dispatch_fp8=true"
+                          " --set optim.state_dtype=bf16";
+  const fs::path straight = make_run("fp8_straight");
+  ASSERT_EQ(run(straight, "train --config c.toml" + fp8), 0) << slurp(straight / "err.txt");
+  const fs::path split = make_run("fp8_split");
+  ASSERT_EQ(run(split, "train --config c.toml --set training.exit_at_step=10" + fp8), 0);
+  ASSERT_EQ(run(split, "train --config c.toml --resume" + fp8), 0) << slurp(split / "err.txt");
+  EXPECT_EQ(losses(split / "metrics.jsonl"), losses(straight / "metrics.jsonl"));
+  expect_same_checkpoint(straight / "ckpt" / "step-00000024.h5", split / "ckpt" / "step-00000024.h5");
+}
+
 TEST(Resume, SigtermSavesAndExitsZero) {
   const fs::path d = make_run("sigterm");
   Proc p = spawn(d, "train --config c.toml --set training.steps=100000 --set checkpoint.every=0");
