@@ -7,22 +7,36 @@
 
 namespace moe {
 
+namespace {
+
+// The step's constants: bias corrections and the decay that applies.
+struct AdamWCoeffs {
+  float b1, b2, c1, c2, wd;
+};
+
+AdamWCoeffs adamw_coeffs(const AdamWStep& s, bool decay) {
+  return AdamWCoeffs{s.beta1, s.beta2, 1.0f / (1.0f - std::pow(s.beta1, static_cast<float>(s.t))),
+                     1.0f / (1.0f - std::pow(s.beta2, static_cast<float>(s.t))),
+                     decay ? s.weight_decay : 0.0f};
+}
+
+// One element: the moments m, v (in FP32) move to the step's, and the parameter with them.
+inline void adamw_element(float& param, float grad, float& m, float& v, const AdamWCoeffs& k,
+                          const AdamWStep& s) {
+  const float g = grad * s.grad_scale;
+  m = k.b1 * m + (1.0f - k.b1) * g;
+  v = k.b2 * v + (1.0f - k.b2) * g * g;
+  const float update = (m * k.c1) / (std::sqrt(v * k.c2) + s.eps) + k.wd * param;
+  param -= s.lr * update;
+}
+
+}  // namespace
+
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
                   const AdamWStep& s, bool decay) {
-  const float b1 = s.beta1, b2 = s.beta2;
-  const float c1 = 1.0f / (1.0f - std::pow(b1, static_cast<float>(s.t)));
-  const float c2 = 1.0f / (1.0f - std::pow(b2, static_cast<float>(s.t)));
-  const float wd = decay ? s.weight_decay : 0.0f;
+  const AdamWCoeffs k = adamw_coeffs(s, decay);
 #pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = grad[i] * s.grad_scale;
-    const float mi = b1 * m[i] + (1.0f - b1) * g;
-    const float vi = b2 * v[i] + (1.0f - b2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
-    const float update = (mi * c1) / (std::sqrt(vi * c2) + s.eps) + wd * param[i];
-    param[i] -= s.lr * update;
-  }
+  for (int64_t i = 0; i < n; ++i) adamw_element(param[i], grad[i], m[i], v[i], k, s);
 }
 
 // NOTE: the parameter update reads the new moments before they are rounded to BF16. They are
@@ -32,19 +46,13 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
 // same: the moments live in FP32 registers and only the store rounds.
 void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v, int64_t n,
                        const AdamWStep& s, bool decay) {
-  const float b1 = s.beta1, b2 = s.beta2;
-  const float c1 = 1.0f / (1.0f - std::pow(b1, static_cast<float>(s.t)));
-  const float c2 = 1.0f / (1.0f - std::pow(b2, static_cast<float>(s.t)));
-  const float wd = decay ? s.weight_decay : 0.0f;
+  const AdamWCoeffs k = adamw_coeffs(s, decay);
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float g = grad[i] * s.grad_scale;
-    const float mi = b1 * bf16_to_float(m[i]) + (1.0f - b1) * g;
-    const float vi = b2 * bf16_to_float(v[i]) + (1.0f - b2) * g * g;
+    float mi = bf16_to_float(m[i]), vi = bf16_to_float(v[i]);
+    adamw_element(param[i], grad[i], mi, vi, k, s);
     m[i] = bf16_from_float(mi);
     v[i] = bf16_from_float(vi);
-    const float update = (mi * c1) / (std::sqrt(vi * c2) + s.eps) + wd * param[i];
-    param[i] -= s.lr * update;
   }
 }
 
