@@ -28,6 +28,12 @@ ModelDims config_model_dims(const Config& cfg) {
   d.rope_theta = cfg.attention.rope_theta;
   d.init_std = mc.init_std;
   d.tie_embeddings = mc.tie_embeddings;
+  d.attn = cfg.attention.kind;
+  d.q_lora = cfg.attention.q_lora_rank;
+  d.kv_lora = cfg.attention.kv_lora_rank;
+  d.qk_nope = cfg.attention.qk_nope_head_dim;
+  d.qk_rope = cfg.attention.qk_rope_head_dim;
+  d.v_hd = cfg.attention.v_head_dim;
   d.precision = cfg.precision.mode;
   d.dispatch_fp8 = cfg.precision.dispatch_fp8;
   return d;

@@ -39,6 +39,12 @@ struct ModelDims {
   double rope_theta = 10000.0;
   double init_std = 0.02;
   bool tie_embeddings = false;
+  // Multi-head Latent Attention (attn = kMla, DeepSeek-V3 section 2.1.1): queries through a
+  // rank-q_lora bottleneck (0: one full-rank projection), keys and values through a rank-kv_lora
+  // latent; qk_nope + qk_rope query/key dims per head (the RoPE part of the key shared by all
+  // heads), v_hd value dims. NKV and HD are unused then.
+  AttentionKind attn = AttentionKind::kMha;
+  int64_t q_lora = 0, kv_lora = 0, qk_nope = 0, qk_rope = 0, v_hd = 0;
   // The inputs of the linear layers' GEMMs (attention projections, dense FFN, shared and
   // routed experts; see model/linear.h); embedding, head, router, norms and the attention
   // core stay in T.
@@ -61,8 +67,21 @@ struct ModelDims {
     return d;
   }
   int64_t expert0() const { return ep_rank * EL(); }
+  // Standard attention's fused projection width.
   int64_t qkv() const { return (NH + 2 * NKV) * HD; }
-  int64_t d_attn() const { return NH * HD; }
+  bool mla() const { return attn == AttentionKind::kMla; }
+  // Per head: query/key width, value width, and the RoPE part of the query/key.
+  int64_t qk_hd() const { return mla() ? qk_nope + qk_rope : HD; }
+  int64_t v_dim() const { return mla() ? v_hd : HD; }
+  int64_t rope_dim() const { return mla() ? qk_rope : HD; }
+  // The attention output's width (wo's input).
+  int64_t d_attn() const { return NH * v_dim(); }
+  // Matmul weights of one layer's attention (what a token passes through).
+  int64_t attn_matmul_params() const {
+    if (!mla()) return qkv() * C + C * d_attn();
+    const int64_t q = q_lora > 0 ? q_lora * C + NH * qk_hd() * q_lora : NH * qk_hd() * C;
+    return q + (kv_lora + qk_rope) * C + NH * (qk_nope + v_hd) * kv_lora + C * d_attn();
+  }
   bool is_moe(int64_t l) const { return l >= dense_layers; }
   int64_t n_moe_layers() const { return L - dense_layers; }
 };
@@ -104,8 +123,12 @@ inline int64_t model_grad_stage(const ModelDims& d, const ParamInfo& p) { return
 template <typename T>
 struct LayerParams {
   T* attn_norm;  // (C)
-  T* wqkv;       // (QKV, C)
-  T* wo;         // (C, NH*HD)
+  T* wqkv;       // standard attention (QKV, C)
+  // MLA (null otherwise): wq (NH qk_hd, C) when q_lora = 0, else wq_a (q_lora, C), q_norm
+  // (q_lora), wq_b (NH qk_hd, q_lora); wkv_a (kv_lora + qk_rope, C) = [latent | k_rope];
+  // kv_norm (kv_lora); wkv_b (NH (qk_nope + v_hd), kv_lora), each head's [k_nope | v] rows.
+  T *wq, *wq_a, *q_norm, *wq_b, *wkv_a, *kv_norm, *wkv_b;
+  T* wo;         // (C, d_attn)
   T* ffn_norm;   // (C)
   T* w13;        // dense (2F, C)
   T* w2;         // dense (C, F)
@@ -428,8 +451,9 @@ struct ModelCounts {
 };
 ModelCounts model_counts(const ModelDims& d);
 
-// Training FLOPs per token: 6 * active_matmul + 12 * L * T * d_attn (forward + backward of
-// QK^T and PV over the full T x T window, the PaLM convention).
+// Training FLOPs per token: 6 * active_matmul + 6 * L * T * NH * (qk_hd + v_dim) (forward and
+// backward of QK^T and PV over the full T x T window, the PaLM convention; 12 L T d_attn for
+// standard attention).
 double model_flops_per_token(const ModelDims& d);
 
 // Activation bytes for one micro-batch of B sequences (element size elem): what an activation

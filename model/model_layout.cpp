@@ -47,7 +47,20 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
     layer = l;
     const std::string pre = prefix(l);
     lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
-    lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
+    if (!d.mla()) {
+      lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
+    } else {
+      if (d.q_lora > 0) {
+        lp.wq_a = take(pre + "attn/wq_a", {d.q_lora, d.C}, true);
+        lp.q_norm = take(pre + "attn/q_norm", {d.q_lora}, false);
+        lp.wq_b = take(pre + "attn/wq_b", {d.NH * d.qk_hd(), d.q_lora}, true);
+      } else {
+        lp.wq = take(pre + "attn/wq", {d.NH * d.qk_hd(), d.C}, true);
+      }
+      lp.wkv_a = take(pre + "attn/wkv_a", {d.kv_lora + d.qk_rope, d.C}, true);
+      lp.kv_norm = take(pre + "attn/kv_norm", {d.kv_lora}, false);
+      lp.wkv_b = take(pre + "attn/wkv_b", {d.NH * (d.qk_nope + d.v_hd), d.kv_lora}, true);
+    }
     lp.wo = take(pre + "attn/wo", {d.C, d.d_attn()}, true);
     lp.ffn_norm = take(pre + "ffn_norm", {d.C}, false);
     if (!d.is_moe(l)) {
@@ -261,7 +274,14 @@ void dims_check(const ModelDims& d) {
   CHECK(d.V >= 2 && d.C >= 1 && d.L >= 1 && d.T >= 1);
   CHECK(d.NH >= 1 && d.NKV >= 1 && d.NH % d.NKV == 0, "NH %lld NKV %lld", (long long)d.NH,
         (long long)d.NKV);
-  CHECK(d.HD >= 2 && d.HD % 2 == 0);
+  if (!d.mla()) {
+    CHECK(d.HD >= 2 && d.HD % 2 == 0);
+  } else {
+    CHECK(d.q_lora >= 0 && d.kv_lora >= 1 && d.qk_nope >= 0 && d.v_hd >= 1 && d.qk_rope >= 2 &&
+              d.qk_rope % 2 == 0,
+          "MLA dims q_lora %lld kv_lora %lld nope %lld rope %lld v %lld", (long long)d.q_lora,
+          (long long)d.kv_lora, (long long)d.qk_nope, (long long)d.qk_rope, (long long)d.v_hd);
+  }
   CHECK(d.dense_layers >= 0 && d.dense_layers <= d.L);
   if (d.n_moe_layers() > 0) {
     CHECK(d.E >= 1 && d.K >= 1 && d.K <= d.E && d.FE >= 1 && d.S >= 0);
@@ -391,10 +411,12 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
       m.q.layers[l].attn_norm = m.p.layers[l].attn_norm;
       m.q.layers[l].ffn_norm = m.p.layers[l].ffn_norm;
       m.q.layers[l].router = m.p.layers[l].router;
+      m.q.layers[l].q_norm = m.p.layers[l].q_norm;
+      m.q.layers[l].kv_norm = m.p.layers[l].kv_norm;
     }
   }
   m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
-  const size_t rope = static_cast<size_t>(d.T * d.HD / 2);
+  const size_t rope = static_cast<size_t>(d.T * d.rope_dim() / 2);
   GemmWorkspace<T> ws;
   m.work_arena = arena_build("GEMM workspace",
                              [&](Carver& c) { ws = workspace_layout<T>(d, part, B_max, c); });
@@ -412,7 +434,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
     m.router_bias = c.take<float>(moe_e);
     m.expert_load = c.take<int64_t>(moe_e);
   });
-  cpu::rope_tables<T>(m.rope_cos, m.rope_sin, d.T, d.HD, d.rope_theta);
+  cpu::rope_tables<T>(m.rope_cos, m.rope_sin, d.T, d.rope_dim(), d.rope_theta);
 }
 
 template <typename T>
@@ -452,6 +474,11 @@ void model_quantize_weights(Model<T>& m) {
     const LayerParams<T>& p = m.p.layers[static_cast<size_t>(l)];
     LayerParams<T>& q = m.q.layers[static_cast<size_t>(l)];
     quantize(q.wqkv, p.wqkv, d.qkv(), d.C);
+    quantize(q.wq, p.wq, d.NH * d.qk_hd(), d.C);
+    quantize(q.wq_a, p.wq_a, d.q_lora, d.C);
+    quantize(q.wq_b, p.wq_b, d.NH * d.qk_hd(), d.q_lora);
+    quantize(q.wkv_a, p.wkv_a, d.kv_lora + d.qk_rope, d.C);
+    quantize(q.wkv_b, p.wkv_b, d.NH * (d.qk_nope + d.v_hd), d.kv_lora);
     quantize(q.wo, p.wo, d.C, d.d_attn());
     if (!d.is_moe(l)) {
       quantize(q.w13, p.w13, 2 * d.F, d.C);
@@ -472,7 +499,7 @@ ModelCounts model_counts(const ModelDims& dims) {
   ModelCounts c;
   for (const ParamInfo& p : model_param_table(d)) c.total += static_cast<int64_t>(p.count);
   c.embedding = d.V * d.C;
-  const int64_t attn = d.qkv() * d.C + d.C * d.d_attn();
+  const int64_t attn = d.attn_matmul_params();
   const int64_t dense = 3 * d.F * d.C;
   const int64_t moe = d.E * d.C + 3 * d.K * d.FE * d.C + 3 * d.S * d.C;
   c.active_matmul = d.L * attn + d.dense_layers * dense + d.n_moe_layers() * moe + d.V * d.C;
@@ -481,7 +508,7 @@ ModelCounts model_counts(const ModelDims& dims) {
 
 double model_flops_per_token(const ModelDims& d) {
   return 6.0 * static_cast<double>(model_counts(d).active_matmul) +
-         12.0 * static_cast<double>(d.L * d.T * d.d_attn());
+         6.0 * static_cast<double>(d.L * d.T * d.NH * (d.qk_hd() + d.v_dim()));
 }
 
 size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {

@@ -81,9 +81,9 @@ std::vector<int64_t> bounds_balanced(const ModelDims& d, int S) {
 }  // namespace
 
 int64_t model_layer_flops(const ModelDims& d, int64_t l) {
-  const int64_t attn = d.qkv() * d.C + d.C * d.d_attn();
+  const int64_t attn = d.attn_matmul_params();
   const int64_t ffn = d.is_moe(l) ? d.E * d.C + 3 * d.K * d.FE * d.C + 3 * d.S * d.C : 3 * d.F * d.C;
-  return 6 * (attn + ffn) + 12 * d.T * d.d_attn();
+  return 6 * (attn + ffn) + 6 * d.T * d.NH * (d.qk_hd() + d.v_dim());
 }
 
 int64_t model_head_flops(const ModelDims& d) { return 6 * d.V * d.C; }
