@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "model/kernels/cpu/moe_ops.h"
+#include "model/rng.h"
 #include "tests/reference_moe.h"
 
 namespace moe {
@@ -276,6 +277,48 @@ TEST(MoeRouterSelect, GroupLimitingDropsHighExpertInWeakGroup) {
   std::vector<float> lift(8, 0.f);
   lift[1] = 0.6f;
   EXPECT_EQ(route(logits, lift, 2, ScoreFn::kSigmoid, 4, 1).ids, (std::vector<int32_t>{0, 1}));
+}
+
+// DeepSeek-V3's routing (256 experts in 8 groups, 4 groups kept, top-8, route scale 2.5) on
+// random scores and biases: every chosen expert lies in a kept group, and the kept groups
+// are the 4 with the largest sums of their two best biased scores (computed here directly).
+TEST(MoeRouterSelect, V3GroupLimitsHoldOnRandomTokens) {
+  const int64_t E = 256, K = 8, G = 8, KG = 4, Eg = E / G, N = 200;
+  std::vector<double> logits(N * E);
+  std::vector<float> bias(E);
+  for (int64_t i = 0; i < N * E; ++i) logits[i] = 3.0 * (rng_uniform(77, 1, i) - 0.5);
+  for (int64_t e = 0; e < E; ++e) bias[e] = static_cast<float>(0.2 * (rng_uniform(77, 2, e) - 0.5));
+  const Routed r = route(logits, bias, K, ScoreFn::kSigmoid, G, KG, 2.5);
+  int64_t groups_used = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    std::vector<std::pair<double, int64_t>> gs;
+    for (int64_t g = 0; g < G; ++g) {
+      std::vector<double> b;
+      for (int64_t j = 0; j < Eg; ++j)
+        b.push_back(r.scores[n * E + g * Eg + j] + static_cast<double>(bias[g * Eg + j]));
+      std::sort(b.rbegin(), b.rend());
+      gs.push_back({b[0] + b[1], g});
+    }
+    std::sort(gs.begin(), gs.end(), [](auto a, auto b) { return a.first > b.first; });
+    std::vector<bool> kept(G, false);
+    for (int64_t j = 0; j < KG; ++j) kept[gs[j].second] = true;
+    std::vector<bool> used(G, false);
+    double wsum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = r.ids[n * K + k];
+      ASSERT_TRUE(kept[e / Eg]) << "token " << n << " expert " << e << " outside the kept groups";
+      used[e / Eg] = true;
+      wsum += r.weights[n * K + k];
+    }
+    EXPECT_NEAR(wsum, 2.5, 1e-12);  // normalized over the top-k, times the route scale
+    for (bool u : used) groups_used += u;
+  }
+  // The limit binds: without it the top-8 of 256 would spread over more groups.
+  EXPECT_LE(groups_used, N * KG);
+  const Routed free = route(logits, bias, K, ScoreFn::kSigmoid, 1, 1, 2.5);
+  int64_t outside = 0;
+  for (int64_t i = 0; i < N * K; ++i) outside += free.ids[i] != r.ids[i];
+  EXPECT_GT(outside, 0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,6 +11,18 @@ namespace moe {
 
 namespace {
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
+
+// One multi-token-prediction module (DeepSeek-V3 section 2.2): RMSNorms of the hidden state
+// and of the next token's embedding, their projection (C, 2C), one transformer block of the
+// last layer's kind and its output norm; the embedding and the head are the main model's.
+int64_t mtp_module_params(const ModelDims& d) {
+  const int64_t C = d.C;
+  int64_t block = d.attn_matmul_params() + 2 * C;  // + attention and FFN norms
+  if (d.mla()) block += d.kv_lora + (d.q_lora > 0 ? d.q_lora : 0);
+  const bool moe = d.is_moe(d.L - 1);
+  block += moe ? d.E * C + 3 * d.E * d.FE * C + 3 * d.S * C : 3 * d.F * C;
+  return 3 * C + 2 * C * C + block;
+}
 }  // namespace
 
 std::string run_summary(const Config& cfg) {
@@ -66,9 +78,17 @@ std::string run_summary(const Config& cfg) {
   acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
   const double fpt = model_flops_per_token(d);
   std::string s;
-  s += strprintf("parameters: %lld total (%.2fM), %lld active per token (%.2fM matmul weights)\n",
+  s += strprintf("parameters: %lld total (%.2fM), %lld active per token (%.2fM matmul weights; "
+                 "%.2fM with the embedding)\n",
                  static_cast<long long>(c.total), c.total / 1e6,
-                 static_cast<long long>(c.active_matmul), c.active_matmul / 1e6);
+                 static_cast<long long>(c.active_matmul), c.active_matmul / 1e6,
+                 static_cast<double>(c.active_matmul + c.embedding) / 1e6);
+  if (cfg.model.mtp_depth > 0)
+    s += strprintf("  multi-token prediction: %d module%s, %lld parameters (%.2fM) beside the "
+                   "main model's (embedding and head shared)\n",
+                   cfg.model.mtp_depth, cfg.model.mtp_depth > 1 ? "s" : "",
+                   static_cast<long long>(cfg.model.mtp_depth * mtp_module_params(d)),
+                   static_cast<double>(cfg.model.mtp_depth * mtp_module_params(d)) / 1e6);
   s += strprintf("  layers: %lld (%lld dense, %lld MoE: %lld routed experts top-%lld, %lld shared)\n",
                  static_cast<long long>(d.L), static_cast<long long>(d.dense_layers),
                  static_cast<long long>(d.n_moe_layers()), static_cast<long long>(d.E),
@@ -86,7 +106,14 @@ std::string run_summary(const Config& cfg) {
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,
                  static_cast<long long>(d.n_moe_layers() > 0 ? d.E / ep : 0));
-  s += strprintf("FLOPs per token: %.4g (6 x active + 12 x layers x seq_len x d_attn); per step: %.4g\n",
+  if (d.mla())
+    s += strprintf("  attention: MLA, %lld heads, q rank %lld, kv rank %lld, qk %lld + %lld (RoPE), "
+                   "v %lld per head\n",
+                   static_cast<long long>(d.NH), static_cast<long long>(d.q_lora),
+                   static_cast<long long>(d.kv_lora), static_cast<long long>(d.qk_nope),
+                   static_cast<long long>(d.qk_rope), static_cast<long long>(d.v_hd));
+  s += strprintf("FLOPs per token: %.4g (6 x active + 6 x layers x seq_len x heads x (qk + v head "
+                 "dims)); per step: %.4g\n",
                  fpt, fpt * cfg.training.global_batch * cfg.model.seq_len);
   s += strprintf("step: global batch %d sequences = %d micro-batches of %d, %lld tokens\n",
                  cfg.training.global_batch,

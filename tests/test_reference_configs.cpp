@@ -1,0 +1,99 @@
+// The reference configs of the DeepSeek-V3 family (configs/deepseek-v3-*.toml): they load,
+// and the 671B one has the published size: 671B total parameters (within 0.5%), ~37B
+// activated per token, the MTP module beside it; --dry-run prints these without allocating
+// the model (it runs under a 2 GiB address-space limit).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "io/config.h"
+#include "io/config_model.h"
+#include "model/model.h"
+#include "trainer/run_summary.h"
+
+namespace moe {
+namespace {
+
+std::string config_path(const std::string& name) {
+  return std::string(MOETRAIN_SOURCE_DIR) + "/configs/" + name + ".toml";
+}
+
+TEST(ReferenceConfigs, EveryConfigLoads) {
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(MOETRAIN_SOURCE_DIR) + "/configs")) {
+    if (e.path().extension() != ".toml") continue;
+    SCOPED_TRACE(e.path().string());
+    const Config cfg = config_load(e.path().string(), {});
+    EXPECT_GT(model_counts(config_model_dims(cfg)).total, 0);
+    ++n;
+  }
+  EXPECT_GE(n, 6);
+}
+
+TEST(ReferenceConfigs, DeepSeekV3_671B) {
+  const Config cfg = config_load(config_path("deepseek-v3-671b"), {});
+  const ModelDims d = config_model_dims(cfg);
+  ASSERT_TRUE(d.mla());
+  const ModelCounts c = model_counts(d);
+  // Counted by hand from the architecture: embedding and head 129280 x 7168 each; per layer
+  // MLA 187.1M matmul weights (q 1536 x 7168 + 24576 x 1536, kv 576 x 7168 + 32768 x 512,
+  // o 7168 x 16384) and norms; 3 dense FFNs of 3 x 18432 x 7168; 58 MoE layers of 256 routed
+  // + 1 shared experts of 3 x 2048 x 7168 and a 256 x 7168 router.
+  const int64_t C = 7168, V = 129280;
+  const int64_t attn = 1536 * C + 128 * 192 * 1536 + 576 * C + 128 * 256 * 512 + C * 128 * 128;
+  const int64_t norms = 2 * C + 1536 + 512;
+  const int64_t dense = 3 * 18432 * C, moe = 257 * 3 * 2048 * C + 256 * C;
+  const int64_t total = 2 * V * C + C + 61 * (attn + norms) + 3 * dense + 58 * moe;
+  EXPECT_EQ(c.total, total);
+  EXPECT_EQ(c.total, 671026404352);
+  EXPECT_NEAR(static_cast<double>(c.total) / 671e9, 1.0, 0.005);
+  // Activated: the attention, 3 dense FFNs, and per MoE layer the router, the shared and 8
+  // routed experts; the head. The report's "37B" counts the embedding row as well.
+  const int64_t active = 61 * attn + 3 * dense + 58 * (256 * C + 9 * 3 * 2048 * C) + V * C;
+  EXPECT_EQ(c.active_matmul, active);
+  EXPECT_NEAR(static_cast<double>(c.active_matmul + c.embedding) / 37e9, 1.0, 0.02);
+  EXPECT_DOUBLE_EQ(model_flops_per_token(d),
+                   6.0 * static_cast<double>(active) + 6.0 * 61 * 4096 * 128 * (192 + 128));
+  const std::string summary = run_summary(cfg);
+  EXPECT_NE(summary.find("671026404352 total"), std::string::npos) << summary;
+  // The MTP module: norms, the (C, 2C) projection, one MoE block, its output norm.
+  const int64_t mtp = 3 * C + 2 * C * C + attn + norms + moe;
+  EXPECT_NE(summary.find(std::to_string(mtp) + " parameters"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("dp 128 x pp 16 = 2048 ranks; ep 64"), std::string::npos) << summary;
+}
+
+TEST(ReferenceConfigs, FamilySizes) {
+  struct Want {
+    const char* name;
+    double total, active;  // with the embedding
+  } wants[] = {{"deepseek-v3-16b", 15.8e9, 2.77e9}, {"deepseek-v3-1b", 1.08e9, 0.41e9}};
+  for (const Want& w : wants) {
+    SCOPED_TRACE(w.name);
+    const ModelCounts c = model_counts(config_model_dims(config_load(config_path(w.name), {})));
+    EXPECT_NEAR(static_cast<double>(c.total) / w.total, 1.0, 0.01);
+    EXPECT_NEAR(static_cast<double>(c.active_matmul + c.embedding) / w.active, 1.0, 0.02);
+  }
+}
+
+// 671B in FP32 is 2.7 TB: a dry run that allocated the model could not run in 2 GiB.
+TEST(ReferenceConfigs, DryRunAllocatesNothing) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space; the Release suite runs this";
+#endif
+  const std::string out = ::testing::TempDir() + "/dry_run_671b.txt";
+  const std::string cmd = "ulimit -v 2097152; " + std::string(MOETRAIN_BINARY) +
+                          " train --config " + config_path("deepseek-v3-671b") +
+                          " --dry-run > " + out + " 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::ifstream f(out);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  EXPECT_NE(ss.str().find("671026404352 total"), std::string::npos) << ss.str();
+}
+
+}  // namespace
+}  // namespace moe
