@@ -39,8 +39,24 @@ std::string run_summary(const Config& cfg) {
   // activation slot (its layers only) per micro-batch it holds at once.
   double params = 0, optim = 0, acts = 0;
   const double moment_bytes = cfg.optim.state_dtype == StateDtype::kBf16 ? 2 : 4;
+  // On GPUs the attention core is fused (flash-style / cuDNN): instead of the CPU kernel's
+  // T x T probabilities per layer and T x T scratch per slot it keeps a log-sum-exp per row.
+  const bool gpu = cfg.run.device == Device::kCuda;
+  const double TT = static_cast<double>(cfg.training.micro_batch) * static_cast<double>(d.NH) *
+                    static_cast<double>(d.T) * static_cast<double>(d.T) * sizeof(float);
+  // Expert rows as balanced routing delivers them (N K per rank and MoE layer); the buffers
+  // the trainer allocates for dropless routing's worst case are reported beside.
+  ModelDims balanced = d;
+  balanced.ep = 1;
+  balanced.ep_rank = 0;
+  const double worst_extra =
+      static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float))) -
+      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float)));
   const double whole_acts =
-      static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float)));
+      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float))) -
+      (gpu ? TT * static_cast<double>(d.L + 1) -
+                 TT / static_cast<double>(d.T) * static_cast<double>(d.L)
+           : 0.0);
   const std::vector<ParamInfo> table = model_param_table(d);
   const std::vector<int64_t> bounds =
       pp > 1 ? model_stage_bounds(d, schedule_num_stages(cfg.parallel.schedule, pp),
@@ -70,10 +86,16 @@ std::string run_summary(const Config& cfg) {
   const double grads = params;
   // bf16 / fp8: the weights as the GEMMs read them (stored as rounded FP32 by the CPU
   // emulation), and the workspace of quantized GEMM operands every slot shares.
+  // The CPU emulation stores it as rounded FP32 and keeps float GEMM operands in a workspace;
+  // a GPU holds E4M3 (1 byte, plus a scale per 128 x 128) or BF16 (2 bytes) and multiplies
+  // in place.
   const bool quantized = cfg.precision.mode != PrecisionMode::kFp32;
-  const double gemm_weights = quantized ? params : 0.0;
+  const double gemm_weights =
+      !quantized ? 0.0
+      : gpu      ? params / 4 * (cfg.precision.mode == PrecisionMode::kFp8 ? 1.0 : 2.0)
+                 : params;
   const double workspace =
-      static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
+      gpu ? 0.0 : static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
   acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
   const double fpt = model_flops_per_token(d);
@@ -93,16 +115,22 @@ std::string run_summary(const Config& cfg) {
                  static_cast<long long>(d.L), static_cast<long long>(d.dense_layers),
                  static_cast<long long>(d.n_moe_layers()), static_cast<long long>(d.E),
                  static_cast<long long>(d.K), static_cast<long long>(cfg.moe.num_shared_experts));
-  s += strprintf("memory (per rank, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
+  s += strprintf("memory (per %s, MiB): parameters %.1f, gradients %.1f, optimizer %.1f "
                  "(%s moments, ZeRO-1 over %d, experts over %d), activations %.1f "
                  "(micro-batch %d x %d, %s)",
+                 gpu ? "GPU" : "rank",
                  mib(params), mib(grads), mib(optim), to_string(cfg.optim.state_dtype), zero,
                  ezero, mib(acts), cfg.training.micro_batch, cfg.model.seq_len,
                  to_string(cfg.precision.mode));
-  if (quantized)
+  if (quantized && gpu) s += strprintf(", GEMM weight copy %.1f", mib(gemm_weights));
+  if (quantized && !gpu)
     s += strprintf(", GEMM weight copy %.1f, GEMM workspace %.1f", mib(gemm_weights),
                    mib(workspace));
   s += strprintf(", total %.1f\n", mib(params + grads + optim + acts + gemm_weights + workspace));
+  if (worst_extra > 0)
+    s += strprintf("  activations count balanced expert loads; the dropless worst case (every token "
+                   "of the EP group routed here) adds %.1f MiB per micro-batch\n",
+                   mib(worst_extra));
   s += strprintf("layout: dp %d x pp %d = %d ranks; ep %d (%lld routed experts per rank)\n", dp,
                  cfg.parallel.pp, dp * cfg.parallel.pp, ep,
                  static_cast<long long>(d.n_moe_layers() > 0 ? d.E / ep : 0));
