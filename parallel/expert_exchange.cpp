@@ -1,5 +1,7 @@
 #include "parallel/expert_exchange.h"
 
+#include <algorithm>
+
 #include "model/check.h"
 #include "model/wall_clock.h"
 
@@ -36,6 +38,9 @@ EpExchange::Lane& EpExchange::lane_idle(int lane, int64_t key) {
   Lane& ln = lane_at(lane);
   CHECK(ln.op == Op::kNone, "lane %d already has an exchange in flight", lane);
   ln.key = key;
+  int busy = 1;
+  for (const Lane& other : lanes_) busy += other.op != Op::kNone;
+  max_in_flight_ = std::max(max_in_flight_, busy);
   return ln;
 }
 

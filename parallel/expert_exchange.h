@@ -49,6 +49,9 @@ class EpExchange final : public ExpertExchange {
   double blocked_s() const override { return blocked_s_; }
 
   const EpTraffic& traffic() const { return traffic_; }
+  // The most exchanges that were in flight at once since construction (2 when overlapped F&B
+  // pairs really overlapped their chunks' communication).
+  int max_in_flight() const { return max_in_flight_; }
   void reset_traffic() { traffic_ = EpTraffic{}; }
 
  private:
@@ -80,6 +83,7 @@ class EpExchange final : public ExpertExchange {
   std::vector<Lane> lanes_;
   EpTraffic traffic_;
   double blocked_s_ = 0;
+  int max_in_flight_ = 0;
 };
 
 }  // namespace moe

@@ -56,9 +56,9 @@ TEST(Pipeline, EveryScheduleMatchesSingleProcess) {
 }
 
 // F&B pairs interleave their two chunks piece by piece, each expert exchange in flight while
-// the other chunk computes; running the same pieces one after the other gives the same run
-// bit for bit (every loss line and every tensor of the checkpoint), and both are one
-// process's run (pp 2 x dp 2 x ep 2, 6 steps).
+// the other chunk computes (two at once, which the run reports); running the same pieces one
+// after the other gives the same run bit for bit (every loss line and every tensor of the
+// checkpoint), and both are one process's run (pp 2 x dp 2 x ep 2, 6 steps).
 TEST(Pipeline, OverlappedPairsEqualSequentialBitForBit) {
   const fs::path one = make_run("pp_fb_ref");
   ASSERT_EQ(run(one, pp_args(1, "1f1b", " --set training.steps=6")), 0) << slurp(one / "err.txt");
@@ -73,6 +73,11 @@ TEST(Pipeline, OverlappedPairsEqualSequentialBitForBit) {
     const std::vector<std::string> a = losses(on / "metrics.jsonl"), b = losses(off / "metrics.jsonl");
     ASSERT_EQ(a.size(), 6u);
     EXPECT_EQ(a, b);
+    // The overlap really happened: two exchanges in flight at once, never with it off.
+    EXPECT_NE(slurp(on / "log.txt").find("at most 2 in flight"), std::string::npos)
+        << slurp(on / "log.txt");
+    EXPECT_NE(slurp(off / "log.txt").find("at most 1 in flight"), std::string::npos)
+        << slurp(off / "log.txt");
     expect_close_checkpoint(on / "ckpt" / "step-00000006.h5", off / "ckpt" / "step-00000006.h5",
                             0.0, 0.0);
     expect_close_losses(a, losses(one / "metrics.jsonl"), 1e-5);

@@ -272,6 +272,9 @@ int train_main(const Config& cfg) {
                 format_duration(now_s() - t_start).c_str());
     if (std::isfinite(last_val)) std::printf(", final val loss %.4f nats/token", last_val);
     std::printf("\n");
+    if (s.exchange)
+      std::printf("expert exchange: at most %d in flight at once on rank 0\n",
+                  s.exchange->max_in_flight());
   }
   // With expert parallelism every forward is collective over the EP group, so all ranks
   // sample in lockstep (same prompt, seed and length); rank 0 prints.
