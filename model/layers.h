@@ -34,6 +34,21 @@ template <typename T>
 void attention_block_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la,
                                      const T* res_in, const ModelDims& d, int64_t N);
 
+// The same block with DeepSeek-V3's Multi-head Latent Attention (d.mla(), model/mla_block.cpp):
+// res_out = res_in + MLA(RMSNorm(res_in)); same contract as the attention_block functions.
+template <typename T>
+void mla_block_forward(T* res_out, LayerActs<T>& la, const T* res_in, const LayerParams<T>& lp,
+                       const Activations<T>& a, const ModelDims& d, int64_t B, int64_t T_);
+// Keeps kept.dres_mid, dq, dq_an, dq_a (q_lora > 0), dkv, dkv_an, dkv_a, dln1.
+template <typename T>
+void mla_block_backward_input(T* dres, LayerActs<T>& la, const T* res_in,
+                              const LayerParams<T>& lp, Activations<T>& a, const ModelDims& d,
+                              int64_t B, int64_t T_);
+// wo, wkv_b, kv_norm, wkv_a, wq_b, q_norm, wq_a (or wq), attn_norm.
+template <typename T>
+void mla_block_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* res_in,
+                               const ModelDims& d, int64_t N);
+
 // Dense SwiGLU FFN: out (N, C) = W2 (silu(x W1^T) * (x W3^T)).
 template <typename T>
 void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,

@@ -152,7 +152,11 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
   const int64_t key = d.is_moe(l) ? exchange_key(m, r.slot, moe_l) : 0;
   switch (r.phase) {
     case 0:
-      attention_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+      if (d.mla()) {
+        mla_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+      } else {
+        attention_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+      }
       exchange_progress(m);
       cpu::rmsnorm_forward<T>(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
                               static_cast<T>(d.norm_eps));
@@ -250,17 +254,27 @@ void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
 template <typename T>
 void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
   const int64_t N = a.B * a.Tcur;
-  attention_block_backward_input<T>(a.dres, a.layers[static_cast<size_t>(l)],
-                                    a.res + l * N * m.d.C, m.q.layers[static_cast<size_t>(l)], a,
-                                    m.d, a.B, a.Tcur);
+  LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  const T* res_in = a.res + l * N * m.d.C;
+  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
+  if (m.d.mla()) {
+    mla_block_backward_input<T>(a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
+  } else {
+    attention_block_backward_input<T>(a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
+  }
 }
 
 template <typename T>
 void attention_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
   const int64_t N = a.B * a.Tcur;
-  attention_block_backward_weight<T>(m.g.layers[static_cast<size_t>(l)],
-                                     a.layers[static_cast<size_t>(l)], a.res + l * N * m.d.C,
-                                     m.d, N);
+  LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
+  const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+  const T* res_in = a.res + l * N * m.d.C;
+  if (m.d.mla()) {
+    mla_block_backward_weight<T>(lg, la, res_in, m.d, N);
+  } else {
+    attention_block_backward_weight<T>(lg, la, res_in, m.d, N);
+  }
 }
 
 template <typename T>

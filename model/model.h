@@ -156,7 +156,14 @@ struct ModelParams {
 template <typename T>
 struct LayerKept {
   T* dres_mid;   // (N, C) dL/d res_mid: wo's output gradient
-  T* dqkv;       // (N, QKV) after RoPE backward: wqkv's
+  T* dqkv;       // standard attention (N, QKV) after RoPE backward: wqkv's
+  // MLA (null otherwise; QD = NH qk_hd, KVA = kv_lora + qk_rope, KVB = NH (qk_nope + v_hd)):
+  T* dq;         // (N, QD) after RoPE backward: wq's or wq_b's
+  T* dq_an;      // (N, q_lora) q_norm's (q_lora > 0)
+  T* dq_a;       // (N, q_lora) wq_a's (q_lora > 0)
+  T* dkv;        // (N, KVB) each head's [d k_nope | d v]: wkv_b's
+  T* dkv_an;     // (N, kv_lora) kv_norm's
+  T* dkv_a;      // (N, KVA) [d latent | d k_rope after RoPE backward]: wkv_a's
   T* dln1;       // (N, C) attn_norm's
   T* dln2;       // (N, C) ffn_norm's (the FFN's input gradient)
   T* dres_out;   // (N, C) dL/d res_out: w2's and sw2's
@@ -174,9 +181,19 @@ struct LayerActs {
   T* res_mid;   // (N, C) residual after attention
   T* ln1;       // (N, C)
   T* rstd1;     // (N)
-  T* qkv;       // (N, QKV) after RoPE
+  T* qkv;       // standard attention (N, QKV) after RoPE
+  // MLA (null otherwise; QD = NH qk_hd, QKVm = NH (2 qk_hd + v_hd)):
+  T* q_a;       // (N, q_lora) wq_a's output (q_lora > 0)
+  T* q_rstd;    // (N) q_norm's (q_lora > 0)
+  T* q_an;      // (N, q_lora) q_norm's output: wq_b's input (q_lora > 0)
+  T* kv_c;      // (N, kv_lora) the latent, wkv_a's first kv_lora outputs
+  T* kv_rstd;   // (N) kv_norm's
+  T* kv_an;     // (N, kv_lora) kv_norm's output: wkv_b's input
+  T* qkv_mla;   // (N, QKVm) the attention core's input after RoPE, per token [q | k | v]: NH
+                // query heads [q_nope | q_rope] and NH key heads [k_nope_h | k_rope] (qk_hd
+                // wide; k_rope is the one shared key), then NH value heads (v_hd wide)
   T* probs;     // (B, NH, T, T)
-  T* attn_out;  // (N, NH*HD)
+  T* attn_out;  // (N, d_attn) = (N, NH v_dim)
   T* ln2;       // (N, C)
   T* rstd2;     // (N)
   T* gu;        // dense (N, 2F)
@@ -212,6 +229,9 @@ struct LayerActs {
   // flight holds them across chunk steps). The MoE layer's ln2 stays: the router's weight
   // gradient is FP32. Empty in fp32.
   LinearSaved saved_ln1, saved_attn_out, saved_ln2, saved_h, saved_sh, saved_eh, saved_xg;
+  // MLA: wq_b's and wkv_b's inputs (q_an, kv_an point into the work_arena then). ln1 feeds
+  // wq_a (or wq) and wkv_a: saved_ln1 serves both.
+  LinearSaved saved_q_an, saved_kv_an;
   LayerKept<T> kept;       // from the input pass to the weight pass of this layer
   bool weight_pending;     // split backward: kInput ran, its kWeight has not yet
 };
@@ -243,8 +263,12 @@ struct Activations {
   T* tmp;           // (N, C)
   T* router_logits; // (N, E)
   T* dres;          // (N, C) gradient of the residual stream
-  T* dattn;         // (N, NH*HD)
+  T* dattn;         // (N, d_attn)
   T* attn_scratch;  // (B, NH, T, T)
+  // MLA only (null otherwise):
+  T* mla_proj;      // (N, max(QD, KVA, KVB)) forward: a projection's output before packing
+  T* dqkv_mla;      // (N, QKVm) backward: the attention core's input gradient
+  T* dkv_c;         // (N, kv_lora) backward: the latent's gradient
   T* dh;            // (max(N F, R_max FE, N S))
   T* dxp;           // (N K, C)
   T* dyp;           // (N K, C) ep > 1 only: the experts' output gradients before the exchange

@@ -97,7 +97,20 @@ LayerKept<T> kept_layout(const ModelDims& d, size_t N, size_t R, bool dense, boo
   const size_t C = static_cast<size_t>(d.C);
   LayerKept<T> k{};
   k.dres_mid = c.take<T>(N * C);
-  k.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+  if (!d.mla()) {
+    k.dqkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+  } else {
+    const size_t QD = static_cast<size_t>(d.NH * d.qk_hd()), QL = static_cast<size_t>(d.q_lora);
+    const size_t KVL = static_cast<size_t>(d.kv_lora);
+    k.dq = c.take<T>(N * QD);
+    if (QL > 0) {
+      k.dq_an = c.take<T>(N * QL);
+      k.dq_a = c.take<T>(N * QL);
+    }
+    k.dkv = c.take<T>(N * static_cast<size_t>(d.NH * (d.qk_nope + d.v_hd)));
+    k.dkv_an = c.take<T>(N * KVL);
+    k.dkv_a = c.take<T>(N * (KVL + static_cast<size_t>(d.qk_rope)));
+  }
   k.dln1 = c.take<T>(N * C);
   k.dln2 = c.take<T>(N * C);
   k.dres_out = c.take<T>(N * C);
@@ -117,6 +130,7 @@ LayerKept<T> kept_layout(const ModelDims& d, size_t N, size_t R, bool dense, boo
 template <typename T>
 struct GemmWorkspace {
   T *ln1 = nullptr, *attn_out = nullptr, *ln2 = nullptr, *h = nullptr, *eh = nullptr;
+  T *q_an = nullptr, *kv_an = nullptr;  // MLA
   LinearScratch<T> lin;
 };
 
@@ -141,8 +155,19 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
   if (any_dense) w.ln2 = c.take<T>(N * C);
   w.h = c.take<T>(std::max(N * F, N * S));
   if (any_moe) w.eh = c.take<T>(R * FE);
+  // MLA's projections: wq (QD) or wq_a (q_lora) and wq_b, wkv_a (KVA), wkv_b (KVB).
+  size_t mla_cap = 0;
+  if (d.mla()) {
+    const size_t QL = static_cast<size_t>(d.q_lora), KVL = static_cast<size_t>(d.kv_lora);
+    if (QL > 0) w.q_an = c.take<T>(N * QL);
+    w.kv_an = c.take<T>(N * KVL);
+    mla_cap = N * std::max({QL, KVL, static_cast<size_t>(d.NH * d.qk_hd()),
+                            KVL + static_cast<size_t>(d.qk_rope),
+                            static_cast<size_t>(d.NH * (d.qk_nope + d.v_hd))});
+  }
   // Every GEMM operand of a linear layer: (rows, width) of each of its inputs and outputs.
-  const size_t cap = std::max({N * C, N * QKV, N * HA, N * 2 * F, N * 2 * S, R * C, R * 2 * FE});
+  const size_t cap = std::max({N * C, d.mla() ? mla_cap : N * QKV, N * HA, N * 2 * F, N * 2 * S,
+                               R * C, R * 2 * FE});
   w.lin = LinearScratch<T>{c.take<T>(cap), c.take<T>(cap), static_cast<int64_t>(cap)};
   return w;
 }
@@ -171,6 +196,11 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   const bool q = pm != PrecisionMode::kFp32;
   const size_t HA = static_cast<size_t>(d.d_attn()), F = static_cast<size_t>(d.F);
   const size_t FE = static_cast<size_t>(d.FE), S = static_cast<size_t>(d.S);
+  // MLA widths (unused otherwise): ranks, the packed attention input, the projections.
+  const size_t QL = static_cast<size_t>(d.q_lora), KVL = static_cast<size_t>(d.kv_lora);
+  const size_t QD = static_cast<size_t>(d.NH * d.qk_hd());
+  const size_t KVA = KVL + static_cast<size_t>(d.qk_rope);
+  const size_t KVB = static_cast<size_t>(d.NH * (d.qk_nope + d.v_hd)), QKVm = 2 * QD + HA;
   // bf16 / fp8: the float tensors that only a weight gradient reads are saved in the GEMM
   // input format; the floats live in the model's workspace, except the expert rows, which
   // an exchange in flight holds across chunk steps: once per slot. fp32 keeps them per layer.
@@ -196,7 +226,21 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
     la.res_mid = c.take<T>(N * C);
     la.ln1 = q ? ws.ln1 : c.take<T>(N * C);
     la.rstd1 = c.take<T>(N);
-    la.qkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+    if (!d.mla()) {
+      la.qkv = c.take<T>(N * static_cast<size_t>(d.qkv()));
+    } else {
+      if (QL > 0) {
+        la.q_a = c.take<T>(N * QL);
+        la.q_rstd = c.take<T>(N);
+        la.q_an = q ? ws.q_an : c.take<T>(N * QL);
+        if (q) la.saved_q_an = take_saved(N, QL);
+      }
+      la.kv_c = c.take<T>(N * KVL);
+      la.kv_rstd = c.take<T>(N);
+      la.kv_an = q ? ws.kv_an : c.take<T>(N * KVL);
+      if (q) la.saved_kv_an = take_saved(N, KVL);
+      la.qkv_mla = c.take<T>(N * QKVm);
+    }
     la.probs = c.take<T>(TT);
     la.attn_out = q ? ws.attn_out : c.take<T>(N * HA);
     la.ln2 = q && !d.is_moe(l) ? ws.ln2 : c.take<T>(N * C);
@@ -258,6 +302,9 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.dres = c.take<T>(N * C);
   a.dattn = c.take<T>(N * static_cast<size_t>(d.d_attn()));
   a.attn_scratch = c.take<T>(TT);
+  a.mla_proj = d.mla() ? c.take<T>(N * std::max({QD, KVA, KVB})) : nullptr;
+  a.dqkv_mla = d.mla() ? c.take<T>(N * QKVm) : nullptr;
+  a.dkv_c = d.mla() ? c.take<T>(N * KVL) : nullptr;
   a.dh = c.take<T>(std::max({N * static_cast<size_t>(d.F), R * static_cast<size_t>(d.FE),
                              N * static_cast<size_t>(d.S)}));
   a.dxp = c.take<T>(NK * C);

@@ -31,9 +31,6 @@ namespace {
 // later part of the project: refuse them clearly instead of silently training without them.
 void reject_unsupported(const Config& cfg) {
   const char* src = cfg.source.c_str();
-  if (cfg.attention.kind != AttentionKind::kMha)
-    user_error("%s: attention.kind = \"%s\" is not supported by this build yet (only \"mha\")", src,
-               to_string(cfg.attention.kind));
   if (cfg.model.mtp_depth != 0)
     user_error("%s: model.mtp_depth = %d is not supported by this build yet (only 0)", src,
                cfg.model.mtp_depth);

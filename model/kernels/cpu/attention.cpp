@@ -1,9 +1,12 @@
-// Causal self-attention core over a fused qkv, with grouped-query heads (GQA).
+// Causal self-attention core over a fused qkv, with grouped-query heads (GQA) and a value head
+// width HDv that may differ from the query / key width HD (MLA: HD = qk_nope + qk_rope).
 //
-// Shapes: qkv / dqkv (B, T, W) with W = (NH + 2 NKV) HD, each token row holding the NH query
-// heads, then NKV key heads, then NKV value heads; out / dout (B, T, NH HD);
-// probs (B, NH, T, T) with the upper triangle zero; scratch (B, NH, T, T).
-// Query head h reads kv head g = h / (NH / NKV).
+// Shapes: qkv / dqkv (B, T, W) with W = (NH + NKV) HD + NKV HDv, each token row holding the
+// NH query heads and NKV key heads (HD wide), then NKV value heads (HDv wide);
+// out / dout (B, T, NH HDv); probs (B, NH, T, T) with the upper triangle zero;
+// scratch (B, NH, T, T). Query head h reads kv head g = h / (NH / NKV); scale = 1 / sqrt(HD).
+// With HDv = HD every operation is the one the HD-only entry points always did (same GEMMs,
+// same order), so their results are unchanged bit for bit.
 // Accumulation: everything is ASSIGNED (dqkv included).
 //
 // Work is split into (b, head, row block) units of kBlock rows. A query block [r0, r1) only
@@ -27,11 +30,11 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 
-void attention_check(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD) {
-  CHECK(B >= 0 && T_ >= 0 && HD > 0 && NKV > 0 && NH >= NKV && NH % NKV == 0,
-        "attention B=%lld T=%lld NH=%lld NKV=%lld HD=%lld", static_cast<long long>(B),
+void attention_check(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv) {
+  CHECK(B >= 0 && T_ >= 0 && HD > 0 && HDv > 0 && NKV > 0 && NH >= NKV && NH % NKV == 0,
+        "attention B=%lld T=%lld NH=%lld NKV=%lld HD=%lld HDv=%lld", static_cast<long long>(B),
         static_cast<long long>(T_), static_cast<long long>(NH), static_cast<long long>(NKV),
-        static_cast<long long>(HD));
+        static_cast<long long>(HD), static_cast<long long>(HDv));
 }
 
 // row[0, n) <- softmax(row[0, n)); row[n, end) <- 0 (the masked future).
@@ -97,10 +100,10 @@ void softmax_backward_rows(double* ds, const double* p, int64_t r0, int64_t r1, 
 
 template <typename T>
 void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HD) {
-  attention_check(B, T_, NH, NKV, HD);
-  const int64_t W = (NH + 2 * NKV) * HD;
-  const int64_t OW = NH * HD;
+                       int64_t NKV, int64_t HD, int64_t HDv) {
+  attention_check(B, T_, NH, NKV, HD, HDv);
+  const int64_t W = (NH + NKV) * HD + NKV * HDv;
+  const int64_t OW = NH * HDv;
   const int64_t group = NH / NKV;
   const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(HD)));
@@ -116,22 +119,22 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
     const T* base = qkv + b * T_ * W;
     const T* q = base + h * HD;
     const T* k = base + (NH + g) * HD;
-    const T* v = base + (NH + NKV + g) * HD;
+    const T* v = base + (NH + NKV) * HD + g * HDv;
     T* p = probs + bh * T_ * T_;
     // S[r0:r1, 0:r1] = scale Q[r0:r1] K[0:r1]^T, softmax in place, then O = P V.
     gemm<T>(false, true, r1 - r0, r1, HD, scale, q + r0 * W, W, k, W, T(0), p + r0 * T_, T_);
     softmax_causal_rows(p, r0, r1, T_);
-    gemm<T>(false, false, r1 - r0, HD, r1, T(1), p + r0 * T_, T_, v, W, T(0),
-            out + b * T_ * OW + r0 * OW + h * HD, OW);
+    gemm<T>(false, false, r1 - r0, HDv, r1, T(1), p + r0 * T_, T_, v, W, T(0),
+            out + b * T_ * OW + r0 * OW + h * HDv, OW);
   }
 }
 
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B, int64_t T_,
-                        int64_t NH, int64_t NKV, int64_t HD, T* scratch) {
-  attention_check(B, T_, NH, NKV, HD);
-  const int64_t W = (NH + 2 * NKV) * HD;
-  const int64_t OW = NH * HD;
+                        int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* scratch) {
+  attention_check(B, T_, NH, NKV, HD, HDv);
+  const int64_t W = (NH + NKV) * HD + NKV * HDv;
+  const int64_t OW = NH * HDv;
   const int64_t group = NH / NKV;
   const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(HD)));
@@ -149,10 +152,10 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, in
     const int64_t r1 = r0 + kBlock < T_ ? r0 + kBlock : T_;
     const T* base = qkv + b * T_ * W;
     const T* k = base + (NH + g) * HD;
-    const T* v = base + (NH + NKV + g) * HD;
+    const T* v = base + (NH + NKV) * HD + g * HDv;
     const T* p = probs + bh * T_ * T_;
     T* ds = scratch + bh * T_ * T_;
-    gemm<T>(false, true, r1 - r0, r1, HD, T(1), dout + b * T_ * OW + r0 * OW + h * HD, OW, v, W,
+    gemm<T>(false, true, r1 - r0, r1, HDv, T(1), dout + b * T_ * OW + r0 * OW + h * HDv, OW, v, W,
             T(0), ds + r0 * T_, T_);
     softmax_backward_rows(ds, p, r0, r1, T_, scale);
     gemm<T>(false, false, r1 - r0, HD, r1, T(1), ds + r0 * T_, T_, k, W, T(0),
@@ -171,7 +174,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, in
     const int64_t c0 = (u % nblocks) * kBlock;
     const int64_t c1 = c0 + kBlock < T_ ? c0 + kBlock : T_;
     T* dk = dqkv + b * T_ * W + c0 * W + (NH + g) * HD;
-    T* dv = dqkv + b * T_ * W + c0 * W + (NH + NKV + g) * HD;
+    T* dv = dqkv + b * T_ * W + c0 * W + (NH + NKV) * HD + g * HDv;
     for (int64_t hh = 0; hh < group; ++hh) {
       const int64_t h = g * group + hh;
       const int64_t bh = b * NH + h;
@@ -179,18 +182,34 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, in
       const T* ds = scratch + bh * T_ * T_ + c0 * T_ + c0;
       const T* p = probs + bh * T_ * T_ + c0 * T_ + c0;
       const T* q = qkv + b * T_ * W + c0 * W + h * HD;
-      const T* dO = dout + b * T_ * OW + c0 * OW + h * HD;
+      const T* dO = dout + b * T_ * OW + c0 * OW + h * HDv;
       gemm<T>(true, false, c1 - c0, HD, T_ - c0, T(1), ds, T_, q, W, beta, dk, W);
-      gemm<T>(true, false, c1 - c0, HD, T_ - c0, T(1), p, T_, dO, OW, beta, dv, W);
+      gemm<T>(true, false, c1 - c0, HDv, T_ - c0, T(1), p, T_, dO, OW, beta, dv, W);
     }
   }
+}
+
+template <typename T>
+void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HD) {
+  attention_forward<T>(out, probs, qkv, B, T_, NH, NKV, HD, HD);
+}
+
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B, int64_t T_,
+                        int64_t NH, int64_t NKV, int64_t HD, T* scratch) {
+  attention_backward<T>(dqkv, dout, qkv, probs, B, T_, NH, NKV, HD, HD, scratch);
 }
 
 #define MOE_INSTANTIATE(T)                                                                         \
   template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,         \
                                      int64_t);                                                     \
+  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,         \
+                                     int64_t, int64_t);                                            \
   template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                      int64_t, int64_t, T*);
+                                      int64_t, int64_t, T*);                                       \
+  template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
+                                      int64_t, int64_t, int64_t, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

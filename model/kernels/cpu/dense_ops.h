@@ -124,6 +124,15 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HD, T* scratch);
+// The same with value heads HDv wide (MLA: v_head_dim next to qk_nope + qk_rope): qkv / dqkv
+// (B, T, (NH + NKV) * HD + NKV * HDv), the value heads last; out / dout (B, T, NH * HDv);
+// scale = 1 / sqrt(HD). With HDv = HD these are the functions above, bit for bit.
+template <typename T>
+void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HD, int64_t HDv);
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
+                        int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* scratch);
 
 // SwiGLU on a fused gate/up projection gu (N, 2F), each row [gate(F) | up(F)]:
 // out(N, F) = silu(gate) * up.
