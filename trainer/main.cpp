@@ -15,6 +15,7 @@
 #include "parallel/comm.h"
 #include "trainer/bench.h"
 #include "trainer/checkpoint_tools.h"
+#include "trainer/export.h"
 #include "trainer/run_summary.h"
 #include "trainer/schedule_tool.h"
 #include "trainer/train_loop.h"
@@ -101,6 +102,22 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", gen_opt.seed, "sampling seed (same seed, same text)");
   generate->add_option("--samples", gen_opt.samples, "independent samples")->check(CLI::Range(1, 1000));
 
+  moe::ExportArgs export_args;
+  std::string export_dtype = "bf16";
+  CLI::App* export_cmd =
+      app.add_subcommand("export", "write a checkpoint as Hugging Face safetensors (DeepSeek-V3 names)");
+  export_cmd->add_option("--checkpoint", export_args.checkpoint, "checkpoint file or folder")->required();
+  export_cmd->add_option("--format", export_args.format, "output format (safetensors)")
+      ->check(CLI::IsMember({"safetensors"}));
+  export_cmd->add_option("--output", export_args.output, "output folder (created when missing)")
+      ->required();
+  export_cmd->add_option("--dtype", export_dtype, "bf16 (default) or fp32")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
+  export_cmd->add_option("--shard-mb", export_args.opt.shard_mb,
+                         "largest file in MiB before splitting into shards (default 4768 = 5 GB)")
+      ->check(CLI::PositiveNumber);
+  export_cmd->add_flag("--drop-mtp", export_args.opt.drop_mtp, "leave out the MTP modules");
+
   moe::ScheduleToolOptions sched_opt;
   CLI::App* schedule =
       app.add_subcommand("schedule", "print and simulate a pipeline schedule (no config needed)");
@@ -118,7 +135,7 @@ int main(int argc, char** argv) {
 
   if (argc >= 2 && argv[1][0] != '-' && !is_subcommand(app, argv[1])) {
     // CLI11 would only say "a subcommand is required"; name the word it did not know.
-    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare, bench, inspect, eval, generate or schedule)\n", argv[1]);
+    std::fprintf(stderr, "error: unknown subcommand '%s' (expected train, prepare, bench, inspect, eval, generate, export or schedule)\n", argv[1]);
     return 2;
   }
   try {
@@ -140,6 +157,10 @@ int main(int argc, char** argv) {
     if (*inspect) return moe::inspect_main(ckpt);
     if (*eval) return moe::eval_main(ckpt, eval_opt);
     if (*generate) return moe::generate_main(ckpt, gen_opt);
+    if (*export_cmd) {
+      export_args.opt.dtype = export_dtype == "fp32" ? moe::ExportDtype::kFp32 : moe::ExportDtype::kBf16;
+      return moe::export_main(export_args);
+    }
     if (*schedule) {
       if (fb_opt->count() > 0) sched_opt.fb = sched_fb;
       return moe::schedule_main(sched_opt);
