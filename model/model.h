@@ -1,7 +1,7 @@
 // The decoder-only MoE transformer on one process: parameter layout, activations,
 // forward and backward, over raw buffers allocated once (llm.c style).
 //
-//   tokens -> embedding -> L x [ RMSNorm -> causal attention (RoPE, GQA) -> +residual
+//   tokens -> embedding -> L x [ RMSNorm -> causal attention (RoPE; GQA or MLA) -> +residual
 //                                RMSNorm -> FFN -> +residual ] -> RMSNorm -> head -> CE
 // FFN is a dense SwiGLU for the first `dense_layers` layers and a MoE layer after:
 // E routed SwiGLU experts (top-K, DeepSeek-V3 routing with a selection-only bias) plus
@@ -251,8 +251,8 @@ struct Activations {
   T* logits;  // (N, V)
   T* probs;   // (N, V)
   T* losses;  // (N)
-  const T* rope_cos;  // (T, HD/2) shared by every slot
-  const T* rope_sin;  // (T, HD/2)
+  const T* rope_cos;  // (T, rope_dim/2) shared by every slot
+  const T* rope_sin;  // (T, rope_dim/2)
   // Kept by the input pass for the weight pass of the head and the embedding (see LayerKept).
   T* dlogits;  // (N, V) lm_head's output gradient
   T* dlnf;     // (N, C) final_norm's
@@ -316,7 +316,7 @@ struct Model {
   Arena gemm_arena;
   ModelParams<T> q;
   std::vector<Activations<T>> slots;  // activation slots, at least one
-  T* rope_cos = nullptr;  // (T, HD/2)
+  T* rope_cos = nullptr;  // (T, rope_dim/2)
   T* rope_sin = nullptr;
   float* router_bias = nullptr;   // (L - dense_layers, E): selection-only bias, no gradient
   int64_t* expert_load = nullptr; // (L - dense_layers, E): tokens routed this step

@@ -17,8 +17,6 @@
 
 namespace moe {
 
-namespace {
-
 // A file as given, or a folder's newest checkpoint that opens.
 std::string resolve_checkpoint(const std::string& given) {
   if (!std::filesystem::exists(given)) user_error("%s: no such checkpoint file or folder", given.c_str());
@@ -37,6 +35,8 @@ std::string resolve_checkpoint(const std::string& given) {
   }
   user_error("%s: no readable checkpoint in this folder", given.c_str());
 }
+
+namespace {
 
 Config saved_config(const std::string& path, const CheckpointInfo& info) {
   return config_parse(info.config_toml, path + " (saved config)", {});

@@ -7,6 +7,10 @@
 
 namespace moe {
 
+// A file as given, or a folder's newest checkpoint that opens (warning about the ones that do
+// not); a UserError when there is none.
+std::string resolve_checkpoint(const std::string& given);
+
 int inspect_main(const std::string& ckpt);
 
 struct EvalOptions {

@@ -15,6 +15,7 @@
 #include "io/config.h"
 #include "model/check.h"
 #include "model/fp8.h"
+#include "trainer/checkpoint_tools.h"
 #include "trainer/train_checkpoint.h"
 
 namespace moe {
@@ -24,26 +25,6 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr size_t kChunkFloats = size_t(16) << 20;  // 64 MiB of FP32 per read
-
-// A file as given, or a folder's newest checkpoint that opens (as inspect / eval do).
-std::string resolve_checkpoint(const std::string& given) {
-  std::error_code ec;
-  if (!fs::exists(given, ec)) user_error("%s: no such checkpoint file or folder", given.c_str());
-  if (!fs::is_directory(given, ec)) return given;
-  CheckpointDir dir{given};
-  std::vector<std::string> paths;
-  if (!dir.latest().empty()) paths.push_back((fs::path(given) / dir.latest()).string());
-  for (const std::string& p : dir.list_newest_first()) paths.push_back(p);
-  for (const std::string& p : paths) {
-    try {
-      checkpoint_read_info(p);
-      return p;
-    } catch (const UserError& e) {
-      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
-    }
-  }
-  user_error("%s: no readable checkpoint in this folder", given.c_str());
-}
 
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::string s = "[";
