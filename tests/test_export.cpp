@@ -29,8 +29,11 @@ namespace {
 namespace fs = std::filesystem;
 using moe::StDtype;
 
+// Per test: ctest runs tests as parallel processes, so a shared name would race.
 fs::path temp_path(const std::string& name) {
-  return fs::path(::testing::TempDir()) / ("moetrain_export_" + name);
+  const ::testing::TestInfo* t = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::string test = t ? std::string(t->test_suite_name()) + "." + t->name() : "none";
+  return fs::path(::testing::TempDir()) / ("moetrain_export_" + test + "_" + name);
 }
 
 std::string le64(uint64_t n) {
