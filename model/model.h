@@ -45,6 +45,9 @@ struct ModelDims {
   // heads), v_hd value dims. NKV and HD are unused then.
   AttentionKind attn = AttentionKind::kMha;
   int64_t q_lora = 0, kv_lora = 0, qk_nope = 0, qk_rope = 0, v_hd = 0;
+  // Multi-token prediction depth (MtpParams); their blocks are MoE when the model has MoE
+  // layers.
+  int64_t mtp = 0;
   // The inputs of the linear layers' GEMMs (attention projections, dense FFN, shared and
   // routed experts; see model/linear.h); embedding, head, router, norms and the attention
   // core stay in T.
@@ -83,6 +86,7 @@ struct ModelDims {
     return q + (kv_lora + qk_rope) * C + NH * (qk_nope + v_hd) * kv_lora + C * d_attn();
   }
   bool is_moe(int64_t l) const { return l >= dense_layers; }
+  bool mtp_moe() const { return dense_layers < L; }
   int64_t n_moe_layers() const { return L - dense_layers; }
 };
 
@@ -139,10 +143,23 @@ struct LayerParams {
   T* sw2;        // moe shared (C, S)
 };
 
+// One multi-token-prediction module (DeepSeek-V3 section 2.2): the next token's embedding and
+// the previous depth's hidden state, each RMSNormed, concatenated [h | e] and projected by
+// eh_proj (C, 2C), then one transformer block of the last layer's kind, then final_norm
+// before the shared head.
+template <typename T>
+struct MtpParams {
+  T *enorm, *hnorm;  // (C)
+  T* eh_proj;        // (C, 2C)
+  LayerParams<T> block;
+  T* final_norm;     // (C)
+};
+
 template <typename T>
 struct ModelParams {
   T* wte;         // (V, C)
   std::vector<LayerParams<T>> layers;
+  std::vector<MtpParams<T>> mtp;  // (mtp), held with the head
   T* final_norm;  // (C)
   T* lm_head;     // (V, C); aliases wte when tied
 };
@@ -469,9 +486,10 @@ bool model_chunk_step(Model<T>& m, ChunkRun& r);
 // attention, dense FFN, router, shared experts, top-K routed experts, head; the embedding
 // lookup and norms are excluded).
 struct ModelCounts {
-  int64_t total = 0;
+  int64_t total = 0;  // the main model (the MTP modules not included)
   int64_t active_matmul = 0;
   int64_t embedding = 0;
+  int64_t mtp = 0;    // the MTP modules' own parameters (embedding and head are shared)
 };
 ModelCounts model_counts(const ModelDims& d);
 

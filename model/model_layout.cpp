@@ -41,11 +41,10 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
   ModelParams<T> v{};
   v.wte = take("embed/wte", {d.V, d.C}, true);
   v.layers.resize(static_cast<size_t>(d.L));
-  for (int64_t l = 0; l < d.L; ++l) {
-    LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
+  // A transformer block's replicated tensors under `pre` (a MoE block's routed experts come
+  // later, in the expert region).
+  auto take_block = [&](LayerParams<T>& lp, const std::string& pre, bool moe) {
     lp = LayerParams<T>{};
-    layer = l;
-    const std::string pre = prefix(l);
     lp.attn_norm = take(pre + "attn_norm", {d.C}, false);
     if (!d.mla()) {
       lp.wqkv = take(pre + "attn/wqkv", {d.qkv(), d.C}, true);
@@ -63,7 +62,7 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
     }
     lp.wo = take(pre + "attn/wo", {d.C, d.d_attn()}, true);
     lp.ffn_norm = take(pre + "ffn_norm", {d.C}, false);
-    if (!d.is_moe(l)) {
+    if (!moe) {
       lp.w13 = take(pre + "mlp/w13", {2 * d.F, d.C}, true);
       lp.w2 = take(pre + "mlp/w2", {d.C, d.F}, true);
     } else {
@@ -73,19 +72,40 @@ size_t param_layout(const ModelDims& d, const ModelPart& part, size_t pad_replic
         lp.sw2 = take(pre + "moe/shared/w2", {d.C, d.S}, true);
       }
     }
+  };
+  auto take_experts = [&](LayerParams<T>& lp, const std::string& pre) {
+    lp.ew13 = take(pre + "moe/experts/w13", {d.EL(), 2 * d.FE, d.C}, true, true);
+    lp.ew2 = take(pre + "moe/experts/w2", {d.EL(), d.C, d.FE}, true, true);
+  };
+  for (int64_t l = 0; l < d.L; ++l) {
+    layer = l;
+    take_block(v.layers[static_cast<size_t>(l)], prefix(l), d.is_moe(l));
   }
   layer = d.L;
   v.final_norm = take("final_norm", {d.C}, false);
   v.lm_head = d.tie_embeddings ? v.wte : take("lm_head", {d.V, d.C}, true);
+  // Multi-token prediction modules belong with the head (layer L): their blocks are of the
+  // last layer's kind.
+  auto mtp_prefix = [](int64_t k) { return "mtp/" + std::to_string(k) + "/"; };
+  v.mtp.resize(static_cast<size_t>(d.mtp));
+  for (int64_t k = 0; k < d.mtp; ++k) {
+    MtpParams<T>& mp = v.mtp[static_cast<size_t>(k)];
+    const std::string pre = mtp_prefix(k);
+    mp.enorm = take(pre + "enorm", {d.C}, false);
+    mp.hnorm = take(pre + "hnorm", {d.C}, false);
+    mp.eh_proj = take(pre + "eh_proj", {d.C, 2 * d.C}, true);
+    take_block(mp.block, pre, d.mtp_moe());
+    mp.final_norm = take(pre + "final_norm", {d.C}, false);
+  }
   const size_t n_replicated = offset;
   offset = round_up(offset, pad_replicated);
   for (int64_t l = d.dense_layers; l < d.L; ++l) {
-    LayerParams<T>& lp = v.layers[static_cast<size_t>(l)];
     layer = l;
-    const std::string pre = prefix(l);
-    lp.ew13 = take(pre + "moe/experts/w13", {d.EL(), 2 * d.FE, d.C}, true, true);
-    lp.ew2 = take(pre + "moe/experts/w2", {d.EL(), d.C, d.FE}, true, true);
+    take_experts(v.layers[static_cast<size_t>(l)], prefix(l));
   }
+  layer = d.L;
+  if (d.mtp_moe())
+    for (int64_t k = 0; k < d.mtp; ++k) take_experts(v.mtp[static_cast<size_t>(k)].block, mtp_prefix(k));
   if (views) *views = std::move(v);
   return n_replicated;
 }
@@ -544,7 +564,8 @@ void model_quantize_weights(Model<T>& m) {
 ModelCounts model_counts(const ModelDims& dims) {
   const ModelDims d = dims.whole_model();  // whatever this rank holds
   ModelCounts c;
-  for (const ParamInfo& p : model_param_table(d)) c.total += static_cast<int64_t>(p.count);
+  for (const ParamInfo& p : model_param_table(d))
+    (p.name.rfind("mtp/", 0) == 0 ? c.mtp : c.total) += static_cast<int64_t>(p.count);
   c.embedding = d.V * d.C;
   const int64_t attn = d.attn_matmul_params();
   const int64_t dense = 3 * d.F * d.C;

@@ -422,6 +422,12 @@ void expect_plan_matches_model(const moe::Config& cfg) {
   for (int64_t l = d.dense_layers; l < d.L; ++l)
     want.insert("/router/layers/" + std::to_string(l) + "/bias");
   if (cfg.model.tie_embeddings) want.insert("/model/embed/wte");  // the head, from the embedding
+  for (int64_t k = 0; k < d.mtp; ++k) {
+    if (d.mtp_moe()) want.insert("/router/mtp/" + std::to_string(k) + "/bias");
+    // HF's MTP layers carry their own copies of the shared embedding and head.
+    want.insert("/model/embed/wte");
+    want.insert(cfg.model.tie_embeddings ? "/model/embed/wte" : "/model/lm_head");
+  }
   for (const moe::ExportTensor& t : moe::export_plan(cfg, {})) {
     expect_tiled(t);
     for (const moe::ExportSource& s : t.sources) got.insert(s.path);
@@ -471,6 +477,22 @@ TEST(ExportPlan, MlaReadsEveryModelTensorOnce) {
   if (!model_has_mla) GTEST_SKIP() << "model_logical_tensors does not list MLA tensors yet";
   expect_plan_matches_model(cfg);
   cfg.attention.q_lora_rank = 0;
+  expect_plan_matches_model(cfg);
+}
+
+// The MTP modules' names are the model's own (mtp/{k}/...), dense and MoE, MLA and standard.
+TEST(ExportPlan, MtpReadsEveryModelTensorOnce) {
+  moe::Config cfg = tiny_mha_config();
+  cfg.model.mtp_depth = 2;
+  expect_plan_matches_model(cfg);
+  cfg.attention.kind = moe::AttentionKind::kMla;
+  cfg.attention.q_lora_rank = 12;
+  cfg.attention.kv_lora_rank = 10;
+  cfg.attention.qk_nope_head_dim = 6;
+  cfg.attention.qk_rope_head_dim = 4;
+  cfg.attention.v_head_dim = 5;
+  expect_plan_matches_model(cfg);
+  cfg.model.dense_layers = cfg.model.n_layers;  // all dense: the MTP blocks are dense too
   expect_plan_matches_model(cfg);
 }
 

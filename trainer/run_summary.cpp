@@ -11,18 +11,6 @@ namespace moe {
 
 namespace {
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
-
-// One multi-token-prediction module (DeepSeek-V3 section 2.2): RMSNorms of the hidden state
-// and of the next token's embedding, their projection (C, 2C), one transformer block of the
-// last layer's kind and its output norm; the embedding and the head are the main model's.
-int64_t mtp_module_params(const ModelDims& d) {
-  const int64_t C = d.C;
-  int64_t block = d.attn_matmul_params() + 2 * C;  // + attention and FFN norms
-  if (d.mla()) block += d.kv_lora + (d.q_lora > 0 ? d.q_lora : 0);
-  const bool moe = d.is_moe(d.L - 1);
-  block += moe ? d.E * C + 3 * d.E * d.FE * C + 3 * d.S * C : 3 * d.F * C;
-  return 3 * C + 2 * C * C + block;
-}
 }  // namespace
 
 std::string run_summary(const Config& cfg) {
@@ -105,12 +93,11 @@ std::string run_summary(const Config& cfg) {
                  static_cast<long long>(c.total), c.total / 1e6,
                  static_cast<long long>(c.active_matmul), c.active_matmul / 1e6,
                  static_cast<double>(c.active_matmul + c.embedding) / 1e6);
-  if (cfg.model.mtp_depth > 0)
-    s += strprintf("  multi-token prediction: %d module%s, %lld parameters (%.2fM) beside the "
+  if (c.mtp > 0)
+    s += strprintf("  multi-token prediction: %lld module%s, %lld parameters (%.2fM) beside the "
                    "main model's (embedding and head shared)\n",
-                   cfg.model.mtp_depth, cfg.model.mtp_depth > 1 ? "s" : "",
-                   static_cast<long long>(cfg.model.mtp_depth * mtp_module_params(d)),
-                   static_cast<double>(cfg.model.mtp_depth * mtp_module_params(d)) / 1e6);
+                   static_cast<long long>(d.mtp), d.mtp > 1 ? "s" : "",
+                   static_cast<long long>(c.mtp), static_cast<double>(c.mtp) / 1e6);
   s += strprintf("  layers: %lld (%lld dense, %lld MoE: %lld routed experts top-%lld, %lld shared)\n",
                  static_cast<long long>(d.L), static_cast<long long>(d.dense_layers),
                  static_cast<long long>(d.n_moe_layers()), static_cast<long long>(d.E),
