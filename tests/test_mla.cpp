@@ -29,6 +29,7 @@
 #include "model/model.h"
 #include "model/rng.h"
 #include "tests/binary_harness.h"
+#include "tests/model_gradient_check.h"
 
 namespace moe {
 namespace {
@@ -369,20 +370,8 @@ TEST(MlaForward, FloatMatchesDouble) {
 
 // ---- gradient checks ---------------------------------------------------------------------
 
-double objective(Model<double>& m, const std::vector<int32_t>& x, const std::vector<int32_t>& y,
-                 int64_t B, int64_t T) {
-  const double ce = model_forward<double>(m, x.data(), y.data(), B, T, false);
-  return ce + m.aux_loss_sum;
-}
-
-std::vector<int32_t> routing_of(const Model<double>& m, int64_t N) {
-  std::vector<int32_t> ids;
-  for (int64_t l = m.d.dense_layers; l < m.d.L; ++l) {
-    const int32_t* e = m.slots[0].layers[static_cast<size_t>(l)].expert_ids;
-    ids.insert(ids.end(), e, e + N * m.d.K);
-  }
-  return ids;
-}
+using test::objective;
+using test::routing_of;
 
 // Every parameter against central differences of mean CE + balance loss; each MLA tensor
 // must have a gradient of its own (a weight skipped by backward would read as all zero).

@@ -17,6 +17,7 @@
 
 #include "model/model.h"
 #include "model/rng.h"
+#include "tests/model_gradient_check.h"
 
 namespace moe {
 namespace {
@@ -39,23 +40,8 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V, uint64_t seed) {
   return t;
 }
 
-// objective = mean CE + aux_loss_sum (dloss_ce = 1 / N, dloss_aux = 1)
-double objective(Model<double>& m, const std::vector<int32_t>& x, const std::vector<int32_t>& y,
-                 int64_t B, int64_t T_) {
-  double ce = model_forward<double>(m, x.data(), y.data(), B, T_, false);
-  return ce + m.aux_loss_sum;
-}
-
-// All expert choices of the last forward, to detect a finite-difference step that flipped
-// a (piecewise constant) routing decision.
-std::vector<int32_t> routing_of(const Model<double>& m, int64_t N) {
-  std::vector<int32_t> ids;
-  for (int64_t l = m.d.dense_layers; l < m.d.L; ++l) {
-    const int32_t* e = m.slots[0].layers[static_cast<size_t>(l)].expert_ids;
-    ids.insert(ids.end(), e, e + N * m.d.K);
-  }
-  return ids;
-}
+using test::objective;
+using test::routing_of;
 
 void gradient_check(const ModelDims& d, uint64_t seed) {
   // Thousands of tiny forwards: one thread avoids paying OpenMP start-up on each kernel.
