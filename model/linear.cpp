@@ -92,6 +92,16 @@ int64_t linear_saved_bytes(int64_t N, int64_t IC, PrecisionMode mode) {
   return 0;
 }
 
+LinearSaved linear_saved_carve(Carver& c, int64_t N, int64_t IC, PrecisionMode mode) {
+  LinearSaved sv;
+  if (mode == PrecisionMode::kBf16) sv.bf16 = c.take<uint16_t>(static_cast<size_t>(N * IC));
+  if (mode == PrecisionMode::kFp8) {
+    sv.codes = c.take<uint8_t>(static_cast<size_t>(N * IC));
+    sv.scales = c.take<float>(static_cast<size_t>(fp8_scale_count(N, IC, kTileAct)));
+  }
+  return sv;
+}
+
 LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC) {
   LinearSaved r;
   if (x.bf16) r.bf16 = x.bf16 + r0 * IC;

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "model/arena.h"
 #include "model/types.h"
 
 namespace moe {
@@ -38,8 +39,9 @@ struct LinearSaved {
   uint8_t* codes = nullptr;  // (N, IC)
   float* scales = nullptr;   // (N, ceil(IC / 128))
 };
-// Bytes of a LinearSaved of N rows (0 for fp32).
+// Bytes of a LinearSaved of N rows (0 for fp32), and its buffers carved from an arena.
 int64_t linear_saved_bytes(int64_t N, int64_t IC, PrecisionMode mode);
+LinearSaved linear_saved_carve(Carver& c, int64_t N, int64_t IC, PrecisionMode mode);
 // The saved rows from row r0 on.
 LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC);
 

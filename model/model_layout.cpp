@@ -5,7 +5,6 @@
 #include <type_traits>
 
 #include "model/check.h"
-#include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/model.h"
 #include "model/rng.h"
@@ -230,14 +229,7 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
     if (ep) xg_once = c.take<T>(R * C);
   }
   auto take_saved = [&](size_t rows, size_t cols) {
-    LinearSaved sv;
-    if (pm == PrecisionMode::kBf16) sv.bf16 = c.take<uint16_t>(rows * cols);
-    if (pm == PrecisionMode::kFp8) {
-      sv.codes = c.take<uint8_t>(rows * cols);
-      sv.scales = c.take<float>(static_cast<size_t>(
-          fp8_scale_count(static_cast<int64_t>(rows), static_cast<int64_t>(cols), kTileAct)));
-    }
-    return sv;
+    return linear_saved_carve(c, static_cast<int64_t>(rows), static_cast<int64_t>(cols), pm);
   };
   for (int64_t l = 0; l < d.L; ++l) {
     LayerActs<T>& la = a.layers[static_cast<size_t>(l)];

@@ -39,6 +39,17 @@ double sgemm_peak_flops(bool quick) {
   return best;
 }
 
+BatchSource bench_synthetic_batches(const Config& cfg) {
+  const int64_t T_ = cfg.model.seq_len;
+  const uint64_t vocab = static_cast<uint64_t>(cfg.model.vocab_size), seed = cfg.run.seed;
+  return [T_, vocab, seed](int32_t* out, int64_t step, int64_t first, int64_t n) {
+    for (int64_t i = 0; i < n * (T_ + 1); ++i)
+      out[i] = static_cast<int32_t>(
+          rng_u64(seed, rng_stream(RngPurpose::kData, static_cast<uint64_t>(step)),
+                  static_cast<uint64_t>(first * (T_ + 1) + i)) % vocab);
+  };
+}
+
 int bench_main(const Config& cfg, const BenchOptions& opt) {
   CHECK(opt.steps >= 1);
   // The peak is measured before and after the timed steps and the higher one is used, so a
@@ -49,15 +60,7 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   TrainState s;
   train_state_init(s, cfg, &grid);
   const int64_t T_ = s.model.d.T;
-  const int vocab = cfg.model.vocab_size;
-  // Synthetic tokens: the bench measures compute, so it needs no data files.
-  BatchSource source = [&](int32_t* out, int64_t step, int64_t first, int64_t n) {
-    for (int64_t i = 0; i < n * (T_ + 1); ++i)
-      out[i] = static_cast<int32_t>(
-          rng_u64(cfg.run.seed, rng_stream(RngPurpose::kData, static_cast<uint64_t>(step)),
-                  static_cast<uint64_t>(first * (T_ + 1) + i)) %
-          static_cast<uint64_t>(vocab));
-  };
+  const BatchSource source = bench_synthetic_batches(cfg);
   train_step(s, 0, source);  // warm-up: first touch of every arena page
   // Timed steps, gradient reduction overlapped with backward (the trainer's default).
   s.reducer.wait_s = s.reducer.busy_s = 0;

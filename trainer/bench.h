@@ -5,6 +5,7 @@
 #include <string>
 
 #include "io/config.h"
+#include "trainer/train_step.h"
 
 namespace moe {
 
@@ -12,6 +13,10 @@ namespace moe {
 // repetitions each), using the current OpenMP thread count. `quick` measures one size only
 // (~30 ms, for the training loop's MFU); the bench measures all.
 double sgemm_peak_flops(bool quick = false);
+
+// Synthetic tokens for the benches (they measure compute and need no data files): window
+// (step, sequence) drawn from the run's seed, uniform over the vocabulary.
+BatchSource bench_synthetic_batches(const Config& cfg);
 
 struct BenchOptions {
   int steps = 5;        // timed optimizer steps (after one warm-up step); I/O repetitions

@@ -9,7 +9,6 @@
 
 #include "io/config_model.h"
 #include "model/check.h"
-#include "model/rng.h"
 #include "trainer/bench.h"
 #include "trainer/progress.h"
 #include "trainer/train_step.h"
@@ -25,14 +24,7 @@ int bench_precision_main(const Config& base, const BenchOptions& opt) {
     cfg.precision.mode = modes[i];
     train_state_init(states[static_cast<size_t>(i)], cfg);
   }
-  const int64_t T_ = states[0].model.d.T;
-  const uint64_t vocab = static_cast<uint64_t>(base.model.vocab_size);
-  BatchSource source = [&](int32_t* out, int64_t step, int64_t first, int64_t n) {
-    for (int64_t i = 0; i < n * (T_ + 1); ++i)
-      out[i] = static_cast<int32_t>(
-          rng_u64(base.run.seed, rng_stream(RngPurpose::kData, static_cast<uint64_t>(step)),
-                  static_cast<uint64_t>(first * (T_ + 1) + i)) % vocab);
-  };
+  const BatchSource source = bench_synthetic_batches(base);
   for (TrainState& s : states) train_step(s, 0, source);  // warm-up: first touch of the arenas
   // Round robin, so a busy moment of the machine slows every mode alike; the best step of
   // each is its figure (the least disturbed).
