@@ -35,6 +35,7 @@ ModelDims config_model_dims(const Config& cfg) {
   d.qk_rope = cfg.attention.qk_rope_head_dim;
   d.v_hd = cfg.attention.v_head_dim;
   d.mtp = mc.mtp_depth;
+  d.mtp_weight = mc.mtp_loss_weight;
   d.precision = cfg.precision.mode;
   d.dispatch_fp8 = cfg.precision.dispatch_fp8;
   return d;

@@ -338,6 +338,11 @@ void check_pipeline(const Config& c, const Rules& r) {
   // 1f1b and zb1p put the embedding (stage 0) and the head (stage S - 1) on different ranks;
   // DualPipe(V) holds both on rank 0.
   const bool one_chunk = p.schedule == PipeSchedule::k1F1B || p.schedule == PipeSchedule::kZB1P;
+  if (one_chunk && c.model.mtp_depth > 0)
+    r.fail({"model.mtp_depth", "parallel.pp", "parallel.schedule"},
+           "model.mtp_depth > 0 needs the embedding on the head's rank (the MTP modules embed "
+           "the next tokens), but parallel.schedule = \"%s\" with parallel.pp = %d puts them on "
+           "ranks 0 and %d (use dualpipe or dualpipev)", kind, p.pp, p.pp - 1);
   if (one_chunk && c.model.tie_embeddings)
     r.fail({"model.tie_embeddings", "parallel.pp", "parallel.schedule"},
            "model.tie_embeddings = true needs the embedding and the head on one rank, but "

@@ -10,7 +10,10 @@
 //             1 dispatch finish; experts' input gradient; combine start; experts' weights (kFull)
 //             2 combine finish; permute backward, norm; router, shared, norm weights (kFull);
 //               attention
-// Without an exchange (ep = 1) a layer runs its pieces in one go. Every tensor is computed by
+// Without an exchange (ep = 1) a layer runs its pieces in one go. The head chunk runs the
+// multi-token-prediction modules as blocks L.. (block L + k is module k's): forward after
+// the last layer, each between its input (embedding, norms, eh_proj) and its output (final
+// norm, shared head, loss); backward in reverse before the main head. Every tensor is computed by
 // the same operations in the same order either way, so a chunk gives the same bits however
 // its steps interleave with another chunk's.
 #include "model/model.h"
@@ -38,11 +41,27 @@ void chunk_check(const Model<T>& m, int slot, int64_t l0, int64_t l1) {
   CHECK(l1 < m.d.L || m.part.head, "head not held");
 }
 
-// The exchange key of MoE layer moe_l for the micro-batch in `slot`: every micro-batch in
+// The exchange key of MoE block moe_l for the micro-batch in `slot`: every micro-batch in
 // flight keeps its own routing plan until its backward.
 template <typename T>
 int64_t exchange_key(const Model<T>& m, int slot, int64_t moe_l) {
-  return static_cast<int64_t>(slot) * m.d.n_moe_layers() + moe_l;
+  return static_cast<int64_t>(slot) * m.d.n_moe_blocks() + moe_l;
+}
+
+// Block b's parameters (a layer's, or MTP module b - L's block).
+template <typename T>
+LayerParams<T>& block_params(ModelParams<T>& p, const ModelDims& d, int64_t b) {
+  return b < d.L ? p.layers[static_cast<size_t>(b)] : p.mtp[static_cast<size_t>(b - d.L)].block;
+}
+
+// Block b's input and output in the slot: the residual stream, or an MTP module's x and out.
+template <typename T>
+T* block_input(Activations<T>& a, const ModelDims& d, int64_t b) {
+  return b < d.L ? a.res + b * a.B * a.Tcur * d.C : a.mtp[static_cast<size_t>(b - d.L)].x;
+}
+template <typename T>
+T* block_output(Activations<T>& a, const ModelDims& d, int64_t b) {
+  return b < d.L ? a.res + (b + 1) * a.B * a.Tcur * d.C : a.mtp[static_cast<size_t>(b - d.L)].out;
 }
 
 // The exchange moves float rows only; the double instantiation (gradient checks) runs with
@@ -110,6 +129,10 @@ void forward_begin(Model<T>& m, ChunkRun& r) {
     std::memcpy(a.tokens, r.tokens, sizeof(int32_t) * static_cast<size_t>(N));
     cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, d.C);
   }
+  if (r.l1 == d.L) {
+    if (r.targets) std::memcpy(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
+    a.mtp_run = r.targets && r.training ? d.mtp : 0;
+  }
   r.layer = r.l0;
   r.phase = 0;
   r.started = true;
@@ -125,7 +148,6 @@ void forward_head(Model<T>& m, ChunkRun& r) {
                           static_cast<T>(d.norm_eps));
   cpu::matmul_forward<T>(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
   if (!r.targets) return;
-  std::memcpy(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
   cpu::cross_entropy_forward<T>(a.losses, a.probs, a.logits, a.targets, N, d.V);
   double sum = 0;
   int64_t count = 0;
@@ -137,19 +159,88 @@ void forward_head(Model<T>& m, ChunkRun& r) {
   r.loss.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
 }
 
-// Runs layer r.layer from r.phase; true when it stopped with an exchange in flight.
+// The hidden state MTP module k starts from: the last layer's output (before the final norm),
+// or the previous module's block output.
+template <typename T>
+const T* mtp_h_prev(const Model<T>& m, const Activations<T>& a, int64_t k) {
+  return k == 0 ? a.res + m.d.L * a.B * a.Tcur * m.d.C : a.mtp[static_cast<size_t>(k - 1)].out;
+}
+
+// Copies rows (N, C) into columns [col, col + C) of rows (N, 2C), or back.
+template <typename T>
+void half_rows(T* wide, const T* narrow, int64_t N, int64_t C, int64_t col, bool to_wide) {
+  for (int64_t i = 0; i < N; ++i) {
+    T* w = wide + i * 2 * C + col;
+    const T* n = narrow + i * C;
+    if (to_wide) {
+      std::memcpy(w, n, sizeof(T) * static_cast<size_t>(C));
+    } else {
+      std::memcpy(const_cast<T*>(n), w, sizeof(T) * static_cast<size_t>(C));
+    }
+  }
+}
+
+// MTP module k up to its block: the shifted tokens and targets, [enorm(emb) | hnorm(h_prev)],
+// eh_proj -> the block's input.
+template <typename T>
+void mtp_forward_input(Model<T>& m, Activations<T>& a, int64_t k) {
+  const ModelDims& d = m.d;
+  const int64_t Tn = a.Tcur, N = a.B * Tn, C = d.C;
+  CHECK(m.part.embedding, "the MTP modules need the embedding on the head's rank");
+  MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
+  const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t t = 0; t < Tn; ++t) {
+      const int32_t* y = a.targets + b * Tn;
+      const int64_t i = b * Tn + t;
+      ma.tokens[i] = t + k < Tn && y[t + k] >= 0 ? y[t + k] : 0;
+      ma.targets[i] = t + k + 1 < Tn ? y[t + k + 1] : -1;
+    }
+  cpu::embedding_forward<T>(ma.emb, ma.tokens, m.p.wte, N, C);
+  const T eps = static_cast<T>(d.norm_eps);
+  cpu::rmsnorm_forward<T>(a.tmp, ma.e_rstd, ma.emb, mp.enorm, N, C, eps);
+  half_rows(ma.cat, a.tmp, N, C, 0, true);
+  cpu::rmsnorm_forward<T>(a.tmp, ma.h_rstd, mtp_h_prev(m, a, k), mp.hnorm, N, C, eps);
+  half_rows(ma.cat, a.tmp, N, C, C, true);
+  cpu::matmul_forward<T>(ma.x, ma.cat, mp.eh_proj, N, 2 * C, C);
+}
+
+// MTP module k after its block: final norm, the shared head, cross-entropy.
+template <typename T>
+void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k, ChunkLoss& loss) {
+  const ModelDims& d = m.d;
+  const int64_t N = a.B * a.Tcur, C = d.C;
+  MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
+  const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
+  cpu::rmsnorm_forward<T>(ma.lnf, ma.rstdf, ma.out, mp.final_norm, N, C,
+                          static_cast<T>(d.norm_eps));
+  cpu::matmul_forward<T>(a.mtp_logits, ma.lnf, m.p.lm_head, N, C, d.V);
+  cpu::cross_entropy_forward<T>(ma.losses, ma.probs, a.mtp_logits, ma.targets, N, d.V);
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (ma.targets[i] < 0) continue;
+    sum += static_cast<double>(ma.losses[i]);
+    ++count;
+  }
+  loss.mtp_ce_sum += sum;
+  if (count > 0) loss.mtp_ce_mean += sum / static_cast<double>(count) / static_cast<double>(d.mtp);
+}
+
+// Runs block r.layer from r.phase; true when it stopped with an exchange in flight.
 template <typename T>
 bool forward_layer(Model<T>& m, ChunkRun& r) {
   const ModelDims& d = m.d;
   const int64_t l = r.layer, N = r.B * r.T, C = d.C;
   Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
-  T* res_in = a.res + l * N * C;
-  T* res_out = a.res + (l + 1) * N * C;
+  const LayerParams<T>& lp = block_params(m.q, d, l);
+  T* res_in = block_input(a, d, l);
+  T* res_out = block_output(a, d, l);
   ExpertExchange* ex = m.exchange;
-  const int64_t moe_l = l - d.dense_layers;
-  const int64_t key = d.is_moe(l) ? exchange_key(m, r.slot, moe_l) : 0;
+  const bool moe = d.block_moe(l);
+  const int64_t moe_l = d.moe_index(l);
+  const int64_t key = moe ? exchange_key(m, r.slot, moe_l) : 0;
   switch (r.phase) {
     case 0:
       if (d.mla()) {
@@ -160,7 +251,7 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
       exchange_progress(m);
       cpu::rmsnorm_forward<T>(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
                               static_cast<T>(d.norm_eps));
-      if (!d.is_moe(l)) {
+      if (!moe) {
         dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
         break;
       }
@@ -205,10 +296,17 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
 
 template <typename T>
 bool forward_step(Model<T>& m, ChunkRun& r) {
+  const ModelDims& d = m.d;
   if (!r.started) forward_begin(m, r);
-  while (r.layer < r.l1)
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  const int64_t end = r.l1 == d.L ? d.L + a.mtp_run : r.l1;
+  while (r.layer < end) {
+    const bool mtp = r.layer >= d.L;
+    if (mtp && r.phase == 0) mtp_forward_input(m, a, r.layer - d.L);
     if (forward_layer(m, r)) return true;
-  if (r.l1 == m.d.L) forward_head(m, r);
+    if (mtp) mtp_forward_output(m, a, r.layer - 1 - d.L, r.loss);
+  }
+  if (r.l1 == d.L) forward_head(m, r);
   r.done = true;
   return false;
 }
@@ -223,8 +321,64 @@ void head_backward_input(Model<T>& m, Activations<T>& a, T dloss_ce, int64_t N) 
   const T* res_last = a.res + d.L * N * C;
   cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
   cpu::matmul_backward_input<T>(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
-  std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+  // The first MTP module's hidden-state gradient joins the final norm's.
+  if (a.mtp_run > 0) {
+    std::memcpy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
+  } else {
+    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+  }
   cpu::rmsnorm_backward_input<T>(a.dres, a.dlnf, res_last, m.p.final_norm, a.rstdf, N, C);
+}
+
+// MTP module k's loss back to its block's output: a.dres = the next module's hidden-state
+// gradient + the final norm's input gradient. Weight gradients too (the head's and the
+// final norm's). a.dlogits and a.dlnf serve as scratch: the main head's input pass, which
+// keeps them, comes after the modules.
+template <typename T>
+void mtp_backward_output(Model<T>& m, Activations<T>& a, int64_t k, T dloss_ce) {
+  const ModelDims& d = m.d;
+  const int64_t N = a.B * a.Tcur, C = d.C;
+  const MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
+  const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
+  const T dloss = dloss_ce * static_cast<T>(d.mtp_weight / static_cast<double>(d.mtp));
+  cpu::cross_entropy_backward<T>(a.dlogits, ma.probs, ma.targets, dloss, N, d.V);
+  cpu::matmul_backward_input<T>(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
+  cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, ma.lnf, N, C, d.V);
+  if (k + 1 == a.mtp_run) {
+    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+  } else {
+    std::memcpy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
+  }
+  cpu::rmsnorm_backward_input<T>(a.dres, a.dlnf, ma.out, mp.final_norm, ma.rstdf, N, C);
+  cpu::rmsnorm_backward_weight<T>(m.g.mtp[static_cast<size_t>(k)].final_norm, a.dlnf, ma.out,
+                                  ma.rstdf, N, C);
+}
+
+// MTP module k's block input gradient (a.dres) back through eh_proj, the two norms and the
+// embedding (into g.wte); leaves the previous depth's hidden-state gradient in a.mtp_dh.
+template <typename T>
+void mtp_backward_input(Model<T>& m, Activations<T>& a, int64_t k) {
+  const ModelDims& d = m.d;
+  const int64_t N = a.B * a.Tcur, C = d.C;
+  const MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
+  const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
+  MtpParams<T>& mg = m.g.mtp[static_cast<size_t>(k)];
+  cpu::matmul_backward_input<T>(a.mtp_dcat, a.dres, mp.eh_proj, N, 2 * C, C);
+  cpu::matmul_backward_weight<T>(mg.eh_proj, a.dres, ma.cat, N, 2 * C, C);
+  // [d enorm out | d hnorm out], each through its norm.
+  T* de = a.tmp;
+  T* dh = a.dlnf;
+  half_rows(a.mtp_dcat, de, N, C, 0, false);
+  half_rows(a.mtp_dcat, dh, N, C, C, false);
+  const size_t NC = static_cast<size_t>(N * C);
+  std::memset(a.mtp_demb, 0, sizeof(T) * NC);
+  cpu::rmsnorm_backward_input<T>(a.mtp_demb, de, ma.emb, mp.enorm, ma.e_rstd, N, C);
+  cpu::rmsnorm_backward_weight<T>(mg.enorm, de, ma.emb, ma.e_rstd, N, C);
+  cpu::embedding_backward<T>(m.g.wte, a.mtp_demb, ma.tokens, N, C);
+  const T* h_prev = mtp_h_prev(m, a, k);
+  std::memset(a.mtp_dh, 0, sizeof(T) * NC);
+  cpu::rmsnorm_backward_input<T>(a.mtp_dh, dh, h_prev, mp.hnorm, ma.h_rstd, N, C);
+  cpu::rmsnorm_backward_weight<T>(mg.hnorm, dh, h_prev, ma.h_rstd, N, C);
 }
 
 template <typename T>
@@ -242,8 +396,8 @@ void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
   const ModelDims& d = m.d;
   const int64_t N = a.B * a.Tcur;
   const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
-  if (d.is_moe(l)) {
+  LayerParams<T>& lg = block_params(m.g, d, l);
+  if (d.block_moe(l)) {
     moe_layer_router_shared_backward_weight<T>(lg, la, la.ln2, d, N);
   } else {
     dense_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
@@ -253,10 +407,9 @@ void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
 
 template <typename T>
 void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
-  const int64_t N = a.B * a.Tcur;
   LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const T* res_in = a.res + l * N * m.d.C;
-  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
+  const T* res_in = block_input(a, m.d, l);
+  const LayerParams<T>& lp = block_params(m.q, m.d, l);
   if (m.d.mla()) {
     mla_block_backward_input<T>(a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
   } else {
@@ -265,11 +418,11 @@ void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
 }
 
 template <typename T>
-void attention_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
+void attention_half_backward_weight(Model<T>& m, Activations<T>& a, int64_t l) {
   const int64_t N = a.B * a.Tcur;
-  LayerParams<T>& lg = m.g.layers[static_cast<size_t>(l)];
+  LayerParams<T>& lg = block_params(m.g, m.d, l);
   const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const T* res_in = a.res + l * N * m.d.C;
+  const T* res_in = block_input(a, m.d, l);
   if (m.d.mla()) {
     mla_block_backward_weight<T>(lg, la, res_in, m.d, N);
   } else {
@@ -295,10 +448,18 @@ void backward_begin(Model<T>& m, ChunkRun& r) {
           "slot %d layer %lld: %s", r.slot, (long long)l, why);
   CHECK(!embedding || a.embedding_weight_pending == want_pending, "slot %d embedding: %s",
         r.slot, why);
-  r.layer = r.l1 - 1;
+  // The MTP modules' blocks come first, when the forward ran them.
+  const bool mtp = head && r.part != BackwardPart::kWeight && a.mtp_run > 0;
+  r.layer = mtp ? d.L + a.mtp_run - 1 : r.l1 - 1;
   r.phase = 0;
   r.started = true;
-  if (!head || r.part == BackwardPart::kWeight) return;
+  r.head_done = !head || r.part == BackwardPart::kWeight;
+}
+
+// The main head's input pass (after the MTP modules, whose gradient it adds).
+template <typename T>
+void backward_head(Model<T>& m, ChunkRun& r) {
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   // Stage numbers for grads_ready count from the loss side of the whole model.
   head_backward_input(m, a, static_cast<T>(r.dloss_ce), a.B * a.Tcur);
   if (r.part == BackwardPart::kFull) {
@@ -307,6 +468,7 @@ void backward_begin(Model<T>& m, ChunkRun& r) {
   } else {
     a.head_weight_pending = true;
   }
+  r.head_done = true;
 }
 
 // The weight pass of a split backward: no communication, so one piece.
@@ -343,17 +505,20 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
   Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   const int64_t l = r.layer, N = a.B * a.Tcur, C = d.C;
   LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
-  const LayerParams<T>& lp = m.q.layers[static_cast<size_t>(l)];
+  const LayerParams<T>& lp = block_params(m.q, d, l);
+  LayerParams<T>& lg = block_params(m.g, d, l);
   const LayerKept<T>& k = la.kept;
-  const bool full = r.part == BackwardPart::kFull;
+  // An MTP block's weight gradients come with its input gradients (model.h).
+  const bool full = r.part == BackwardPart::kFull || l >= d.L;
   ExpertExchange* ex = m.exchange;
-  const int64_t key = d.is_moe(l) ? exchange_key(m, r.slot, l - d.dense_layers) : 0;
+  const bool moe = d.block_moe(l);
+  const int64_t key = moe ? exchange_key(m, r.slot, d.moe_index(l)) : 0;
   // Mirror of the forward: output gradients travel to the experts (into kept.dyg, in xg's
   // rows), input gradients come back into dxp. With ep = 1 xg's rows are xp's: dyg is dyp
   // itself and the experts write dxp directly.
   switch (r.phase) {
     case 0:
-      if (!d.is_moe(l)) {
+      if (!moe) {
         dense_ffn_backward_input<T>(k.dln2, la, a.dres, lp, a, d, N);
         break;
       }
@@ -368,7 +533,7 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
       local_wire_round(d, true, k.dyg, N * d.K);
       moe_layer_experts_backward_input<T>(a.dxp, la, lp, a, d);
       local_wire_round(d, false, a.dxp, N * d.K);
-      if (full) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)], la, d);
+      if (full) moe_layer_experts_backward_weight<T>(lg, la, d);
       r.phase = 2;
       [[fallthrough]];
     case 2:
@@ -379,23 +544,25 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
       ex->finish(r.lane);
       moe_layer_experts_backward_input<T>(a.dxg, la, lp, a, d);
       exchange_start<T>(ex, false, r.lane, key, a.dxp, a.dxg, C);
-      if (full) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)], la, d);
+      if (full) moe_layer_experts_backward_weight<T>(lg, la, d);
       exchange_progress(m);
       r.phase = 2;
       return true;
   }
   // FFN input gradient is in kept.dln2: through the norm, onto the residual gradient.
   cpu::rmsnorm_backward_input<T>(a.dres, k.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
+  // An MTP block's gradients are part of stage 0, which the main head reports after them.
+  const bool report = l < d.L;
   if (full) {
     ffn_half_backward_weight(m, a, l);
     // Mid-layer: nothing new is final, but in-flight reductions get a chance to progress.
-    grads_ready(m, d.L - l - 1);
+    if (report) grads_ready(m, d.L - l - 1);
   }
   exchange_progress(m);
   attention_half_backward_input(m, a, l);
   if (full) {
     attention_half_backward_weight(m, a, l);
-    grads_ready(m, d.L - l);
+    if (report) grads_ready(m, d.L - l);
   } else {
     la.weight_pending = true;
   }
@@ -412,10 +579,18 @@ bool backward_step(Model<T>& m, ChunkRun& r) {
     r.done = true;
     return false;
   }
+  const ModelDims& d = m.d;
+  Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
+  while (r.layer >= d.L) {  // the MTP modules, last first
+    const int64_t k = r.layer - d.L;
+    if (r.phase == 0) mtp_backward_output(m, a, k, static_cast<T>(r.dloss_ce));
+    if (backward_layer(m, r)) return true;
+    mtp_backward_input(m, a, k);
+  }
+  if (!r.head_done) backward_head(m, r);
   while (r.layer >= r.l0)
     if (backward_layer(m, r)) return true;
   if (r.l0 == 0) {
-    Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
     const int64_t N = a.B * a.Tcur;
     if (r.part == BackwardPart::kFull) {
       cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, m.d.C);
@@ -501,6 +676,7 @@ double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets,
                      int64_t T_, bool training) {
   const ChunkLoss r = model_chunk_forward<T>(m, 0, 0, m.d.L, tokens, targets, B, T_, training);
   m.aux_loss_sum = targets ? r.aux_sum : 0.0;
+  m.mtp_ce_sum = r.mtp_ce_sum;
   return r.ce_mean;
 }
 

@@ -45,9 +45,11 @@ struct ModelDims {
   // heads), v_hd value dims. NKV and HD are unused then.
   AttentionKind attn = AttentionKind::kMha;
   int64_t q_lora = 0, kv_lora = 0, qk_nope = 0, qk_rope = 0, v_hd = 0;
-  // Multi-token prediction depth (MtpParams); their blocks are MoE when the model has MoE
-  // layers.
+  // Multi-token prediction (DeepSeek-V3 section 2.2): depth (MtpParams; their blocks are MoE
+  // when the model has MoE layers) and the loss weight lambda: the objective is
+  // CE + (lambda / mtp) sum_k CE_k.
   int64_t mtp = 0;
+  double mtp_weight = 0.3;
   // The inputs of the linear layers' GEMMs (attention projections, dense FFN, shared and
   // routed experts; see model/linear.h); embedding, head, router, norms and the attention
   // core stay in T.
@@ -88,6 +90,13 @@ struct ModelDims {
   bool is_moe(int64_t l) const { return l >= dense_layers; }
   bool mtp_moe() const { return dense_layers < L; }
   int64_t n_moe_layers() const { return L - dense_layers; }
+  // Transformer blocks: the L layers, then the mtp modules' blocks (block L + k is module
+  // k's). MoE blocks are numbered 0.. in the same order: the router-bias, load and exchange
+  // arrays hold n_moe_blocks rows.
+  int64_t n_blocks() const { return L + mtp; }
+  bool block_moe(int64_t b) const { return b < L ? is_moe(b) : mtp_moe(); }
+  int64_t n_moe_blocks() const { return n_moe_layers() + (mtp_moe() ? mtp : 0); }
+  int64_t moe_index(int64_t b) const { return b < L ? b - dense_layers : n_moe_layers() + (b - L); }
 };
 
 // One named parameter tensor inside the flat parameter buffer.
@@ -114,6 +123,10 @@ struct ModelPart {
     if (layer < 0) return embedding;
     if (layer >= static_cast<int64_t>(layers.size())) return head;
     return holds_layer(layer);
+  }
+  // Transformer block b (ModelDims::n_blocks): the MTP modules' are held with the head.
+  bool holds_block(int64_t b) const {
+    return b < static_cast<int64_t>(layers.size()) ? holds_layer(b) : head;
   }
 };
 inline ModelPart model_part_whole(const ModelDims& d) {
@@ -144,9 +157,11 @@ struct LayerParams {
 };
 
 // One multi-token-prediction module (DeepSeek-V3 section 2.2): the next token's embedding and
-// the previous depth's hidden state, each RMSNormed, concatenated [h | e] and projected by
+// the previous depth's hidden state, each RMSNormed, concatenated [e | h] and projected by
 // eh_proj (C, 2C), then one transformer block of the last layer's kind, then final_norm
-// before the shared head.
+// before the shared head. The report writes the concatenation [h; e]; the released weights'
+// eh_proj reads [enorm(emb) | hnorm(h)] (as the inference engines that load them do), and
+// exported checkpoints must load there, so that is the order here.
 template <typename T>
 struct MtpParams {
   T *enorm, *hnorm;  // (C)
@@ -253,6 +268,25 @@ struct LayerActs {
   bool weight_pending;     // split backward: kInput ran, its kWeight has not yet
 };
 
+// What multi-token-prediction module k saves (held with the head). Module k predicts the
+// token k + 2 ahead: at position i it embeds t_{i+k+1} (targets[i + k]) and is scored on
+// t_{i+k+2} (targets[i + k + 1]); past the sequence's end the token is 0 and the target -1.
+template <typename T>
+struct MtpActs {
+  int32_t* tokens;   // (N) embedded
+  int32_t* targets;  // (N)
+  T* emb;            // (N, C) the embedding of tokens
+  T* e_rstd;         // (N) enorm's
+  T* h_rstd;         // (N) hnorm's (of the previous depth's hidden state)
+  T* cat;            // (N, 2C) [enorm(emb) | hnorm(h_prev)]: eh_proj's input
+  T* x;              // (N, C) eh_proj's output: the block's input
+  T* out;            // (N, C) the block's output: the next module's h_prev
+  T* lnf;            // (N, C) final_norm's output
+  T* rstdf;          // (N)
+  T* probs;          // (N, V)
+  T* losses;         // (N)
+};
+
 // One activation slot: what one micro-batch in flight saves for its backward (every held
 // layer), and the scratch its forward and backward use. A pipeline rank has one slot per
 // micro-batch it may hold at once; one process has one.
@@ -262,7 +296,12 @@ struct Activations {
   int32_t* tokens;   // (N)
   int32_t* targets;  // (N)
   T* res;            // (L + 1, N, C) residual stream entering each layer, and the last
-  std::vector<LayerActs<T>> layers;  // (L); only held layers have buffers
+  std::vector<LayerActs<T>> layers;  // (n_blocks): the layers, then the MTP modules' blocks;
+                                     // only held ones have buffers
+  std::vector<MtpActs<T>> mtp;       // (mtp) with the head
+  // MTP modules the last forward of the head ran: d.mtp when training with targets, else 0.
+  // Its backward runs them too.
+  int64_t mtp_run = 0;
   T* lnf;     // (N, C)
   T* rstdf;   // (N)
   T* logits;  // (N, V)
@@ -293,6 +332,12 @@ struct Activations {
   T* dxg;           // (R_max, C) local experts' input gradient (ep > 1)
   T* dgate;         // (N, K)
   T* dscores;       // (N, E)
+  // MTP only (null otherwise): the modules' logits (forward), eh_proj's input gradient, the
+  // embedding's gradient, and the gradient flowing to the previous depth's hidden state.
+  T* mtp_logits;    // (N, V)
+  T* mtp_dcat;      // (N, 2C)
+  T* mtp_demb;      // (N, C)
+  T* mtp_dh;        // (N, C)
 };
 
 // Rows the local experts of one MoE layer may receive, whatever the routing: every token of
@@ -335,9 +380,10 @@ struct Model {
   std::vector<Activations<T>> slots;  // activation slots, at least one
   T* rope_cos = nullptr;  // (T, rope_dim/2)
   T* rope_sin = nullptr;
-  float* router_bias = nullptr;   // (L - dense_layers, E): selection-only bias, no gradient
-  int64_t* expert_load = nullptr; // (L - dense_layers, E): tokens routed this step
-  double aux_loss_sum = 0;  // set by model_forward: summed over sequences and MoE layers
+  float* router_bias = nullptr;   // (n_moe_blocks, E): selection-only bias, no gradient
+  int64_t* expert_load = nullptr; // (n_moe_blocks, E): tokens routed this step
+  double aux_loss_sum = 0;  // set by model_forward: summed over sequences and MoE blocks
+  double mtp_ce_sum = 0;    // set by model_forward: sum over modules and tokens of their CE
 };
 
 // The parameter table (names, shapes, offsets) of a model; the same for every T. Replicated
@@ -398,22 +444,29 @@ void model_quantize_weights(Model<T>& m);
 
 // Forward over tokens (B, T) (T <= d.T). With targets, returns the mean cross-entropy over
 // targets >= 0 (and sets aux_loss_sum); without, computes logits only and returns 0.
-// `training` adds this batch's routing counts to expert_load.
+// `training` adds this batch's routing counts to expert_load and, with targets, runs the MTP
+// modules (setting mtp_ce_sum; evaluation skips them).
 template <typename T>
 double model_forward(Model<T>& m, const int32_t* tokens, const int32_t* targets, int64_t B,
                      int64_t T_, bool training);
 
 // Backward of the last forward: accumulates (+=) into m.grads the gradient of
-//   dloss_ce * sum_tokens(CE) + dloss_aux * aux_loss_sum.
+//   dloss_ce * (sum_tokens(CE) + mtp_weight / mtp * mtp_ce_sum) + dloss_aux * aux_loss_sum.
 template <typename T>
 void model_backward(Model<T>& m, T dloss_ce, T dloss_aux);
 
 // Model chunks: a contiguous range of layers [l0, l1) run for the micro-batch held in an
-// activation slot. l0 == 0 includes the embedding, l1 == L the final norm, head and loss.
+// activation slot. l0 == 0 includes the embedding, l1 == L the final norm, head and loss,
+// and the MTP modules (which read the embedding: a rank holding the head of a model with
+// d.mtp > 0 must hold the embedding too). The MTP modules' weight gradients are computed
+// with their input gradients (in kFull and kInput alike): their block's expert exchange
+// must run in a pass that communicates, and it saves keeping their output gradients.
 // model_forward / model_backward are the chunk [0, L) in slot 0.
 struct ChunkLoss {
   double ce_mean = 0;  // mean cross-entropy over targets >= 0 (l1 == L with targets)
-  double aux_sum = 0;  // balance loss of the chunk's MoE layers, summed over sequences
+  double aux_sum = 0;  // balance loss of the chunk's MoE blocks, summed over sequences
+  double mtp_ce_sum = 0;   // the MTP modules' cross-entropy summed over modules and targets
+  double mtp_ce_mean = 0;  // the mean over modules of each one's mean cross-entropy
 };
 // Forward of layers [l0, l1) over (B, T_) tokens. tokens are read when l0 == 0 and targets
 // when l1 == L (may be null: logits only); otherwise the chunk's input must already be in
@@ -435,7 +488,8 @@ T* model_chunk_grad(Model<T>& m, int slot);
 //   kFull   both gradients; calls grads_ready as each stage completes (and mid-layer).
 //   kInput  the input gradients only: the residual gradient flows from l1 down to l0 (the
 //           EP exchange included); what the weight gradients need stays in the slot
-//           (LayerKept, dlogits / dlnf / dres0). No grads_ready calls, no weight gradient.
+//           (LayerKept, dlogits / dlnf / dres0). No grads_ready calls, no weight gradient
+//           (but the MTP modules', see above).
 //   kWeight later, the chunk's weight gradients (+=) from what its kInput kept; no
 //           communication. Walks the head (when l1 == L), then layers l1 - 1 down to l0,
 //           then the embedding (l0 == 0), calling grads_ready after each.
@@ -469,8 +523,8 @@ struct ChunkRun {
   bool training = false;
   double dloss_ce = 0, dloss_aux = 0;  // backward
   // Progress, owned by model_chunk_step.
-  bool started = false, done = false;
-  int64_t layer = 0;  // the layer in progress
+  bool started = false, done = false, head_done = false;
+  int64_t layer = 0;  // the block in progress (>= L: an MTP module's)
   int phase = 0;      // where in it
   ChunkLoss loss;
 };
@@ -490,6 +544,9 @@ struct ModelCounts {
   int64_t active_matmul = 0;
   int64_t embedding = 0;
   int64_t mtp = 0;    // the MTP modules' own parameters (embedding and head are shared)
+  // Matmul weights a token passes through in the MTP modules: each module's eh_proj, block
+  // (as active_matmul counts a layer) and the shared head.
+  int64_t mtp_active_matmul = 0;
 };
 ModelCounts model_counts(const ModelDims& d);
 
@@ -497,6 +554,8 @@ ModelCounts model_counts(const ModelDims& d);
 // backward of QK^T and PV over the full T x T window, the PaLM convention; 12 L T d_attn for
 // standard attention).
 double model_flops_per_token(const ModelDims& d);
+// The same for the MTP modules (what training adds to the main model's FLOPs).
+double model_mtp_flops_per_token(const ModelDims& d);
 
 // Activation bytes for one micro-batch of B sequences (element size elem): what an activation
 // slot holds, saved tensors and per-slot scratch.

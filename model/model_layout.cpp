@@ -159,10 +159,10 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
   GemmWorkspace<T> w;
   if (d.precision == PrecisionMode::kFp32) return w;
   bool any_dense = false, any_moe = false;
-  for (int64_t l = 0; l < d.L; ++l) {
-    if (!part.holds_layer(l)) continue;
-    any_dense |= !d.is_moe(l);
-    any_moe |= d.is_moe(l);
+  for (int64_t b = 0; b < d.n_blocks(); ++b) {
+    if (!part.holds_block(b)) continue;
+    any_dense |= !d.block_moe(b);
+    any_moe |= d.block_moe(b);
   }
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t R = any_moe ? static_cast<size_t>(moe_rows_max(d, B * d.T)) : 0;
@@ -204,12 +204,12 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.tokens = c.take<int32_t>(N);
   a.targets = c.take<int32_t>(N);
   a.res = c.take<T>(static_cast<size_t>(d.L + 1) * N * C);
-  a.layers.resize(static_cast<size_t>(d.L));
+  a.layers.resize(static_cast<size_t>(d.n_blocks()));
   bool any_dense = false, any_moe = false;
-  for (int64_t l = 0; l < d.L; ++l) {
-    if (!part.holds_layer(l)) continue;
-    any_dense |= !d.is_moe(l);
-    any_moe |= d.is_moe(l);
+  for (int64_t b = 0; b < d.n_blocks(); ++b) {
+    if (!part.holds_block(b)) continue;
+    any_dense |= !d.block_moe(b);
+    any_moe |= d.block_moe(b);
   }
   const PrecisionMode pm = d.precision;
   const bool q = pm != PrecisionMode::kFp32;
@@ -231,10 +231,11 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   auto take_saved = [&](size_t rows, size_t cols) {
     return linear_saved_carve(c, static_cast<int64_t>(rows), static_cast<int64_t>(cols), pm);
   };
-  for (int64_t l = 0; l < d.L; ++l) {
+  for (int64_t l = 0; l < d.n_blocks(); ++l) {
     LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
     la = LayerActs<T>{};
-    if (!part.holds_layer(l)) continue;
+    if (!part.holds_block(l)) continue;
+    const bool moe = d.block_moe(l);
     la.res_mid = c.take<T>(N * C);
     la.ln1 = q ? ws.ln1 : c.take<T>(N * C);
     la.rstd1 = c.take<T>(N);
@@ -255,13 +256,13 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
     }
     la.probs = c.take<T>(TT);
     la.attn_out = q ? ws.attn_out : c.take<T>(N * HA);
-    la.ln2 = q && !d.is_moe(l) ? ws.ln2 : c.take<T>(N * C);
+    la.ln2 = q && !moe ? ws.ln2 : c.take<T>(N * C);
     la.rstd2 = c.take<T>(N);
     if (q) {
       la.saved_ln1 = take_saved(N, C);
       la.saved_attn_out = take_saved(N, HA);
     }
-    if (!d.is_moe(l)) {
+    if (!moe) {
       la.gu = c.take<T>(N * 2 * F);
       la.h = q ? ws.h : c.take<T>(N * F);
       if (q) {
@@ -293,14 +294,34 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
         if (d.S > 0) la.saved_sh = take_saved(N, S);
       }
     }
-    if (split_backward) la.kept = kept_layout<T>(d, N, R, !d.is_moe(l), d.is_moe(l), c);
+    if (split_backward) la.kept = kept_layout<T>(d, N, R, !moe, moe, c);
   }
   a.split_backward = split_backward;
   if (!split_backward && (any_dense || any_moe)) {
     const LayerKept<T> shared = kept_layout<T>(d, N, R, any_dense, any_moe, c);
-    for (int64_t l = 0; l < d.L; ++l)
-      if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].kept = shared;
+    for (int64_t l = 0; l < d.n_blocks(); ++l)
+      if (part.holds_block(l)) a.layers[static_cast<size_t>(l)].kept = shared;
   }
+  a.mtp.assign(part.head ? static_cast<size_t>(d.mtp) : 0, MtpActs<T>{});
+  for (MtpActs<T>& ma : a.mtp) {
+    ma.tokens = c.take<int32_t>(N);
+    ma.targets = c.take<int32_t>(N);
+    ma.emb = c.take<T>(N * C);
+    ma.e_rstd = c.take<T>(N);
+    ma.h_rstd = c.take<T>(N);
+    ma.cat = c.take<T>(N * 2 * C);
+    ma.x = c.take<T>(N * C);
+    ma.out = c.take<T>(N * C);
+    ma.lnf = c.take<T>(N * C);
+    ma.rstdf = c.take<T>(N);
+    ma.probs = c.take<T>(N * static_cast<size_t>(d.V));
+    ma.losses = c.take<T>(N);
+  }
+  const bool mtp = !a.mtp.empty();
+  a.mtp_logits = mtp ? c.take<T>(N * static_cast<size_t>(d.V)) : nullptr;
+  a.mtp_dcat = mtp ? c.take<T>(N * 2 * C) : nullptr;
+  a.mtp_demb = mtp ? c.take<T>(N * C) : nullptr;
+  a.mtp_dh = mtp ? c.take<T>(N * C) : nullptr;
   a.lnf = c.take<T>(N * C);
   a.rstdf = c.take<T>(N);
   a.logits = c.take<T>(N * static_cast<size_t>(d.V));
@@ -325,8 +346,8 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.dxg = ep ? c.take<T>(R * C) : nullptr;
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
-  for (int64_t l = 0; l < d.L; ++l)
-    if (part.holds_layer(l)) a.layers[static_cast<size_t>(l)].lin = ws.lin;
+  for (int64_t l = 0; l < d.n_blocks(); ++l)
+    if (part.holds_block(l)) a.layers[static_cast<size_t>(l)].lin = ws.lin;
 }
 
 void dims_check(const ModelDims& d) {
@@ -349,6 +370,7 @@ void dims_check(const ModelDims& d) {
           (long long)d.E, (long long)d.ep);
   }
   if (d.dense_layers > 0) CHECK(d.F >= 1);
+  CHECK(d.mtp >= 0 && d.mtp_weight >= 0, "mtp %lld weight %g", (long long)d.mtp, d.mtp_weight);
 }
 
 }  // namespace
@@ -435,6 +457,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   CHECK(static_cast<int64_t>(part.layers.size()) == d.L);
   // A tied head is the embedding: both or neither.
   CHECK(!d.tie_embeddings || part.embedding == part.head, "tied embeddings split across ranks");
+  CHECK(d.mtp == 0 || !part.head || part.embedding, "the MTP modules need the embedding");
   m.d = d;
   m.B_max = B_max;
   m.part = part;
@@ -466,12 +489,23 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
     m.q.wte = m.p.wte;
     m.q.final_norm = m.p.final_norm;
     m.q.lm_head = m.p.lm_head;
-    for (size_t l = 0; l < m.q.layers.size(); ++l) {
-      m.q.layers[l].attn_norm = m.p.layers[l].attn_norm;
-      m.q.layers[l].ffn_norm = m.p.layers[l].ffn_norm;
-      m.q.layers[l].router = m.p.layers[l].router;
-      m.q.layers[l].q_norm = m.p.layers[l].q_norm;
-      m.q.layers[l].kv_norm = m.p.layers[l].kv_norm;
+    auto alias_block = [](LayerParams<T>& q, const LayerParams<T>& p) {
+      q.attn_norm = p.attn_norm;
+      q.ffn_norm = p.ffn_norm;
+      q.router = p.router;
+      q.q_norm = p.q_norm;
+      q.kv_norm = p.kv_norm;
+    };
+    for (size_t l = 0; l < m.q.layers.size(); ++l) alias_block(m.q.layers[l], m.p.layers[l]);
+    // eh_proj stays in T, like the head: the modules read their own parameters from p.
+    for (size_t k = 0; k < m.q.mtp.size(); ++k) {
+      MtpParams<T>& q = m.q.mtp[k];
+      const MtpParams<T>& p = m.p.mtp[k];
+      alias_block(q.block, p.block);
+      q.enorm = p.enorm;
+      q.hnorm = p.hnorm;
+      q.eh_proj = p.eh_proj;
+      q.final_norm = p.final_norm;
     }
   }
   m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
@@ -488,7 +522,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
       a.rope_sin = m.rope_sin;
     }
   });
-  const size_t moe_e = static_cast<size_t>(d.n_moe_layers() * d.E);
+  const size_t moe_e = static_cast<size_t>(d.n_moe_blocks() * d.E);
   m.state_arena = arena_build("router state", [&](Carver& c) {
     m.router_bias = c.take<float>(moe_e);
     m.expert_load = c.take<int64_t>(moe_e);
@@ -511,8 +545,8 @@ void model_init(Model<T>& m, uint64_t seed) {
     for (size_t j = 0; j < info.count; ++j)
       p[j] = is_norm ? T(1) : static_cast<T>(m.d.init_std * rng_normal(seed, stream, first + j));
   }
-  std::memset(m.router_bias, 0, sizeof(float) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
-  std::memset(m.expert_load, 0, sizeof(int64_t) * static_cast<size_t>(m.d.n_moe_layers() * m.d.E));
+  std::memset(m.router_bias, 0, sizeof(float) * static_cast<size_t>(m.d.n_moe_blocks() * m.d.E));
+  std::memset(m.expert_load, 0, sizeof(int64_t) * static_cast<size_t>(m.d.n_moe_blocks() * m.d.E));
 }
 
 template <typename T>
@@ -528,10 +562,13 @@ void model_quantize_weights(Model<T>& m) {
   auto quantize = [&](T* wq, const T* w, int64_t OC, int64_t IC) {
     if (w) linear_quantize_weight<T>(wq, w, OC, IC, IC, mode);
   };
-  for (int64_t l = 0; l < d.L; ++l) {
-    if (!m.part.holds_layer(l)) continue;
-    const LayerParams<T>& p = m.p.layers[static_cast<size_t>(l)];
-    LayerParams<T>& q = m.q.layers[static_cast<size_t>(l)];
+  for (int64_t l = 0; l < d.n_blocks(); ++l) {
+    if (!m.part.holds_block(l)) continue;
+    const bool mtp = l >= d.L;
+    const LayerParams<T>& p = mtp ? m.p.mtp[static_cast<size_t>(l - d.L)].block
+                                  : m.p.layers[static_cast<size_t>(l)];
+    LayerParams<T>& q = mtp ? m.q.mtp[static_cast<size_t>(l - d.L)].block
+                            : m.q.layers[static_cast<size_t>(l)];
     quantize(q.wqkv, p.wqkv, d.qkv(), d.C);
     quantize(q.wq, p.wq, d.NH * d.qk_hd(), d.C);
     quantize(q.wq_a, p.wq_a, d.q_lora, d.C);
@@ -539,7 +576,7 @@ void model_quantize_weights(Model<T>& m) {
     quantize(q.wkv_a, p.wkv_a, d.kv_lora + d.qk_rope, d.C);
     quantize(q.wkv_b, p.wkv_b, d.NH * (d.qk_nope + d.v_hd), d.kv_lora);
     quantize(q.wo, p.wo, d.C, d.d_attn());
-    if (!d.is_moe(l)) {
+    if (!d.block_moe(l)) {
       quantize(q.w13, p.w13, 2 * d.F, d.C);
       quantize(q.w2, p.w2, d.C, d.F);
       continue;
@@ -563,12 +600,18 @@ ModelCounts model_counts(const ModelDims& dims) {
   const int64_t dense = 3 * d.F * d.C;
   const int64_t moe = d.E * d.C + 3 * d.K * d.FE * d.C + 3 * d.S * d.C;
   c.active_matmul = d.L * attn + d.dense_layers * dense + d.n_moe_layers() * moe + d.V * d.C;
+  c.mtp_active_matmul = d.mtp * (2 * d.C * d.C + attn + (d.mtp_moe() ? moe : dense) + d.V * d.C);
   return c;
 }
 
 double model_flops_per_token(const ModelDims& d) {
   return 6.0 * static_cast<double>(model_counts(d).active_matmul) +
          6.0 * static_cast<double>(d.L * d.T * d.NH * (d.qk_hd() + d.v_dim()));
+}
+
+double model_mtp_flops_per_token(const ModelDims& d) {
+  return 6.0 * static_cast<double>(model_counts(d).mtp_active_matmul) +
+         6.0 * static_cast<double>(d.mtp * d.T * d.NH * (d.qk_hd() + d.v_dim()));
 }
 
 size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {

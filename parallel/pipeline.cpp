@@ -214,7 +214,10 @@ struct Runner {
   }
 
   void add_loss(int chunk, const ChunkLoss& r) {
-    if (pl().l1[chunk] == m.d.L) loss.ce_sum += r.ce_mean;
+    if (pl().l1[chunk] == m.d.L) {
+      loss.ce_sum += r.ce_mean;
+      loss.mtp_sum += r.mtp_ce_mean;
+    }
     loss.aux_sum += r.aux_sum;
   }
 

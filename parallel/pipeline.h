@@ -102,6 +102,8 @@ using PipelineBatch = std::function<void(int mb, int32_t* tokens, int32_t* targe
 struct PipelineLoss {
   double ce_sum = 0;   // summed over the micro-batches whose loss is computed here
   double aux_sum = 0;  // balance loss of this rank's MoE layers, summed over micro-batches
+  double mtp_sum = 0;  // the MTP modules' mean cross-entropy (ChunkLoss::mtp_ce_mean), summed
+                       // over the micro-batches whose loss is computed here
 };
 
 // One optimizer step's forwards and backwards (gradients accumulate into m.grads).

@@ -209,14 +209,7 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V, uint64_t seed) {
   return t;
 }
 
-// Norm weights away from their init of 1, so a norm weight read in the wrong place shows.
-template <typename T>
-void perturb_norms(Model<T>& m, uint64_t seed) {
-  for (const ParamInfo& p : m.table)
-    if (p.shape.size() == 1)
-      for (size_t i = 0; i < p.count; ++i)
-        m.params[p.offset + i] = static_cast<T>(1.0 + 0.3 * rng_normal(seed, 31, p.offset + i));
-}
+using test::perturb_norms;
 
 // ---- the forward against a naive reference ------------------------------------------------
 
@@ -383,37 +376,11 @@ void gradient_check(const ModelDims& d, uint64_t seed) {
   model_init<double>(m, seed);
   perturb_norms(m, seed);
   const std::vector<int32_t> x = random_tokens(N, d.V, seed), y = random_tokens(N, d.V, seed + 1);
-  model_zero_grads<double>(m);
-  const double base = objective(m, x, y, B, T);
-  ASSERT_TRUE(std::isfinite(base));
-  const std::vector<int32_t> base_routing = routing_of(m, N);
-  model_backward<double>(m, 1.0 / static_cast<double>(N), 1.0);
-  const std::vector<double> analytic(m.grads, m.grads + m.n_params);
-
-  // Fourth-order central differences: the second-order ones' truncation error (h^2 f(3) / 6)
-  // reaches 1.7e-6 at h = 1e-5 on the dense-only model, whose third derivatives are large.
-  double max_err = 0, max_grad = 0;
-  int64_t skipped = 0;
-  const double h = 2e-5;
-  for (size_t i = 0; i < m.n_params; ++i) {
-    const double saved = m.params[i];
-    double f[4];
-    bool flip = false;
-    const double steps[4] = {2 * h, h, -h, -2 * h};
-    for (int s = 0; s < 4; ++s) {
-      m.params[i] = saved + steps[s];
-      f[s] = objective(m, x, y, B, T);
-      flip |= routing_of(m, N) != base_routing;
-    }
-    m.params[i] = saved;
-    if (flip) {
-      ++skipped;
-      continue;
-    }
-    const double fd = (8 * (f[1] - f[2]) - (f[0] - f[3])) / (12 * h);
-    max_err = std::max(max_err, std::fabs(fd - analytic[i]));
-    max_grad = std::max(max_grad, std::fabs(analytic[i]));
-  }
+  const test::FdCheck fd = test::fd_check_fourth_order(m, x, y, B, T);
+  ASSERT_TRUE(std::isfinite(fd.base));
+  const double max_err = fd.max_err, max_grad = fd.max_grad;
+  const int64_t skipped = fd.skipped;
+  const std::vector<double>& analytic = fd.analytic;
   std::printf("max |fd - analytic| %.2e, max |grad| %.2e, %lld routing flips\n", max_err, max_grad,
               static_cast<long long>(skipped));
   EXPECT_GT(max_grad, 1e-3) << "gradients are all ~zero: the check would prove nothing";

@@ -138,7 +138,7 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   if (!grid.is_root()) return 0;
   const double tokens = static_cast<double>(cfg.training.global_batch) * static_cast<double>(T_);
   const double tps = tokens / dt;
-  const double fpt = model_flops_per_token(s.model.d);
+  const double fpt = model_flops_per_token(s.model.d) + model_mtp_flops_per_token(s.model.d);
   const double mfu = tps * fpt / peak;
   const ModelCounts counts = model_counts(s.model.d);
   if (opt.json) {

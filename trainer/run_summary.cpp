@@ -130,6 +130,9 @@ std::string run_summary(const Config& cfg) {
   s += strprintf("FLOPs per token: %.4g (6 x active + 6 x layers x seq_len x heads x (qk + v head "
                  "dims)); per step: %.4g\n",
                  fpt, fpt * cfg.training.global_batch * cfg.model.seq_len);
+  if (d.mtp > 0)
+    s += strprintf("  multi-token prediction adds %.4g FLOPs per token in training (MFU counts "
+                   "them)\n", model_mtp_flops_per_token(d));
   s += strprintf("step: global batch %d sequences = %d micro-batches of %d, %lld tokens\n",
                  cfg.training.global_batch,
                  cfg.training.global_batch / (cfg.training.micro_batch * cfg.parallel.dp),

@@ -15,8 +15,11 @@ namespace moe {
 
 namespace {
 
-std::string bias_path(const ModelDims& d, int64_t moe_layer) {
-  return "/router/layers/" + std::to_string(d.dense_layers + moe_layer) + "/bias";
+// MoE block moe_l's router bias (ModelDims::moe_index): a layer's, or an MTP module's.
+std::string bias_path(const ModelDims& d, int64_t moe_l) {
+  if (moe_l < d.n_moe_layers())
+    return "/router/layers/" + std::to_string(d.dense_layers + moe_l) + "/bias";
+  return "/router/mtp/" + std::to_string(moe_l - d.n_moe_layers()) + "/bias";
 }
 
 CheckpointInfo read_info(const CheckpointReader& r) {
@@ -102,7 +105,7 @@ void load_model_tensors(Model<float>& m, const CheckpointReader& r, TrainState* 
       });
     }
   }
-  for (int64_t l = 0; l < m.d.n_moe_layers(); ++l)
+  for (int64_t l = 0; l < m.d.n_moe_blocks(); ++l)
     r.read_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
 }
 
@@ -201,7 +204,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     }
   }
   if (writer) {
-    for (int64_t l = 0; l < m.d.n_moe_layers(); ++l)
+    for (int64_t l = 0; l < m.d.n_moe_blocks(); ++l)
       w->write_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
     w->commit();
   }

@@ -31,9 +31,6 @@ namespace {
 // later part of the project: refuse them clearly instead of silently training without them.
 void reject_unsupported(const Config& cfg) {
   const char* src = cfg.source.c_str();
-  if (cfg.model.mtp_depth != 0)
-    user_error("%s: model.mtp_depth = %d is not supported by this build yet (only 0)", src,
-               cfg.model.mtp_depth);
   if (cfg.run.device == Device::kCuda)
     user_error("%s: run.device = \"cuda\" is not supported by this build yet (use \"cpu\" or \"auto\")", src);
 }
@@ -151,7 +148,8 @@ int train_main(const Config& cfg) {
   // MFU is the job's throughput over the job's peak: the sum of every rank's measured share.
   double peak = sgemm_peak_flops(true);
   if (grid.world) grid.world->all_reduce_sum(&peak, 1);
-  const double flops_per_token = model_flops_per_token(s.model.d);
+  const double flops_per_token =
+      model_flops_per_token(s.model.d) + model_mtp_flops_per_token(s.model.d);
   if (root) std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
   std::fflush(stdout);
 
@@ -211,6 +209,7 @@ int train_main(const Config& cfg) {
     rec.add_int("step", step + 1).add("loss", st.loss).add("lr", st.lr)
         .add("grad_norm", st.grad_norm).add("tokens_per_s", tps).add("mfu", mfu)
         .add("imbalance", st.imbalance).add("aux_loss", st.aux_loss);
+    if (cfg.model.mtp_depth > 0) rec.add("mtp_loss", st.mtp_loss);
     const bool eval_now = val && cfg.log.eval_every > 0 &&
                           ((step + 1) % cfg.log.eval_every == 0 || step + 1 == steps);
     if (eval_now) {
@@ -224,9 +223,10 @@ int train_main(const Config& cfg) {
     if (std::isfinite(last_val)) pos.val_loss = last_val;
     if (root && ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps)) {
       bar.clear();
-      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | "
+      std::printf("step %5lld/%lld | loss %.4f%s | lr %.2e | grad norm %.3f | %.0f tok/s | "
                   "MFU %.1f%% | imbalance %.2f%s\n",
                   static_cast<long long>(step + 1), static_cast<long long>(steps), st.loss,
+                  cfg.model.mtp_depth > 0 ? strprintf(" (mtp %.4f)", st.mtp_loss).c_str() : "",
                   st.lr, st.grad_norm, tps, 100.0 * mfu, st.imbalance,
                   eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
       std::fflush(stdout);

@@ -87,10 +87,10 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
                      split_backward);
   model_init<float>(s.model, cfg.run.seed);
   Model<float>& m = s.model;
-  if (d.ep > 1 && d.n_moe_layers() > 0) {
+  if (d.ep > 1 && d.n_moe_blocks() > 0) {
     CHECK(grid && grid->ep_comm);
-    // One routing plan per (activation slot, MoE layer): each micro-batch in flight keeps its own.
-    s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_layers(),
+    // One routing plan per (activation slot, MoE block): each micro-batch in flight keeps its own.
+    s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_blocks(),
                                               moe_rows_max(d, B * d.T), d.C, exchange_lanes,
                                               d.dispatch_fp8 ? EpWireFormat::kFp8Bf16
                                                              : EpWireFormat::kFloat);
@@ -150,13 +150,13 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   const int64_t dp_rank = s.grid ? s.grid->dp_rank : 0, dp_size = s.grid ? s.grid->dp : 1;
   StepStats st;
   model_zero_grads<float>(m);
-  std::fill_n(m.expert_load, d.n_moe_layers() * d.E, int64_t{0});
+  std::fill_n(m.expert_load, d.n_moe_blocks() * d.E, int64_t{0});
   // The loss is the mean over every target token of the global batch; the balance loss the
   // mean over its sequences. Each micro-batch contributes its share of both gradients, so
   // the sum over micro-batches and ranks is the global batch's gradient.
   const float dloss_ce = 1.0f / static_cast<float>(global_batch * T_);
   const float dloss_aux = 1.0f / static_cast<float>(global_batch);
-  double sums[2] = {0, 0};  // cross-entropy means, balance losses
+  double sums[3] = {0, 0, 0};  // cross-entropy means, balance losses, MTP cross-entropy means
   grad_reducer_begin(s.reducer, m.grads);
   // The op that makes gradients final runs with the reducer watching each stage finish,
   // so each bucket's reduction starts as soon as its stage is done.
@@ -177,13 +177,17 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
     const PipelineLoss r = pipeline_run(*s.pipe, m, batch, dloss_ce, dloss_aux, watch_final);
     sums[0] = r.ce_sum;
     sums[1] = r.aux_sum;
+    sums[2] = r.mtp_sum;
   } else {
     for (int64_t i = 0; i < s.micro_batches; ++i) {
       const int64_t mb = dp_rank * s.micro_batches + i;
       source(s.window.data(), step, mb * B, B);
       windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
-      sums[0] += model_forward<float>(m, s.inputs.data(), s.targets.data(), B, T_, true);
-      sums[1] += m.aux_loss_sum;
+      const ChunkLoss r =
+          model_chunk_forward<float>(m, 0, 0, d.L, s.inputs.data(), s.targets.data(), B, T_, true);
+      sums[0] += r.ce_mean;
+      sums[1] += r.aux_sum;
+      sums[2] += r.mtp_ce_mean;
       const bool last = i + 1 == s.micro_batches;
       if (last) watch_final(true);
       model_backward<float>(m, dloss_ce, dloss_aux);
@@ -193,13 +197,14 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   grad_reducer_finish(s.reducer);
   // Each micro-batch's loss is computed on one rank and each MoE layer's load counted where
   // the layer runs, so sums over the whole job give the global batch's.
-  const int64_t n_moe = d.n_moe_layers() * d.E;
+  const int64_t n_moe = d.n_moe_blocks() * d.E;
   if (world) {
-    world->all_reduce_sum(sums, 2);
+    world->all_reduce_sum(sums, 3);
     world->all_reduce_sum(m.expert_load, n_moe);
   }
   st.loss = sums[0] / static_cast<double>(s.micro_batches * dp_size);
   st.aux_loss = sums[1] / static_cast<double>(global_batch);
+  st.mtp_loss = sums[2] / static_cast<double>(s.micro_batches * dp_size);
   // Every parameter element is in exactly one rank's shard of one region (DualPipe's two
   // copies share one group, so they count once).
   double sq = 0;
@@ -239,12 +244,12 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   // Auxiliary-loss-free balancing: once per step, from the whole global batch's load (the
   // same on every rank after the all-reduce, so every rank updates its biases identically).
   double imbalance = 0;
-  for (int64_t l = 0; l < d.n_moe_layers(); ++l) {
+  for (int64_t l = 0; l < d.n_moe_blocks(); ++l) {
     const int64_t* load = m.expert_load + l * d.E;
     imbalance += cpu::expert_load_imbalance(load, d.E);
     cpu::router_bias_update(m.router_bias + l * d.E, load, d.E, s.cfg.moe.bias_update_speed);
   }
-  st.imbalance = d.n_moe_layers() > 0 ? imbalance / static_cast<double>(d.n_moe_layers()) : 0;
+  st.imbalance = d.n_moe_blocks() > 0 ? imbalance / static_cast<double>(d.n_moe_blocks()) : 0;
   return st;
 }
 

@@ -72,7 +72,8 @@ struct StepStats {
   double aux_loss = 0;   // balance loss (mean over sequences, summed over layers)
   double grad_norm = 0;  // before clipping
   double lr = 0;
-  double imbalance = 0;  // mean over MoE layers of max load / mean load
+  double imbalance = 0;  // mean over MoE blocks of max load / mean load
+  double mtp_loss = 0;   // mean over the MTP modules of their cross-entropy (0 without)
 };
 
 // Allocates everything a step needs (nothing is allocated by train_step afterwards).
