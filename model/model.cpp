@@ -138,6 +138,19 @@ void forward_begin(Model<T>& m, ChunkRun& r) {
   r.started = true;
 }
 
+// The cross-entropy summed over the tokens with a target (>= 0), and how many there are.
+template <typename T>
+double scored_loss_sum(const T* losses, const int32_t* targets, int64_t N, int64_t* count) {
+  double sum = 0;
+  *count = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    if (targets[i] < 0) continue;
+    sum += static_cast<double>(losses[i]);
+    ++*count;
+  }
+  return sum;
+}
+
 template <typename T>
 void forward_head(Model<T>& m, ChunkRun& r) {
   const ModelDims& d = m.d;
@@ -149,13 +162,8 @@ void forward_head(Model<T>& m, ChunkRun& r) {
   cpu::matmul_forward<T>(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
   if (!r.targets) return;
   cpu::cross_entropy_forward<T>(a.losses, a.probs, a.logits, a.targets, N, d.V);
-  double sum = 0;
   int64_t count = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    if (a.targets[i] < 0) continue;
-    sum += static_cast<double>(a.losses[i]);
-    ++count;
-  }
+  const double sum = scored_loss_sum(a.losses, a.targets, N, &count);
   r.loss.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
 }
 
@@ -166,18 +174,16 @@ const T* mtp_h_prev(const Model<T>& m, const Activations<T>& a, int64_t k) {
   return k == 0 ? a.res + m.d.L * a.B * a.Tcur * m.d.C : a.mtp[static_cast<size_t>(k - 1)].out;
 }
 
-// Copies rows (N, C) into columns [col, col + C) of rows (N, 2C), or back.
+// Rows (N, C) into columns [col, col + C) of rows (N, 2C), and back out.
 template <typename T>
-void half_rows(T* wide, const T* narrow, int64_t N, int64_t C, int64_t col, bool to_wide) {
-  for (int64_t i = 0; i < N; ++i) {
-    T* w = wide + i * 2 * C + col;
-    const T* n = narrow + i * C;
-    if (to_wide) {
-      std::memcpy(w, n, sizeof(T) * static_cast<size_t>(C));
-    } else {
-      std::memcpy(const_cast<T*>(n), w, sizeof(T) * static_cast<size_t>(C));
-    }
-  }
+void rows_into_half(T* wide, const T* narrow, int64_t N, int64_t C, int64_t col) {
+  for (int64_t i = 0; i < N; ++i)
+    std::memcpy(wide + i * 2 * C + col, narrow + i * C, sizeof(T) * static_cast<size_t>(C));
+}
+template <typename T>
+void rows_from_half(T* narrow, const T* wide, int64_t N, int64_t C, int64_t col) {
+  for (int64_t i = 0; i < N; ++i)
+    std::memcpy(narrow + i * C, wide + i * 2 * C + col, sizeof(T) * static_cast<size_t>(C));
 }
 
 // MTP module k up to its block: the shifted tokens and targets, [enorm(emb) | hnorm(h_prev)],
@@ -199,9 +205,9 @@ void mtp_forward_input(Model<T>& m, Activations<T>& a, int64_t k) {
   cpu::embedding_forward<T>(ma.emb, ma.tokens, m.p.wte, N, C);
   const T eps = static_cast<T>(d.norm_eps);
   cpu::rmsnorm_forward<T>(a.tmp, ma.e_rstd, ma.emb, mp.enorm, N, C, eps);
-  half_rows(ma.cat, a.tmp, N, C, 0, true);
+  rows_into_half(ma.cat, a.tmp, N, C, 0);
   cpu::rmsnorm_forward<T>(a.tmp, ma.h_rstd, mtp_h_prev(m, a, k), mp.hnorm, N, C, eps);
-  half_rows(ma.cat, a.tmp, N, C, C, true);
+  rows_into_half(ma.cat, a.tmp, N, C, C);
   cpu::matmul_forward<T>(ma.x, ma.cat, mp.eh_proj, N, 2 * C, C);
 }
 
@@ -216,13 +222,8 @@ void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k, ChunkLoss& lo
                           static_cast<T>(d.norm_eps));
   cpu::matmul_forward<T>(a.mtp_logits, ma.lnf, m.p.lm_head, N, C, d.V);
   cpu::cross_entropy_forward<T>(ma.losses, ma.probs, a.mtp_logits, ma.targets, N, d.V);
-  double sum = 0;
   int64_t count = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    if (ma.targets[i] < 0) continue;
-    sum += static_cast<double>(ma.losses[i]);
-    ++count;
-  }
+  const double sum = scored_loss_sum(ma.losses, ma.targets, N, &count);
   loss.mtp_ce_sum += sum;
   if (count > 0) loss.mtp_ce_mean += sum / static_cast<double>(count) / static_cast<double>(d.mtp);
 }
@@ -368,8 +369,8 @@ void mtp_backward_input(Model<T>& m, Activations<T>& a, int64_t k) {
   // [d enorm out | d hnorm out], each through its norm.
   T* de = a.tmp;
   T* dh = a.dlnf;
-  half_rows(a.mtp_dcat, de, N, C, 0, false);
-  half_rows(a.mtp_dcat, dh, N, C, C, false);
+  rows_from_half(de, a.mtp_dcat, N, C, 0);
+  rows_from_half(dh, a.mtp_dcat, N, C, C);
   const size_t NC = static_cast<size_t>(N * C);
   std::memset(a.mtp_demb, 0, sizeof(T) * NC);
   cpu::rmsnorm_backward_input<T>(a.mtp_demb, de, ma.emb, mp.enorm, ma.e_rstd, N, C);
