@@ -110,7 +110,7 @@ void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const Layer
     const LinearSaved sh = linear_saved_rows(la.saved_eh, r0, FE);
     swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
                           lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE, d.precision,
-                          la.lin, &sx, &sh);
+                          la.lin_experts, &sx, &sh);
   }
 }
 
@@ -168,7 +168,7 @@ void moe_layer_experts_backward_input(T* dxg, LayerActs<T>& la, const LayerParam
     if (n == 0) continue;
     swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
                                  la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
-                                 lp.ew2 + e * C * FE, n, C, FE, false, d.precision, la.lin);
+                                 lp.ew2 + e * C * FE, n, C, FE, false, d.precision, la.lin_experts);
   }
 }
 

@@ -62,6 +62,15 @@ void check_room(const LinearScratch<T>& s, int64_t n) {
         (long long)s.capacity, (long long)n);
 }
 
+// out (N, OC) = x . wq^T, row-invariant when the scratch says so (LinearScratch).
+template <typename T>
+void rows_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
+                  const LinearScratch<T>& s) {
+  if (!s.row_pad) return cpu::matmul_forward<T>(out, x, wq, N, IC, OC);
+  cpu::gemm_rows_invariant<T>(true, N, OC, IC, x, IC, wq, IC, T(0), out, OC, s.row_pad,
+                           s.row_pad_count);
+}
+
 }  // namespace
 
 template <typename T>
@@ -113,7 +122,7 @@ LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC) {
 template <typename T>
 void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
                     PrecisionMode mode, const LinearScratch<T>& s, const LinearSaved* save) {
-  if (exact<T>(mode)) return cpu::matmul_forward<T>(out, x, wq, N, IC, OC);
+  if (exact<T>(mode)) return rows_forward<T>(out, x, wq, N, IC, OC, s);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * IC);
     if (!save) {
@@ -128,7 +137,7 @@ void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int6
         s.a[i] = bf16_to_float(save->bf16[i]);
       }
     }
-    cpu::matmul_forward<float>(out, s.a, wq, N, IC, OC);
+    rows_forward<float>(out, s.a, wq, N, IC, OC, s);
   }
 }
 
@@ -143,7 +152,11 @@ void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t
       a = s.a;
     }
   }
-  cpu::gemm<T>(false, false, N, IC, OC, T(1), a, OC, wq, IC, accumulate ? T(1) : T(0), dx, IC);
+  const T beta = accumulate ? T(1) : T(0);
+  if (s.row_pad)
+    return cpu::gemm_rows_invariant<T>(false, N, IC, OC, a, OC, wq, IC, beta, dx, IC, s.row_pad,
+                                    s.row_pad_count);
+  cpu::gemm<T>(false, false, N, IC, OC, T(1), a, OC, wq, IC, beta, dx, IC);
 }
 
 template <typename T>

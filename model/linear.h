@@ -22,11 +22,17 @@
 namespace moe {
 
 // Quantized copies of GEMM inputs: two buffers of `capacity` elements each. fp32 needs none.
+// With `row_pad` (any precision) the GEMMs whose rows are tokens (forward, input gradient)
+// go through cpu::gemm_rows_invariant: a token's output row then depends on its own input row
+// only, not on how many rows share the call (the routed experts' GEMMs, whose row count
+// the EP layout decides).
 template <typename T>
 struct LinearScratch {
   T* a = nullptr;
   T* b = nullptr;
   int64_t capacity = 0;
+  T* row_pad = nullptr;
+  int64_t row_pad_count = 0;
 };
 
 // A linear layer's input as its weight gradient needs it, saved by the forward in the GEMM

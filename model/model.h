@@ -255,6 +255,9 @@ struct LayerActs {
   // Scratch for the quantized inputs of the layer's GEMMs (bf16 / fp8): the model's work_arena,
   // shared by every layer and slot (a GEMM call uses it and is done). Empty in fp32.
   LinearScratch<T> lin;
+  // The same with the row pad for the routed experts' GEMMs (any precision): their rows
+  // come out the same whatever the EP layout puts beside them (LinearScratch).
+  LinearScratch<T> lin_experts;
   // bf16 / fp8: the linear layers' inputs that only weight gradients read are saved here in
   // the GEMM input format (model/linear.h), and ln1, attn_out, h, sh, eh (and ln2 of a dense
   // layer) point into the model's work_arena, xp and xg into slot scratch (an exchange in

@@ -151,19 +151,29 @@ struct GemmWorkspace {
   T *ln1 = nullptr, *attn_out = nullptr, *ln2 = nullptr, *h = nullptr, *eh = nullptr;
   T *q_an = nullptr, *kv_an = nullptr;  // MLA
   LinearScratch<T> lin;
+  // The routed experts' row pad (any precision; cpu::gemm_rows_invariant).
+  T* expert_pad = nullptr;
+  int64_t expert_pad_count = 0;
 };
 
 template <typename T>
 GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int64_t B,
                                   Carver& c) {
   GemmWorkspace<T> w;
-  if (d.precision == PrecisionMode::kFp32) return w;
   bool any_dense = false, any_moe = false;
   for (int64_t b = 0; b < d.n_blocks(); ++b) {
     if (!part.holds_block(b)) continue;
     any_dense |= !d.block_moe(b);
     any_moe |= d.block_moe(b);
   }
+  if (any_moe) {
+    // The experts' GEMMs, (K, N): (C, 2FE), (FE, C) forward, (C, FE), (2FE, C) backward.
+    const auto pad = [](int64_t K, int64_t N) { return cpu::gemm_rows_invariant_pad_count(K, N); };
+    w.expert_pad_count = std::max({pad(d.C, 2 * d.FE), pad(d.FE, d.C), pad(d.C, d.FE),
+                                   pad(2 * d.FE, d.C)});
+    w.expert_pad = c.take<T>(static_cast<size_t>(w.expert_pad_count));
+  }
+  if (d.precision == PrecisionMode::kFp32) return w;
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t R = any_moe ? static_cast<size_t>(moe_rows_max(d, B * d.T)) : 0;
   const size_t HA = static_cast<size_t>(d.d_attn()), QKV = static_cast<size_t>(d.qkv());
@@ -347,7 +357,13 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.dgate = c.take<T>(NK);
   a.dscores = c.take<T>(N * E);
   for (int64_t l = 0; l < d.n_blocks(); ++l)
-    if (part.holds_block(l)) a.layers[static_cast<size_t>(l)].lin = ws.lin;
+    if (part.holds_block(l)) {
+      LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
+      la.lin = ws.lin;
+      la.lin_experts = ws.lin;
+      la.lin_experts.row_pad = ws.expert_pad;
+      la.lin_experts.row_pad_count = ws.expert_pad_count;
+    }
 }
 
 void dims_check(const ModelDims& d) {

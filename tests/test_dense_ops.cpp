@@ -184,6 +184,63 @@ TEST(Gemm, EmptyInnerDimensionScalesC) {
   EXPECT_EQ(D, VecF(6, 0.0f));
 }
 
+// A row of gemm_rows_invariant's output is the same bits whatever rows share the call: every
+// prefix (M = 1 .. 300) at three offsets against one 300-row call, forward (op(B) = B^T) and
+// input-gradient (op(B) = B) orientations, beta 0 and 1, over the routed experts' shapes of
+// the tiny and bench configs and small odd ones (where OpenBLAS's small-matrix kernels take
+// over below some M, and plain cpu::gemm fails this). And it is a GEMM: the 300-row result
+// against the double reference.
+TEST(Gemm, RowsInvariantGivesEachRowItsOwnBits) {
+  const int64_t MM = 300, kOffsets[] = {0, 1, 7};
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 256}, {128, 128}, {256, 128}, {512, 1024},
+                                                {64, 96},   {32, 16},   {24, 40}};
+  for (const auto& [K, N] : shapes)
+    for (int tb = 0; tb < 2; ++tb)
+      for (const float beta : {0.0f, 1.0f}) {
+        SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) +
+                     " trans_b=" + std::to_string(tb) + " beta=" + std::to_string(beta));
+        const Vec A = random_floats((MM + 7) * K, 31), B = random_floats(N * K, 32);
+        const Vec C0 = random_floats((MM + 7) * N, 33);
+        const VecF Af = to_float(A), Bf = to_float(B);
+        const int64_t ldb = tb ? K : N;
+        VecF pad(static_cast<size_t>(cpu::gemm_rows_invariant_pad_count(K, N)), kNaN);
+        VecF whole = to_float(C0);
+        cpu::gemm_rows_invariant<float>(tb, MM, N, K, Af.data(), K, Bf.data(), ldb, beta,
+                                        whole.data(), N, pad.data(),
+                                        static_cast<int64_t>(pad.size()));
+        Vec want = C0;
+        ref::gemm(false, tb, MM, N, K, 1.0, A.data(), K, B.data(), ldb, beta, want.data(), N);
+        want.resize(static_cast<size_t>(MM * N));
+        EXPECT_TRUE(all_near(VecF(whole.begin(), whole.begin() + MM * N), want, kTolMatmul));
+        int64_t mismatched_calls = 0;
+        for (const int64_t o : kOffsets) {
+          const VecF Ao(Af.begin() + o * K, Af.end());
+          // Every row of [o, MM) in one call, then each prefix of it alone.
+          VecF tail(C0.begin() + o * N, C0.begin() + MM * N);
+          cpu::gemm_rows_invariant<float>(tb, MM - o, N, K, Ao.data(), K, Bf.data(), ldb, beta,
+                                          tail.data(), N, pad.data(),
+                                          static_cast<int64_t>(pad.size()));
+          for (int64_t M = 1; M + o <= MM; M += M < 40 ? 1 : 23) {
+            VecF got(C0.begin() + o * N, C0.begin() + (o + M) * N);
+            cpu::gemm_rows_invariant<float>(tb, M, N, K, Ao.data(), K, Bf.data(), ldb, beta,
+                                            got.data(), N, pad.data(),
+                                            static_cast<int64_t>(pad.size()));
+            if (std::memcmp(got.data(), tail.data(), got.size() * sizeof(float)) != 0)
+              ++mismatched_calls;
+          }
+          // Offset 0: the rows inside the very first call too.
+          if (o == 0) {
+            VecF first(C0.begin(), C0.begin() + 5 * N);
+            cpu::gemm_rows_invariant<float>(tb, 5, N, K, Af.data(), K, Bf.data(), ldb, beta,
+                                            first.data(), N, pad.data(),
+                                            static_cast<int64_t>(pad.size()));
+            EXPECT_EQ(std::memcmp(first.data(), whole.data(), first.size() * sizeof(float)), 0);
+          }
+        }
+        EXPECT_EQ(mismatched_calls, 0);
+      }
+}
+
 // ---------------------------------------------------------------------------------------
 // Float kernels against the double reference, parameterized over shapes.
 

@@ -66,6 +66,31 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
+// Row-major C(M,N) = A(M,K) * op(B)(K,N) + beta * C with every output row a function of its
+// own row of A alone, bit for bit, whatever M is and wherever the row sits. OpenBLAS picks
+// its kernel by the problem's size (GEMV at M = 1, "small matrix" and direct kernels below a
+// size, the packed kernels above) and they sum in different orders: a row of a 3-row
+// product differs in its last bits from the same row inside a 300-row one. The packed
+// kernels give every row the same order whatever M is, so a call gets at least
+// gemm_rows_min(K, N) rows (M N K >= 2^22; OpenBLAS 0.3.21's small kernels stop at
+// M N K = 100^3, measured over K, N in 4..512), the rows below that zero-padded through
+// `pad` (gemm_rows_invariant_pad_count(K, N) elements). T = double (gradient checks, one
+// layout each) calls gemm directly.
+// tests/test_dense_ops.cpp pins it. The routed experts need this: expert parallelism
+// changes how many rows an expert's GEMMs get, and the BF16/FP8 rounding after them turns a
+// last-bit difference into a 2^-8 or 2^-4 one.
+constexpr int64_t gemm_rows_min(int64_t K, int64_t N) {
+  const int64_t nk = K * N > 0 ? K * N : 1, m = ((int64_t(1) << 22) + nk - 1) / nk;
+  return m > 32 ? m : 32;
+}
+constexpr int64_t gemm_rows_invariant_pad_count(int64_t K, int64_t N) {
+  return gemm_rows_min(K, N) * (K + N);
+}
+template <typename T>
+void gemm_rows_invariant(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                         int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc, T* pad,
+                         int64_t pad_count);
+
 // Linear layer with weight (OC, IC): out(N, OC) = inp(N, IC) @ weight^T.
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, int64_t N, int64_t IC, int64_t OC);

@@ -8,6 +8,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
@@ -69,6 +70,28 @@ void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
 }
 
 template <typename T>
+void gemm_rows_invariant(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                         int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc, T* pad,
+                         int64_t pad_count) {
+  const int64_t RM = gemm_rows_min(K, N);
+  // double runs the gradient checks, one layout each: padding would only slow them.
+  if (std::is_same_v<T, double> || M >= RM || M == 0)
+    return gemm<T>(false, trans_b, M, N, K, T(1), A, lda, B, ldb, beta, C, ldc);
+  CHECK(pad && pad_count >= gemm_rows_invariant_pad_count(K, N), "row pad of %lld, %lld needed",
+        static_cast<long long>(pad_count),
+        static_cast<long long>(gemm_rows_invariant_pad_count(K, N)));
+  T* a = pad;           // (RM, K): A's rows, then zeros
+  T* c = pad + RM * K;  // (RM, N)
+  for (int64_t i = 0; i < RM; ++i)
+    for (int64_t k = 0; k < K; ++k) a[i * K + k] = i < M ? A[i * lda + k] : T(0);
+  for (int64_t i = 0; i < RM; ++i)
+    for (int64_t j = 0; j < N; ++j) c[i * N + j] = i < M && beta != T(0) ? C[i * ldc + j] : T(0);
+  gemm<T>(false, trans_b, RM, N, K, T(1), a, K, B, ldb, beta, c, N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = c[i * N + j];
+}
+
+template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, int64_t N, int64_t IC, int64_t OC) {
   gemm<T>(false, true, N, OC, IC, T(1), inp, IC, weight, IC, T(0), out, OC);
 }
@@ -86,6 +109,8 @@ void matmul_backward_weight(T* dweight, const T* dout, const T* inp, int64_t N, 
 }
 
 #define MOE_INSTANTIATE(T)                                                                   \
+  template void gemm_rows_invariant<T>(bool, int64_t, int64_t, int64_t, const T*, int64_t,   \
+                                       const T*, int64_t, T, T*, int64_t, T*, int64_t);      \
   template void matmul_forward<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);        \
   template void matmul_backward_input<T>(T*, const T*, const T*, int64_t, int64_t, int64_t); \
   template void matmul_backward_weight<T>(T*, const T*, const T*, int64_t, int64_t, int64_t);
