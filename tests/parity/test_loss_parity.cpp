@@ -1,7 +1,7 @@
 // Loss parity, the headline of DeepSeek-V3's FP8 recipe: the default run (configs/tiny.toml on
 // Debian's fortunes) trained in FP32, BF16 and FP8 from the same seed on the same batches ends
-// with validation losses within 0.5% of each other (the report reached 0.25% on a far longer
-// run). Minutes of training, so it is its own executable, labelled 'parity', outside the
+// with validation losses no more than 0.5% above FP32's (the report reached 0.25% on a far
+// longer run). Minutes of training, so it is its own executable, labelled 'parity', outside the
 // sanitizer run.
 #include <gtest/gtest.h>
 
@@ -24,7 +24,7 @@ double final_val_loss(const fs::path& metrics) {
   return std::stod(text.substr(at + 12));
 }
 
-TEST(LossParity, Bf16AndFp8EndWithinHalfAPercentOfFp32) {
+TEST(LossParity, Bf16AndFp8EndNoMoreThanHalfAPercentAboveFp32) {
   const std::string corpus = "/usr/share/games/fortunes";
   if (!fs::is_directory(corpus)) GTEST_SKIP() << corpus << " not installed (Debian package fortunes)";
   const fs::path root = fs::path(::testing::TempDir()) / "moetrain_parity";
@@ -56,7 +56,11 @@ TEST(LossParity, Bf16AndFp8EndWithinHalfAPercentOfFp32) {
     const double gap = (val[i] - val[0]) / val[0];
     std::printf("loss parity: %s final val loss %.4f vs fp32 %.4f: relative gap %+.3f%%\n",
                 modes[i], val[i], val[0], 100 * gap);
-    EXPECT_LT(std::fabs(gap), 0.005) << modes[i];
+    // What the recipe promises is no loss from low precision: at most 0.5% worse. Runs that
+    // differ only in rounding drift apart as equally good trajectories, by +-0.5% here
+    // (docs/BENCHMARKS.md), so a lower loss is no failure; far lower would be suspicious.
+    EXPECT_LT(gap, 0.005) << modes[i];
+    EXPECT_GT(gap, -0.01) << modes[i];
   }
 }
 
