@@ -3,40 +3,27 @@
 #include <algorithm>
 #include <cmath>
 
-#include "model/fp8.h"
-
 namespace moe {
 
-namespace {
-
-// The step's constants: bias corrections and the decay that applies.
-struct AdamWCoeffs {
-  float b1, b2, c1, c2, wd;
-};
-
 AdamWCoeffs adamw_coeffs(const AdamWStep& s, bool decay) {
-  return AdamWCoeffs{s.beta1, s.beta2, 1.0f / (1.0f - std::pow(s.beta1, static_cast<float>(s.t))),
-                     1.0f / (1.0f - std::pow(s.beta2, static_cast<float>(s.t))),
-                     decay ? s.weight_decay : 0.0f};
+  AdamWCoeffs k;
+  k.lr = s.lr;
+  k.b1 = s.beta1;
+  k.b2 = s.beta2;
+  k.c1 = 1.0f / (1.0f - std::pow(s.beta1, static_cast<float>(s.t)));
+  k.c2 = 1.0f / (1.0f - std::pow(s.beta2, static_cast<float>(s.t)));
+  k.eps = s.eps;
+  k.wd = decay ? s.weight_decay : 0.0f;
+  k.grad_scale = s.grad_scale;
+  return k;
 }
 
-// One element: the moments m, v (in FP32) move to the step's, and the parameter with them.
-inline void adamw_element(float& param, float grad, float& m, float& v, const AdamWCoeffs& k,
-                          const AdamWStep& s) {
-  const float g = grad * s.grad_scale;
-  m = k.b1 * m + (1.0f - k.b1) * g;
-  v = k.b2 * v + (1.0f - k.b2) * g * g;
-  const float update = (m * k.c1) / (std::sqrt(v * k.c2) + s.eps) + k.wd * param;
-  param -= s.lr * update;
-}
-
-}  // namespace
-
+// The element arithmetic is adamw_element (optim/adamw_math.h), shared with the CUDA kernel.
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
                   const AdamWStep& s, bool decay) {
   const AdamWCoeffs k = adamw_coeffs(s, decay);
 #pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) adamw_element(param[i], grad[i], m[i], v[i], k, s);
+  for (int64_t i = 0; i < n; ++i) adamw_element(param[i], grad[i], m[i], v[i], k);
 }
 
 // NOTE: the parameter update reads the new moments before they are rounded to BF16. They are
@@ -48,12 +35,7 @@ void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v
                        const AdamWStep& s, bool decay) {
   const AdamWCoeffs k = adamw_coeffs(s, decay);
 #pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    float mi = bf16_to_float(m[i]), vi = bf16_to_float(v[i]);
-    adamw_element(param[i], grad[i], mi, vi, k, s);
-    m[i] = bf16_from_float(mi);
-    v[i] = bf16_from_float(vi);
-  }
+  for (int64_t i = 0; i < n; ++i) adamw_element_bf16(param[i], grad[i], m[i], v[i], k);
 }
 
 namespace {

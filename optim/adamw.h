@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "model/types.h"
+#include "optim/adamw_math.h"
 
 namespace moe {
 
@@ -17,6 +18,11 @@ struct AdamWStep {
   int64_t t = 1;           // 1-based step count, for bias correction
   float grad_scale = 1;    // multiplies every gradient first (clipping)
 };
+
+// The step's constants (bias corrections, the decay that applies), for adamw_element
+// (optim/adamw_math.h). The CUDA launchers take them from here too, so both backends start
+// from the same bits.
+AdamWCoeffs adamw_coeffs(const AdamWStep& s, bool decay);
 
 // One AdamW update of n elements. m and v are the first and second moments.
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,

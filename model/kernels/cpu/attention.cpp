@@ -23,6 +23,7 @@
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
+#include "model/softmax_math.h"
 
 namespace moe::cpu {
 
@@ -42,11 +43,11 @@ template <typename T>
 [[gnu::always_inline]] inline void softmax_causal_row(T* row, int64_t n, int64_t end) {
   T m = row[0];
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
+  for (int64_t j = 0; j < n; ++j) m = softmax_max(m, row[j]);
   T sum = T(0);
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const T e = exp_fast(row[j] - m);
+    const T e = softmax_exp(row[j] - m);
     row[j] = e;
     sum += e;
   }
@@ -60,7 +61,7 @@ template <typename T>
 template <typename T>
 [[gnu::always_inline]] inline void softmax_causal_rows_impl(T* p, int64_t r0, int64_t r1,
                                                             int64_t T_) {
-  for (int64_t i = r0; i < r1; ++i) softmax_causal_row(p + i * T_, i + 1, T_);
+  for (int64_t i = r0; i < r1; ++i) softmax_causal_row(p + i * T_, causal_keys(i), T_);
 }
 MOE_SIMD_CLONES void softmax_causal_rows(float* p, int64_t r0, int64_t r1, int64_t T_) {
   softmax_causal_rows_impl(p, r0, r1, T_);
@@ -77,7 +78,7 @@ template <typename T>
 #pragma omp simd reduction(+ : dot)
   for (int64_t j = 0; j < n; ++j) dot += row[j] * p[j];
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = p[j] * (row[j] - dot) * scale;
+  for (int64_t j = 0; j < n; ++j) row[j] = softmax_backward_value(p[j], row[j], dot, scale);
   for (int64_t j = n; j < end; ++j) row[j] = T(0);
 }
 
@@ -85,7 +86,8 @@ template <typename T>
 template <typename T>
 [[gnu::always_inline]] inline void softmax_backward_rows_impl(T* ds, const T* p, int64_t r0,
                                                               int64_t r1, int64_t T_, T scale) {
-  for (int64_t i = r0; i < r1; ++i) softmax_backward_row(ds + i * T_, p + i * T_, i + 1, r1, scale);
+  for (int64_t i = r0; i < r1; ++i)
+    softmax_backward_row(ds + i * T_, p + i * T_, causal_keys(i), r1, scale);
 }
 MOE_SIMD_CLONES void softmax_backward_rows(float* ds, const float* p, int64_t r0, int64_t r1,
                                            int64_t T_, float scale) {
@@ -106,7 +108,7 @@ void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, in
   const int64_t OW = NH * HDv;
   const int64_t group = NH / NKV;
   const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(HD)));
+  const T scale = attention_scale<T>(HD);
   // Later row blocks cost more (keys [0, r1)), so hand units out dynamically.
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < B * NH * nblocks; ++u) {
@@ -137,7 +139,7 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, in
   const int64_t OW = NH * HDv;
   const int64_t group = NH / NKV;
   const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(HD)));
+  const T scale = attention_scale<T>(HD);
 
   // Pass 1, per (b, h, row block): dP = dO V^T, dS (into scratch), dQ = dS K.
   // NOTE: dS is zeroed above the diagonal only up to the end of its row block; pass 2 reads

@@ -12,40 +12,17 @@
 // Argument order: outputs, saved-for-backward, inputs, weights, dimensions, scratch.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 
+#include "model/act_math.h"
+
 namespace moe::cpu {
 
-// exp for the softmax / SiLU hot loops. The float version is Cephes expf (round x / ln2 to n,
-// reduce by n ln2 in two parts, degree-6 polynomial, scale by 2^n; about 2 ulp) written with
-// no branches or libm calls so `#pragma omp simd` loops vectorize: at -O2 without -ffast-math
-// std::exp is a scalar call, and the exp passes then cost as much as the attention GEMMs.
-// x is clamped to [-87, 88] so 2^n stays a normal float (exp(-87) ~ 1.6e-38 stands in for
-// 0); NaN propagates. The double version is std::exp (used by gradient checks).
-// NOTE: the clamp is written as a select between two non-constant arms on purpose: with a
-// plain `x = x < lo ? lo : x`, GCC threads the constant arm through the polynomial, the loop
-// gains control flow and no longer vectorizes.
-inline float exp_fast(float x) {
-  const float lo = x < -87.0f ? -87.0f : x;
-  const float hi = x > 88.0f ? 88.0f : x;
-  x = x < 0.0f ? lo : hi;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float r = x * 1.44269504088896341f + kRound;
-  const float n = r - kRound;
-  const int32_t ni = std::bit_cast<int32_t>(r) - std::bit_cast<int32_t>(kRound);
-  x = x - n * 0.693359375f;
-  x = x - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * x + 1.3981999507e-3f;
-  p = p * x + 8.3334519073e-3f;
-  p = p * x + 4.1665795894e-2f;
-  p = p * x + 1.6666665459e-1f;
-  p = p * x + 5.0000001201e-1f;
-  p = p * x * x + x + 1.0f;
-  return p * std::bit_cast<float>((ni + 127) << 23);
-}
+// exp for the softmax / SiLU hot loops: the shared Cephes expf (model/act_math.h), branch-free
+// so the `#pragma omp simd` loops vectorize it. The double version is std::exp (gradient
+// checks).
+inline float exp_fast(float x) { return exp_fast_f32(x); }
 inline double exp_fast(double x) { return std::exp(x); }
 
 // Put on the float row functions of exp-heavy kernels (softmax, SiLU): the build targets

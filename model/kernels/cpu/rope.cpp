@@ -9,6 +9,7 @@
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
+#include "model/rope_math.h"
 
 namespace moe::cpu {
 
@@ -33,11 +34,9 @@ void rope_apply(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int
       T* v = x + bt * stride + h * HD;
 #pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
-        const T x0 = v[2 * i];
-        const T x1 = v[2 * i + 1];
-        const T si = sign * s[i];
-        v[2 * i] = x0 * c[i] - x1 * si;
-        v[2 * i + 1] = x0 * si + x1 * c[i];
+        const RopePair<T> y = rope_rotate(v[2 * i], v[2 * i + 1], c[i], sign * s[i]);
+        v[2 * i] = y.x0;
+        v[2 * i + 1] = y.x1;
       }
     }
   }
@@ -52,8 +51,7 @@ void rope_tables(T* cos_out, T* sin_out, int64_t T_, int64_t HD, double theta) {
   const int64_t half = HD / 2;
   for (int64_t t = 0; t < T_; ++t) {
     for (int64_t i = 0; i < half; ++i) {
-      const double angle =
-          static_cast<double>(t) * std::pow(theta, -2.0 * static_cast<double>(i) / HD);
+      const double angle = rope_angle(t, i, HD, theta);
       cos_out[t * half + i] = static_cast<T>(std::cos(angle));
       sin_out[t * half + i] = static_cast<T>(std::sin(angle));
     }

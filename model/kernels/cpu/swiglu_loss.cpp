@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "model/check.h"
+#include "model/act_math.h"
 #include "model/kernels/cpu/dense_ops.h"
 
 namespace moe::cpu {
@@ -25,8 +26,8 @@ template <typename T>
                                                            int64_t F) {
 #pragma omp simd
   for (int64_t f = 0; f < F; ++f) {
-    const T sig = T(1) / (T(1) + exp_fast(-gate[f]));
-    out[f] = gate[f] * sig * up[f];
+    const T sig = sigmoid_from_exp_neg(exp_fast(-gate[f]));
+    out[f] = swiglu_value(gate[f], up[f], sig);
   }
 }
 
@@ -37,9 +38,9 @@ template <typename T>
 #pragma omp simd
   for (int64_t f = 0; f < F; ++f) {
     const T g = gate[f];
-    const T sig = T(1) / (T(1) + exp_fast(-g));
-    dgate[f] = dout[f] * up[f] * sig * (T(1) + g * (T(1) - sig));
-    dup[f] = dout[f] * g * sig;
+    const T sig = sigmoid_from_exp_neg(exp_fast(-g));
+    dgate[f] = swiglu_grad_gate(dout[f], g, up[f], sig);
+    dup[f] = swiglu_grad_up(dout[f], g, sig);
   }
 }
 
