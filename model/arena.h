@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string>
 
+#include "model/types.h"
+
 namespace moe {
 
 constexpr size_t kArenaAlign = 64;  // cache line; also AVX-512 friendly
@@ -31,11 +33,12 @@ class Carver {
   size_t used_ = 0;
 };
 
-// An owned, zero-filled, aligned block of memory.
+// An owned, zero-filled, aligned block of memory: host memory, or with Device::kCuda one
+// cudaMalloc on the current device (never managed memory; refused in a build without CUDA).
 class Arena {
  public:
   Arena() = default;
-  Arena(std::string name, size_t bytes);
+  Arena(std::string name, size_t bytes, Device device = Device::kCpu);
   ~Arena();
   Arena(Arena&& o) noexcept;
   Arena& operator=(Arena&& o) noexcept;
@@ -45,19 +48,22 @@ class Arena {
   char* data() const { return data_; }
   size_t bytes() const { return bytes_; }
   const std::string& name() const { return name_; }
+  Device device() const { return device_; }
 
  private:
+  void release();
   std::string name_;
   char* data_ = nullptr;
   size_t bytes_ = 0;
+  Device device_ = Device::kCpu;
 };
 
 // Runs `layout(Carver&)` to size an arena, allocates it, runs it again to point into it.
 template <typename Layout>
-Arena arena_build(const std::string& name, Layout&& layout) {
+Arena arena_build(const std::string& name, Layout&& layout, Device device = Device::kCpu) {
   Carver measure;
   layout(measure);
-  Arena arena(name, measure.used());
+  Arena arena(name, measure.used(), device);
   Carver carve(arena.data());
   layout(carve);
   return arena;

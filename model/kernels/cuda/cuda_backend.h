@@ -3,10 +3,16 @@
 // reference every CUDA kernel is tested against.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
+// cudaStream_t is `struct CUstream_st*`: named here so plain C++ can hold and pass streams.
+struct CUstream_st;
+
 namespace moe::cuda {
+
+using Stream = CUstream_st*;  // nullptr: the legacy default stream
 
 // Visible devices; 0 when no driver or device is present (never an error).
 int device_count();
@@ -15,12 +21,22 @@ int device_count();
 std::string device_describe(int dev);
 
 // The device this rank uses: its launcher-given local rank modulo the visible devices
-// (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID or LOCAL_RANK; 0 when none is set).
+// (model/kernels/cuda/device_choice.h); -1 when none is visible.
 int device_for_local_rank();
 
-// RMSNorm forward on the device, the twin of cpu::rmsnorm_forward<float>, over host
-// buffers (copies in, runs, copies out): the first kernel the gpu tests compare.
-void rmsnorm_forward_host(float* out, float* rstd, const float* inp, const float* weight,
-                          int64_t N, int64_t C, float eps);
+// Selects `dev` for this thread (cudaSetDevice).
+void device_select(int dev);
+
+// Device memory. The trainer takes one allocation per arena (model/arena.h) and carves it;
+// tests use these directly. device_alloc(0) returns nullptr.
+void* device_alloc(size_t bytes);
+void device_free(void* p);
+void copy_to_device(void* dst, const void* src, size_t bytes);
+void copy_to_host(void* dst, const void* src, size_t bytes);
+void device_memset_zero(void* p, size_t bytes);
+void device_synchronize();
+Stream stream_create();
+void stream_destroy(Stream s);
+void stream_synchronize(Stream s);
 
 }  // namespace moe::cuda

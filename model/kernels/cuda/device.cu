@@ -1,7 +1,6 @@
-#include <cstdlib>
-
 #include "model/kernels/cuda/cuda_backend.h"
 #include "model/kernels/cuda/cuda_check.h"
+#include "model/kernels/cuda/device_choice.h"
 
 namespace moe::cuda {
 
@@ -23,13 +22,45 @@ std::string device_describe(int dev) {
                    static_cast<double>(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
 }
 
-int device_for_local_rank() {
-  const int n = device_count();
-  if (n == 0) return -1;
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"}) {
-    if (const char* v = std::getenv(var)) return std::atoi(v) % n;
-  }
-  return 0;
+int device_for_local_rank() { return device_for(launcher_local_rank(), device_count()); }
+
+void device_select(int dev) { CUDA_CHECK(cudaSetDevice(dev)); }
+
+void* device_alloc(size_t bytes) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, bytes));
+  return p;
 }
+
+void device_free(void* p) {
+  if (p) CUDA_CHECK(cudaFree(p));
+}
+
+void copy_to_device(void* dst, const void* src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+void copy_to_host(void* dst, const void* src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+void device_memset_zero(void* p, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemset(p, 0, bytes));
+}
+
+void device_synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+Stream stream_create() {
+  cudaStream_t s = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+
+void stream_destroy(Stream s) {
+  if (s) CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+void stream_synchronize(Stream s) { CUDA_CHECK(cudaStreamSynchronize(s)); }
 
 }  // namespace moe::cuda

@@ -1,0 +1,39 @@
+// The CUDA twins of the CPU attention core (model/kernels/cpu/dense_ops.h), float only, over
+// DEVICE pointers, enqueued on `stream` (no synchronisation, no allocation). Same layouts and
+// semantics as the CPU functions, which are the reference the gpu tests compare against:
+//
+//   qkv / dqkv (B, T, W), W = (NH + NKV) HD + NKV HDv: per token the NH query heads and NKV key
+//     heads (HD wide), then the NKV value heads (HDv wide); query head h reads kv head
+//     h / (NH / NKV); scale = 1 / sqrt(HD) (model/softmax_math.h);
+//   out / dout (B, T, NH HDv);
+//   probs (B, NH, T, T) the causal softmax, saved for backward, the upper triangle zero;
+//   scratch (B, NH, T, T) for dS.
+// Standard attention / GQA: HDv = HD (the overloads without HDv). MLA (model/mla_block.cpp):
+// NKV = NH, HD = qk_nope + qk_rope, HDv = v_head_dim.
+// Accumulation: everything is ASSIGNED (dqkv included).
+// Determinism: every output element is written by one thread and summed in a fixed order
+// (no atomics), so results are bitwise reproducible run to run on one device.
+// Shapes whose shared memory exceeds the device's per-block limit CHECK-fail
+// (model/kernels/cuda/attention_plan.h).
+#pragma once
+
+#include <cstdint>
+
+#include "model/kernels/cuda/cuda_backend.h"
+
+namespace moe::cuda {
+
+void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T_,
+                       int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, Stream stream);
+void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T_,
+                       int64_t NH, int64_t NKV, int64_t HD, Stream stream);
+
+// dqkv assigned; scratch: B NH T T floats (dS).
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
+                        float* scratch, Stream stream);
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
+                        float* scratch, Stream stream);
+
+}  // namespace moe::cuda

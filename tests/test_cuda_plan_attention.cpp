@@ -1,0 +1,125 @@
+// Launch planning of the CUDA attention core (model/kernels/cuda/attention_plan.h), checked on
+// every machine: the shapes of every shipped config fit the shared-memory limits of sm_80 and
+// sm_90 and CUDA's grid limits; oversized heads are refused. Also the shared softmax element
+// math (model/softmax_math.h) against the CPU's own pieces, which the GPU kernels compile too.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "model/kernels/cpu/dense_ops.h"
+#include "model/kernels/cuda/attention_plan.h"
+#include "model/softmax_math.h"
+
+namespace {
+
+using moe::cuda::AttentionPlan;
+using moe::cuda::AttentionShape;
+using moe::cuda::LaunchDims;
+
+struct ConfigShape {
+  const char* config;
+  AttentionShape shape;  // B = micro_batch; HD = d_model / n_heads (mha) or qk_nope + qk_rope
+};
+
+// From configs/*.toml (hard-coded: update with the configs).
+const std::vector<ConfigShape>& config_shapes() {
+  static const std::vector<ConfigShape> shapes = {
+      {"tiny.toml", {16, 128, 4, 4, 32, 32}},
+      {"bench-cpu.toml", {8, 256, 8, 8, 64, 64}},
+      {"deepseek-v3-tiny.toml", {16, 128, 4, 4, 32 + 16, 32}},
+      {"deepseek-v3-1b.toml", {4, 2048, 8, 8, 64 + 32, 64}},
+      {"deepseek-v3-16b.toml", {1, 4096, 16, 16, 128 + 64, 128}},
+      {"deepseek-v3-671b.toml", {1, 4096, 128, 128, 128 + 64, 128}},
+  };
+  return shapes;
+}
+
+void expect_dims_fit(const LaunchDims& d, int64_t tiles, int64_t heads, int64_t B,
+                     int64_t smem_limit, const char* what) {
+  SCOPED_TRACE(what);
+  EXPECT_EQ(d.grid_x, tiles);
+  EXPECT_EQ(d.grid_y, heads);
+  EXPECT_EQ(d.grid_z, B);
+  EXPECT_GE(d.grid_x, 1);
+  EXPECT_LE(d.grid_x, int64_t{2147483647});
+  EXPECT_LE(d.grid_y, 65535);
+  EXPECT_LE(d.grid_z, 65535);
+  EXPECT_GE(d.block, 32);
+  EXPECT_LE(d.block, 1024);
+  EXPECT_EQ(d.block % 32, 0);
+  EXPECT_GT(d.smem_bytes, 0);
+  EXPECT_LE(d.smem_bytes, smem_limit);
+}
+
+TEST(CudaPlanAttention, EveryConfigFitsSm80AndSm90) {
+  for (const ConfigShape& c : config_shapes()) {
+    for (const int64_t limit : {moe::cuda::kSmemLimitSm80, moe::cuda::kSmemLimitSm90}) {
+      SCOPED_TRACE(::testing::Message() << c.config << " limit " << limit);
+      const AttentionShape& s = c.shape;
+      const AttentionPlan p = moe::cuda::attention_plan(s, limit);
+      const int64_t tiles = (s.T + moe::cuda::kAttnTile - 1) / moe::cuda::kAttnTile;
+      expect_dims_fit(p.forward, tiles, s.NH, s.B, limit, "forward");
+      expect_dims_fit(p.backward_rows, tiles, s.NH, s.B, limit, "backward_rows");
+      expect_dims_fit(p.backward_cols, tiles, s.NKV, s.B, limit, "backward_cols");
+      EXPECT_FALSE(p.describe().empty());
+    }
+  }
+}
+
+// The 671B heads (qk 192, v 128) need more than the default 48 KiB: the launcher opts in.
+TEST(CudaPlanAttention, DeepSeekV3HeadsNeedTheSharedMemoryOptIn) {
+  const AttentionShape s{1, 4096, 128, 128, 192, 128};
+  const AttentionPlan p = moe::cuda::attention_plan(s, moe::cuda::kSmemLimitSm80);
+  // forward: max(dots(192), matmul(128)) = max(32 192 + 32 193, 2 32 128 + 32 33) floats.
+  EXPECT_EQ(p.forward.smem_bytes, 4 * (32 * 192 + 32 * 193));
+  EXPECT_EQ(p.backward_cols.smem_bytes, 4 * (2 * 32 * 192 + 32 * 33));
+  EXPECT_GT(p.forward.smem_bytes, moe::cuda::kSmemDefaultBytes);
+  EXPECT_EQ(p.forward.grid_x, 128);
+}
+
+// T not a multiple of the tile, a single token, and an empty batch.
+TEST(CudaPlanAttention, PartialTilesAndEmpty) {
+  const AttentionPlan p = moe::cuda::attention_plan({2, 70, 8, 2, 16, 16}, 48 * 1024);
+  EXPECT_EQ(p.forward.grid_x, 3);
+  EXPECT_EQ(p.backward_cols.grid_y, 2);
+  EXPECT_EQ(moe::cuda::attention_plan({1, 1, 1, 1, 8, 8}, 48 * 1024).forward.grid_x, 1);
+  EXPECT_EQ(moe::cuda::attention_plan({0, 0, 4, 4, 32, 32}, 48 * 1024).forward.grid_x, 0);
+}
+
+TEST(CudaPlanAttentionDeathTest, RefusesHeadsOverTheSharedMemoryLimit) {
+  // HD = 1024: the forward's dots need 32 (1024 + 1025) floats = 262 KB > 227 KiB.
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 1024, 1024}, moe::cuda::kSmemLimitSm90),
+               "shared memory");
+  // HD = 512 (128 KiB) fits both targets, but not a device without the opt-in's 48 KiB.
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 512, 512}, 48 * 1024), "shared memory");
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 6, 4, 32, 32}, moe::cuda::kSmemLimitSm90),
+               "attention shape");
+  EXPECT_DEATH(moe::cuda::attention_plan({70000, 128, 4, 4, 32, 32}, moe::cuda::kSmemLimitSm90),
+               "grid");
+}
+
+// softmax_math.h's exp is the CPU's exp_fast step for step: bitwise equal over a sweep.
+TEST(SoftmaxMath, ExpMatchesCpuExpFast) {
+  for (int k = -200000; k <= 200000; ++k) {
+    const float x = static_cast<float>(k) * 4.5e-4f;  // [-90, 90]: both clamps
+    ASSERT_EQ(moe::softmax_exp(x), moe::cpu::exp_fast(x)) << x;
+  }
+  EXPECT_TRUE(std::isnan(moe::softmax_exp(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT_EQ(moe::softmax_exp(0.0f), 1.0f);
+  EXPECT_EQ(moe::softmax_exp(-1.5), std::exp(-1.5));
+}
+
+TEST(SoftmaxMath, ScaleAndMask) {
+  EXPECT_EQ(moe::attention_scale<float>(48), static_cast<float>(1.0 / std::sqrt(48.0)));
+  EXPECT_EQ(moe::attention_scale<double>(192), 1.0 / std::sqrt(192.0));
+  EXPECT_EQ(moe::causal_keys(0), 1);
+  EXPECT_EQ(moe::causal_keys(69), 70);
+  EXPECT_EQ(moe::softmax_max(1.0f, 2.0f), 2.0f);
+  EXPECT_EQ(moe::softmax_max(2.0f, 1.0f), 2.0f);
+  EXPECT_EQ(moe::softmax_backward_value(0.5f, 2.0f, 1.0f, 0.25f), 0.125f);
+}
+
+}  // namespace
