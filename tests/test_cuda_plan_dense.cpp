@@ -16,6 +16,7 @@
 #include "model/kernels/cuda/dense_plan.h"
 #include "model/rng.h"
 #include "model/rope_math.h"
+#include "tests/cuda_launch_limits.h"
 
 namespace {
 
@@ -52,14 +53,8 @@ const std::vector<ConfigShapes>& config_shapes() {
 }
 
 ::testing::AssertionResult within_limits(const LaunchDims& d) {
-  if (d.grid_x < 0 || d.grid_x >= (int64_t(1) << 31))
-    return ::testing::AssertionFailure() << "grid_x " << d.grid_x;
-  if (d.grid_y < 1 || d.grid_y > 65535 || d.grid_z < 1 || d.grid_z > 65535)
-    return ::testing::AssertionFailure() << "grid_y " << d.grid_y << " grid_z " << d.grid_z;
-  if (d.block < 32 || d.block > 1024 || d.block % 32 != 0)
-    return ::testing::AssertionFailure() << "block " << d.block;
-  if (d.smem_bytes < 0 || d.smem_bytes > 48 * 1024)
-    return ::testing::AssertionFailure() << "smem " << d.smem_bytes;
+  ::testing::AssertionResult r = moe_test::within_cuda_limits(d, true);
+  if (!r) return r;
   if (!moe::cuda::launch_dims_valid(d)) return ::testing::AssertionFailure() << "not valid";
   return ::testing::AssertionSuccess();
 }

@@ -12,6 +12,7 @@
 
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/kernels/cuda/moe_plan.h"
+#include "tests/cuda_launch_limits.h"
 
 namespace {
 
@@ -49,14 +50,8 @@ const std::vector<MoeShapes>& moe_shapes() {
 }
 
 ::testing::AssertionResult within_limits(const LaunchDims& d) {
-  if (d.grid_x < 1 || d.grid_x >= (int64_t(1) << 31))
-    return ::testing::AssertionFailure() << "grid_x " << d.grid_x;
-  if (d.grid_y < 1 || d.grid_y > 65535 || d.grid_z < 1 || d.grid_z > 65535)
-    return ::testing::AssertionFailure() << "grid_y " << d.grid_y << " grid_z " << d.grid_z;
-  if (d.block < 32 || d.block > 1024 || d.block % 32 != 0)
-    return ::testing::AssertionFailure() << "block " << d.block;
-  if (d.smem_bytes < 0 || d.smem_bytes > 48 * 1024)
-    return ::testing::AssertionFailure() << "smem " << d.smem_bytes;
+  ::testing::AssertionResult r = moe_test::within_cuda_limits(d, false);
+  if (!r) return r;
   if (!moe::cuda::moe_dims_fit(d)) return ::testing::AssertionFailure() << "moe_dims_fit says no";
   return ::testing::AssertionSuccess();
 }

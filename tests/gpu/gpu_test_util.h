@@ -46,6 +46,16 @@ class DeviceVec {
   T* p_;
 };
 
+// A non-blocking stream for one test; reads go through sync() first.
+struct TestStream {
+  moe::cuda::Stream s = moe::cuda::stream_create();
+  TestStream() = default;
+  TestStream(const TestStream&) = delete;
+  TestStream& operator=(const TestStream&) = delete;
+  ~TestStream() { moe::cuda::stream_destroy(s); }
+  void sync() const { moe::cuda::stream_synchronize(s); }
+};
+
 // n normal floats (seeded, counter-based) scaled by `scale`.
 inline std::vector<float> normal_floats(size_t n, uint64_t seed, float scale = 1.0f) {
   std::vector<float> v(n);

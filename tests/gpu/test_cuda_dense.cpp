@@ -36,12 +36,7 @@ using moe_gpu_test::all_close;
 using moe_gpu_test::DeviceVec;
 using moe_gpu_test::normal_floats;
 
-// A non-blocking stream for one test; reads go through sync() first.
-struct TestStream {
-  moe::cuda::Stream s = moe::cuda::stream_create();
-  ~TestStream() { moe::cuda::stream_destroy(s); }
-  void sync() const { moe::cuda::stream_synchronize(s); }
-};
+using moe_gpu_test::TestStream;
 
 // n tokens in [0, V): uniform, with every third one drawn from the first 3 ids (repeats and a
 // hot row, as in text).

@@ -44,11 +44,7 @@ using moe_gpu_test::all_close;
 using moe_gpu_test::DeviceVec;
 using moe_gpu_test::normal_floats;
 
-struct TestStream {
-  moe::cuda::Stream s = moe::cuda::stream_create();
-  ~TestStream() { moe::cuda::stream_destroy(s); }
-  void sync() const { moe::cuda::stream_synchronize(s); }
-};
+using moe_gpu_test::TestStream;
 
 struct RouterShape {
   int64_t B, T, E, K, G, KG;

@@ -10,7 +10,7 @@
 // (row, column tile).
 #include "model/act_math.h"
 #include "model/kernels/cuda/cuda_check.h"
-#include "model/kernels/cuda/dense_common.cuh"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/dense_kernels.h"
 #include "model/kernels/cuda/dense_plan.h"
 

@@ -11,7 +11,7 @@
 // is bitwise the CPU twin's. Cost: every block reads all N tokens (V / 64 * column tiles
 // * N int32, from L2); a very frequent token serializes its row group's adds onto one block.
 #include "model/kernels/cuda/cuda_check.h"
-#include "model/kernels/cuda/dense_common.cuh"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/dense_kernels.h"
 #include "model/kernels/cuda/dense_plan.h"
 

@@ -20,6 +20,7 @@
 #include <initializer_list>
 
 #include "model/kernels/cuda/cuda_check.h"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/moe_kernels.h"
 
 namespace moe::cuda {
@@ -27,11 +28,6 @@ namespace moe::cuda {
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
 
 // V consecutive floats moved as one access (V = 4: 16-byte aligned rows).
 template <int V>

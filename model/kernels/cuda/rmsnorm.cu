@@ -9,7 +9,7 @@
 // reduction (dense_common.cuh); backward_weight sums fixed row chunks per column into
 // scratch, then adds the chunks in chunk order (dense_plan.h), with no atomics.
 #include "model/kernels/cuda/cuda_check.h"
-#include "model/kernels/cuda/dense_common.cuh"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/dense_kernels.h"
 #include "model/kernels/cuda/dense_plan.h"
 

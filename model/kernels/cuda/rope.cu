@@ -5,7 +5,7 @@
 // between consecutive tokens. In place; the backward overwrites dx (assigned).
 // One block per token, its threads over the H * HD/2 pairs; every element written once.
 #include "model/kernels/cuda/cuda_check.h"
-#include "model/kernels/cuda/dense_common.cuh"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/dense_kernels.h"
 #include "model/kernels/cuda/dense_plan.h"
 #include "model/rope_math.h"

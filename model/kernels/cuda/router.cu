@@ -13,6 +13,7 @@
 // expert by expert. The balance-loss counts use integer atomics (order-free); its sum is a
 // per-token term, then one block adding those in a fixed tree.
 #include "model/kernels/cuda/cuda_check.h"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/moe_kernels.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/router_math.h"
@@ -23,12 +24,7 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-__device__ float warp_max(float v) {
+__device__ float warp_fmax(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
@@ -72,7 +68,7 @@ __global__ void router_forward_kernel(float* scores, int32_t* expert_ids, float*
   } else {
     float mx = -INFINITY;
     for (int64_t e = lane; e < E; e += kMoeWarpSize) mx = fmaxf(mx, lg[e]);
-    mx = warp_max(mx);
+    mx = warp_fmax(mx);
     double sum = 0.0;
     for (int64_t e = lane; e < E; e += kMoeWarpSize) {
       s[e] = router_exp(lg[e] - mx);

@@ -7,7 +7,7 @@
 // SwiGLU runs one block per row (N may exceed 65535 for expert rows, so rows go on grid x).
 #include "model/act_math.h"
 #include "model/kernels/cuda/cuda_check.h"
-#include "model/kernels/cuda/dense_common.cuh"
+#include "model/kernels/cuda/reduce.cuh"
 #include "model/kernels/cuda/dense_kernels.h"
 #include "model/kernels/cuda/dense_plan.h"
 

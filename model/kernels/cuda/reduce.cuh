@@ -1,5 +1,5 @@
-// Device helpers shared by the dense kernels (embedding.cu, rmsnorm.cu, rope.cu, swiglu.cu,
-// cross_entropy.cu): LaunchDims -> dim3, and block reductions in a fixed order.
+// Device helpers every kernel file shares: LaunchDims -> dim3, and warp and block reductions
+// in a fixed order (so results do not depend on scheduling).
 #pragma once
 
 #include <cuda_runtime.h>
