@@ -71,6 +71,19 @@ __device__ void unit_tile_scales(float* tile_scale, unsigned* tile_amax, const f
   __syncthreads();
 }
 
+// Every element of the unit with its tile's scale: f(row, column, scale). Threads walk
+// columns (threads_x of them, adjacent: coalesced) and rows; each element has one thread.
+template <typename F>
+__device__ __forceinline__ void unit_elements(const Fp8QuantUnit& u, int64_t tc, int threads_x,
+                                              const float* tile_scale, F f) {
+  const int tx = threadIdx.x % threads_x, ty = threadIdx.x / threads_x;
+  const int ty_count = blockDim.x / threads_x;
+  for (int64_t cc = tx; cc < u.nc; cc += threads_x) {
+    const float s = tile_scale[cc / tc];
+    for (int64_t rr = ty; rr < u.nr; rr += ty_count) f(u.r0 + rr, u.c0 + cc, s);
+  }
+}
+
 // Shared memory: tiles_per_unit amax words, then tiles_per_unit scales.
 __global__ void __launch_bounds__(kQuantThreads)
     fp8_quantize_kernel(uint8_t* q, int64_t ld_q, float* scales, const float* x, int64_t ld_x,
@@ -85,16 +98,9 @@ __global__ void __launch_bounds__(kQuantThreads)
   unit_tile_scales(tile_scale, tile_amax, x, ld_x, u, tc, threads_x);
   const int tid = threadIdx.x;
   for (int64_t k = tid; k < u.ntiles; k += blockDim.x) scales[u.s + k] = tile_scale[k];
-  const int tx = tid % threads_x, ty = tid / threads_x;
-  const int ty_count = blockDim.x / threads_x;
-  for (int64_t cc = tx; cc < u.nc; cc += threads_x) {
-    const float s = tile_scale[cc / tc];
-    const int64_t c = u.c0 + cc;
-    for (int64_t rr = ty; rr < u.nr; rr += ty_count) {
-      const int64_t r = u.r0 + rr;
-      q[r * ld_q + c] = fp8_tile_encode(x[r * ld_x + c], s);
-    }
-  }
+  unit_elements(u, tc, threads_x, tile_scale, [&](int64_t r, int64_t c, float s) {
+    q[r * ld_q + c] = fp8_tile_encode(x[r * ld_x + c], s);
+  });
 }
 
 // out may equal x (then ld_out == ld_x): see the file comment.
@@ -109,17 +115,9 @@ __global__ void __launch_bounds__(kQuantThreads)
   const Fp8QuantUnit u =
       fp8_quant_unit(blockIdx.x, R, C, tr, tc, unit_cols, col_groups, col_tiles);
   unit_tile_scales(tile_scale, tile_amax, x, ld_x, u, tc, threads_x);
-  const int tid = threadIdx.x;
-  const int tx = tid % threads_x, ty = tid / threads_x;
-  const int ty_count = blockDim.x / threads_x;
-  for (int64_t cc = tx; cc < u.nc; cc += threads_x) {
-    const float s = tile_scale[cc / tc];
-    const int64_t c = u.c0 + cc;
-    for (int64_t rr = ty; rr < u.nr; rr += ty_count) {
-      const int64_t r = u.r0 + rr;
-      out[r * ld_out + c] = fp8_tile_decode(fp8_tile_encode(x[r * ld_x + c], s), s);
-    }
-  }
+  unit_elements(u, tc, threads_x, tile_scale, [&](int64_t r, int64_t c, float s) {
+    out[r * ld_out + c] = fp8_tile_decode(fp8_tile_encode(x[r * ld_x + c], s), s);
+  });
 }
 
 // Shared memory: the same layout as the others; only the scales part is used.
@@ -135,16 +133,9 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int tid = threadIdx.x;
   for (int64_t k = tid; k < u.ntiles; k += blockDim.x) tile_scale[k] = scales[u.s + k];
   __syncthreads();
-  const int tx = tid % threads_x, ty = tid / threads_x;
-  const int ty_count = blockDim.x / threads_x;
-  for (int64_t cc = tx; cc < u.nc; cc += threads_x) {
-    const float s = tile_scale[cc / tc];
-    const int64_t c = u.c0 + cc;
-    for (int64_t rr = ty; rr < u.nr; rr += ty_count) {
-      const int64_t r = u.r0 + rr;
-      x[r * ld_x + c] = fp8_tile_decode(q[r * ld_q + c], s);
-    }
-  }
+  unit_elements(u, tc, threads_x, tile_scale, [&](int64_t r, int64_t c, float s) {
+    x[r * ld_x + c] = fp8_tile_decode(q[r * ld_q + c], s);
+  });
 }
 
 __global__ void __launch_bounds__(kQuantThreads)
