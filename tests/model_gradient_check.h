@@ -84,4 +84,32 @@ inline FdCheck fd_check_fourth_order(Model<double>& m, const std::vector<int32_t
   return r;
 }
 
+// Two micro-batches (slots 0 and 1, tokens x[s], targets y[s]) through a model cut at layer
+// `cut` of L, forward chunk by chunk, then the backward split into input and weight parts
+// interleaved across chunks and slots as a DualPipe rank runs them (a weight part after later
+// input parts, slot 1's input before slot 0's weights).
+template <typename T>
+void run_interleaved_split_backward(Model<T>& m, int64_t cut, int64_t L,
+                                    const int32_t* const x[2], const int32_t* const y[2],
+                                    int64_t B, int64_t T_, T dce, T daux) {
+  auto fwd = [&](int s, int64_t l0, int64_t l1) {
+    model_chunk_forward<T>(m, s, l0, l1, x[s], y[s], B, T_, true);
+  };
+  auto bwd = [&](int s, int64_t l0, int64_t l1, BackwardPart p) {
+    model_chunk_backward<T>(m, s, l0, l1, dce, daux, p);
+  };
+  fwd(0, 0, cut);
+  fwd(0, cut, L);
+  fwd(1, 0, cut);
+  fwd(1, cut, L);
+  bwd(0, cut, L, BackwardPart::kInput);
+  bwd(0, 0, cut, BackwardPart::kInput);
+  bwd(1, cut, L, BackwardPart::kInput);
+  bwd(0, cut, L, BackwardPart::kWeight);
+  bwd(1, 0, cut, BackwardPart::kInput);
+  bwd(1, cut, L, BackwardPart::kWeight);
+  bwd(1, 0, cut, BackwardPart::kWeight);
+  bwd(0, 0, cut, BackwardPart::kWeight);
+}
+
 }  // namespace moe::test

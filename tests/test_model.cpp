@@ -321,24 +321,9 @@ TYPED_TEST(ModelSplitBackward, ChunksInterleavedMatchFull) {
   const std::vector<std::vector<T>> dx = full_reference<T>(ref, d, B, mbs);
   build_for_split_test<T>(m, d, B, 2, true);
   const T dce = T(1) / T(N), daux = T(1) / T(B);
-  auto fwd = [&](int s, int64_t l0, int64_t l1) {
-    model_chunk_forward<T>(m, s, l0, l1, mbs[s].x.data(), mbs[s].y.data(), B, d.T, true);
-  };
-  auto bwd = [&](int s, int64_t l0, int64_t l1, BackwardPart p) {
-    model_chunk_backward<T>(m, s, l0, l1, dce, daux, p);
-  };
-  fwd(0, 0, l);
-  fwd(0, l, L);
-  fwd(1, 0, l);
-  fwd(1, l, L);
-  bwd(0, l, L, BackwardPart::kInput);
-  bwd(0, 0, l, BackwardPart::kInput);
-  bwd(1, l, L, BackwardPart::kInput);
-  bwd(0, l, L, BackwardPart::kWeight);
-  bwd(1, 0, l, BackwardPart::kInput);
-  bwd(1, l, L, BackwardPart::kWeight);
-  bwd(1, 0, l, BackwardPart::kWeight);
-  bwd(0, 0, l, BackwardPart::kWeight);
+  const int32_t* const x[2] = {mbs[0].x.data(), mbs[1].x.data()};
+  const int32_t* const y[2] = {mbs[0].y.data(), mbs[1].y.data()};
+  test::run_interleaved_split_backward<T>(m, l, L, x, y, B, d.T, dce, daux);
   for (int s = 0; s < 2; ++s)
     EXPECT_TRUE(same_bits(model_chunk_grad<T>(m, s), dx[s].data(), N * d.C)) << "slot " << s;
   expect_grads_match<T>(m, ref, split_tolerance<T>());

@@ -304,24 +304,9 @@ TYPED_TEST(MtpSplitBackward, ChunksAndSlotsMatchFull) {
     const T* g = model_chunk_grad<T>(ref, 0);
     dx.emplace_back(g, g + N * d.C);
   }
-  auto fwd = [&](int s, int64_t l0, int64_t l1) {
-    model_chunk_forward<T>(m, s, l0, l1, xs[s].data(), ys[s].data(), B, d.T, true);
-  };
-  auto bwd = [&](int s, int64_t l0, int64_t l1, BackwardPart p) {
-    model_chunk_backward<T>(m, s, l0, l1, dce, daux, p);
-  };
-  fwd(0, 0, l);
-  fwd(0, l, L);
-  fwd(1, 0, l);
-  fwd(1, l, L);
-  bwd(0, l, L, BackwardPart::kInput);
-  bwd(0, 0, l, BackwardPart::kInput);
-  bwd(1, l, L, BackwardPart::kInput);
-  bwd(0, l, L, BackwardPart::kWeight);
-  bwd(1, 0, l, BackwardPart::kInput);
-  bwd(1, l, L, BackwardPart::kWeight);
-  bwd(1, 0, l, BackwardPart::kWeight);
-  bwd(0, 0, l, BackwardPart::kWeight);
+  const int32_t* const x[2] = {xs[0].data(), xs[1].data()};
+  const int32_t* const y[2] = {ys[0].data(), ys[1].data()};
+  test::run_interleaved_split_backward<T>(m, l, L, x, y, B, d.T, dce, daux);
   const double tol = std::is_same_v<T, float> ? 1e-6 : 1e-13;
   for (int s = 0; s < 2; ++s) {
     const T* g = model_chunk_grad<T>(m, s);
