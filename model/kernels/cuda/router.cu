@@ -201,6 +201,22 @@ __global__ void aux_count_kernel(int32_t* counts, const int32_t* expert_ids, int
   atomicAdd(&counts[(i / (T_ * K)) * E + e], 1);
 }
 
+// Token n's score sum S = sum_e s_e and dot D = sum_e (c_e f) s_e (c its sequence's counts),
+// lanes striding over e, then the warp butterfly: every lane ends with both. f = 1 is exact,
+// so the forward's plain <c, s> is the same computation.
+__device__ void token_sum_dot(double& sum, double& dot, const float* s, const int32_t* c,
+                              int64_t E, double f, int lane) {
+  sum = 0.0;
+  dot = 0.0;
+  for (int64_t e = lane; e < E; e += kMoeWarpSize) {
+    const double sv = static_cast<double>(s[e]);
+    sum += sv;
+    dot += static_cast<double>(c[e]) * f * sv;
+  }
+  sum = warp_sum(sum);
+  dot = warp_sum(dot);
+}
+
 // tok (N): <counts_b, s_t> / sum_e s_te for token t of sequence b.
 __global__ void aux_token_kernel(double* tok, const float* scores, const int32_t* counts,
                                  int64_t N, int64_t T_, int64_t E) {
@@ -209,14 +225,8 @@ __global__ void aux_token_kernel(double* tok, const float* scores, const int32_t
   const int lane = threadIdx.x % kMoeWarpSize;
   const float* s = scores + n * E;
   const int32_t* c = counts + (n / T_) * E;
-  double sum = 0.0, dot = 0.0;
-  for (int64_t e = lane; e < E; e += kMoeWarpSize) {
-    const double sv = static_cast<double>(s[e]);
-    sum += sv;
-    dot += static_cast<double>(c[e]) * sv;
-  }
-  sum = warp_sum(sum);
-  dot = warp_sum(dot);
+  double sum, dot;
+  token_sum_dot(sum, dot, s, c, E, 1.0, lane);
   if (lane == 0) tok[n] = dot / sum;
 }
 
@@ -250,14 +260,8 @@ __global__ void aux_backward_kernel(float* dscores, const float* scores, const i
   const int lane = threadIdx.x % kMoeWarpSize;
   const float* s = scores + n * E;
   const int32_t* c = counts + (n / T_) * E;
-  double sum = 0.0, dot = 0.0;
-  for (int64_t e = lane; e < E; e += kMoeWarpSize) {
-    const double sv = static_cast<double>(s[e]);
-    sum += sv;
-    dot += static_cast<double>(c[e]) * fscale * sv;
-  }
-  sum = warp_sum(sum);
-  dot = warp_sum(dot);
+  double sum, dot;
+  token_sum_dot(sum, dot, s, c, E, fscale, lane);
   const double g = gscale / sum, fs = dot / sum;
   for (int64_t e = lane; e < E; e += kMoeWarpSize)
     dscores[n * E + e] = static_cast<float>(g * (static_cast<double>(c[e]) * fscale - fs));
