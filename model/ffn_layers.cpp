@@ -19,79 +19,79 @@ constexpr int kMaxEpBlocks = 4096;
 // The GEMMs run in pm (model/linear.h) with scratch ls.
 // save_x / save_h: where x and h are saved for the weight pass (null: x is kept as is).
 template <typename T>
-void swiglu_mlp_forward(T* out, T* gu, T* h, const T* x, const T* w13, const T* w2, int64_t n,
+void swiglu_mlp_forward(Ops<T>& ops, T* out, T* gu, T* h, const T* x, const T* w13, const T* w2, int64_t n,
                         int64_t C, int64_t F, PrecisionMode pm, const LinearScratch<T>& ls,
                         const LinearSaved* save_x, const LinearSaved* save_h) {
-  linear_forward<T>(gu, x, w13, n, C, 2 * F, pm, ls, save_x);
-  cpu::swiglu_forward<T>(h, gu, n, F);
-  linear_forward<T>(out, h, w2, n, F, C, pm, ls, save_h);
+  linear_forward<T>(ops, gu, x, w13, n, C, 2 * F, pm, ls, save_x);
+  ops.swiglu_forward(h, gu, n, F);
+  linear_forward<T>(ops, out, h, w2, n, F, C, pm, ls, save_h);
 }
 
 // Input pass: dx (n, C) assigned when accumulate_dx is false, += otherwise; dgu (n, 2F) is
 // kept for the weight pass, dh (n, F) is scratch.
 template <typename T>
-void swiglu_mlp_backward_input(T* dx, T* dgu, T* dh, const T* dout, const T* gu, const T* w13,
+void swiglu_mlp_backward_input(Ops<T>& ops, T* dx, T* dgu, T* dh, const T* dout, const T* gu, const T* w13,
                                const T* w2, int64_t n, int64_t C, int64_t F, bool accumulate_dx,
                                PrecisionMode pm, const LinearScratch<T>& ls) {
-  linear_backward_input<T>(dh, dout, w2, n, F, C, pm, ls);
-  cpu::swiglu_backward<T>(dgu, dh, gu, n, F);
-  linear_backward_input<T>(dx, dgu, w13, n, C, 2 * F, pm, ls, accumulate_dx);
+  linear_backward_input<T>(ops, dh, dout, w2, n, F, C, pm, ls);
+  ops.swiglu_backward(dgu, dh, gu, n, F);
+  linear_backward_input<T>(ops, dx, dgu, w13, n, C, 2 * F, pm, ls, accumulate_dx);
 }
 
 // Weight pass: dw2 += dout^T h, dw13 += dgu^T x.
 // blocks (n_blocks + 1 row offsets, null: one block) restart the FP8 128-row tiles.
 // saved_x / saved_h as the forward's save_x / save_h.
 template <typename T>
-void swiglu_mlp_backward_weight(T* dw13, T* dw2, const T* dgu, const T* dout, const T* x,
+void swiglu_mlp_backward_weight(Ops<T>& ops, T* dw13, T* dw2, const T* dgu, const T* dout, const T* x,
                                 const T* h, const LinearSaved* saved_x,
                                 const LinearSaved& saved_h, int64_t n, int64_t C, int64_t F,
                                 PrecisionMode pm, const LinearScratch<T>& ls,
                                 const int64_t* blocks = nullptr, int64_t n_blocks = 1) {
-  linear_backward_weight_saved<T>(dw2, dout, h, saved_h, n, F, C, pm, ls, blocks, n_blocks);
+  linear_backward_weight_saved<T>(ops, dw2, dout, h, saved_h, n, F, C, pm, ls, blocks, n_blocks);
   if (saved_x) {
-    linear_backward_weight_saved<T>(dw13, dgu, x, *saved_x, n, C, 2 * F, pm, ls, blocks,
+    linear_backward_weight_saved<T>(ops, dw13, dgu, x, *saved_x, n, C, 2 * F, pm, ls, blocks,
                                     n_blocks);
   } else {
-    linear_backward_weight<T>(dw13, dgu, x, n, C, 2 * F, pm, ls, blocks, n_blocks);
+    linear_backward_weight<T>(ops, dw13, dgu, x, n, C, 2 * F, pm, ls, blocks, n_blocks);
   }
 }
 
 }  // namespace
 
 template <typename T>
-void dense_ffn_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+void dense_ffn_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                        const ModelDims& d, int64_t N) {
-  swiglu_mlp_forward<T>(out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F, d.precision, la.lin,
+  swiglu_mlp_forward<T>(ops, out, la.gu, la.h, x, lp.w13, lp.w2, N, d.C, d.F, d.precision, la.lin,
                         &la.saved_ln2, &la.saved_h);
 }
 
 template <typename T>
-void dense_ffn_backward_input(T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
+void dense_ffn_backward_input(Ops<T>& ops, T* dx, LayerActs<T>& la, const T* dout, const LayerParams<T>& lp,
                               Activations<T>& a, const ModelDims& d, int64_t N) {
   const LayerKept<T>& k = la.kept;
-  std::copy(dout, dout + N * d.C, k.dres_out);
-  swiglu_mlp_backward_input<T>(dx, k.dgu, a.dh, k.dres_out, la.gu, lp.w13, lp.w2, N, d.C, d.F,
+  ops.copy(k.dres_out, dout, sizeof(T) * static_cast<size_t>(N * d.C));
+  swiglu_mlp_backward_input<T>(ops, dx, k.dgu, a.dh, k.dres_out, la.gu, lp.w13, lp.w2, N, d.C, d.F,
                                false, d.precision, la.lin);
 }
 
 template <typename T>
-void dense_ffn_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
+void dense_ffn_backward_weight(Ops<T>& ops, LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
                                const ModelDims& d, int64_t N) {
   const LayerKept<T>& k = la.kept;
-  swiglu_mlp_backward_weight<T>(lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, &la.saved_ln2,
+  swiglu_mlp_backward_weight<T>(ops, lg.w13, lg.w2, k.dgu, k.dres_out, x, la.h, &la.saved_ln2,
                                 la.saved_h, N, d.C, d.F, d.precision, la.lin);
 }
 
 template <typename T>
-void moe_layer_route_forward(LayerActs<T>& la, const T* x, const LayerParams<T>& lp, const float* bias,
+void moe_layer_route_forward(Ops<T>& ops, LayerActs<T>& la, const T* x, const LayerParams<T>& lp, const float* bias,
                        Activations<T>& a, const ModelDims& d, int64_t N) {
   const int64_t C = d.C, E = d.E, K = d.K;
   // Router in full precision of T: logits -> scores -> top-k with the selection bias.
-  cpu::matmul_forward<T>(a.router_logits, x, lp.router, N, C, E);
-  cpu::router_forward<T>(la.scores, la.expert_ids, la.gate_weights, a.router_logits, bias, N, E,
+  ops.matmul_forward(a.router_logits, x, lp.router, N, C, E);
+  ops.router_forward(la.scores, la.expert_ids, la.gate_weights, a.router_logits, bias, N, E,
                          K, d.score, d.route_scale, d.G, d.KG);
-  cpu::moe_plan(la.counts, la.offsets, la.row_of, la.token_of, la.expert_ids, N, E, K);
-  cpu::moe_permute_forward<T>(la.xp, x, la.token_of, N * K, C);
+  ops.moe_plan(la.counts, la.offsets, la.row_of, la.token_of, la.expert_ids, N, E, K);
+  ops.moe_permute_forward(la.xp, x, la.token_of, N * K, C);
   if (d.ep == 1) {
     std::copy(la.offsets, la.offsets + E + 1, la.local_offsets);
     std::copy(la.offsets, la.offsets + E + 1, la.block_offsets);
@@ -100,7 +100,7 @@ void moe_layer_route_forward(LayerActs<T>& la, const T* x, const LayerParams<T>&
 }
 
 template <typename T>
-void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const LayerParams<T>& lp,
+void moe_layer_experts_forward(Ops<T>& ops, T* yg, LayerActs<T>& la, const T* xg, const LayerParams<T>& lp,
                          const ModelDims& d) {
   const int64_t C = d.C, FE = d.FE;
   for (int64_t e = 0; e < d.EL(); ++e) {
@@ -108,83 +108,82 @@ void moe_layer_experts_forward(T* yg, LayerActs<T>& la, const T* xg, const Layer
     if (n == 0) continue;
     const LinearSaved sx = linear_saved_rows(la.saved_xg, r0, C);
     const LinearSaved sh = linear_saved_rows(la.saved_eh, r0, FE);
-    swiglu_mlp_forward<T>(yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
+    swiglu_mlp_forward<T>(ops, yg + r0 * C, la.egu + r0 * 2 * FE, la.eh + r0 * FE, xg + r0 * C,
                           lp.ew13 + e * 2 * FE * C, lp.ew2 + e * C * FE, n, C, FE, d.precision,
                           la.lin_experts, &sx, &sh);
   }
 }
 
 template <typename T>
-void moe_layer_shared_forward(T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
+void moe_layer_shared_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                         const ModelDims& d, int64_t N) {
   if (d.S > 0)
-    swiglu_mlp_forward<T>(out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S, d.precision,
+    swiglu_mlp_forward<T>(ops, out, la.sgu, la.sh, x, lp.sw13, lp.sw2, N, d.C, d.S, d.precision,
                           la.lin, nullptr, &la.saved_sh);
 }
 
 template <typename T>
-double moe_layer_combine_forward(T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
+double moe_layer_combine_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
                            const ModelDims& d, int64_t B, int64_t T_) {
   const int64_t N = B * T_, C = d.C, E = d.E, K = d.K;
-  cpu::moe_combine_forward<T>(out, la.yp, la.gate_weights, la.row_of, N, K, C);
-  if (d.S > 0) cpu::residual_forward<T>(out, out, shared_out, N * C);
+  ops.moe_combine_forward(out, la.yp, la.gate_weights, la.row_of, N, K, C);
+  if (d.S > 0) ops.residual_forward(out, out, shared_out, N * C);
   if (load)
     for (int64_t e = 0; e < E; ++e) load[e] += la.counts[e];
   if (d.aux_alpha > 0)
-    return static_cast<double>(
-        cpu::aux_loss_forward<T>(la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha));
+    return ops.aux_loss_forward(la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha);
   return 0.0;
 }
 
 template <typename T>
-void moe_layer_combine_backward_input(T* dyp, LayerActs<T>& la, const T* dout,
+void moe_layer_combine_backward_input(Ops<T>& ops, T* dyp, LayerActs<T>& la, const T* dout,
                                 const LayerParams<T>& lp, Activations<T>& a, const ModelDims& d,
                                 int64_t B, int64_t T_, T dloss_aux) {
   const int64_t N = B * T_, C = d.C, E = d.E, K = d.K;
   const LayerKept<T>& k = la.kept;
-  std::copy(dout, dout + N * C, k.dres_out);
-  cpu::moe_combine_backward<T>(dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
+  ops.copy(k.dres_out, dout, sizeof(T) * static_cast<size_t>(N * C));
+  ops.moe_combine_backward(dyp, a.dgate, dout, la.yp, la.gate_weights, la.row_of, N, K, C);
   const T* dscores_extra = nullptr;
   if (d.aux_alpha > 0) {
-    cpu::aux_loss_backward<T>(a.dscores, la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha,
+    ops.aux_loss_backward(a.dscores, la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha,
                               dloss_aux);
     dscores_extra = a.dscores;
   }
-  cpu::router_backward<T>(k.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
+  ops.router_backward(k.dlogits_r, a.dgate, dscores_extra, la.scores, la.expert_ids, N, E, K,
                           d.score, d.route_scale);
   if (d.S > 0) {
-    linear_backward_input<T>(a.dh, k.dres_out, lp.sw2, N, d.S, C, d.precision, la.lin);
-    cpu::swiglu_backward<T>(k.dsgu, a.dh, la.sgu, N, d.S);
+    linear_backward_input<T>(ops, a.dh, k.dres_out, lp.sw2, N, d.S, C, d.precision, la.lin);
+    ops.swiglu_backward(k.dsgu, a.dh, la.sgu, N, d.S);
   }
 }
 
 template <typename T>
-void moe_layer_experts_backward_input(T* dxg, LayerActs<T>& la, const LayerParams<T>& lp,
+void moe_layer_experts_backward_input(Ops<T>& ops, T* dxg, LayerActs<T>& la, const LayerParams<T>& lp,
                                 Activations<T>& a, const ModelDims& d) {
   const int64_t C = d.C, FE = d.FE;
   const LayerKept<T>& k = la.kept;
   for (int64_t e = 0; e < d.EL(); ++e) {
     const int64_t r0 = la.local_offsets[e], n = la.local_offsets[e + 1] - r0;
     if (n == 0) continue;
-    swiglu_mlp_backward_input<T>(dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
+    swiglu_mlp_backward_input<T>(ops, dxg + r0 * C, k.degu + r0 * 2 * FE, a.dh, k.dyg + r0 * C,
                                  la.egu + r0 * 2 * FE, lp.ew13 + e * 2 * FE * C,
                                  lp.ew2 + e * C * FE, n, C, FE, false, d.precision, la.lin_experts);
   }
 }
 
 template <typename T>
-void moe_layer_permute_backward_input(T* dx, LayerActs<T>& la, const T* dxp, const LayerParams<T>& lp,
+void moe_layer_permute_backward_input(Ops<T>& ops, T* dx, LayerActs<T>& la, const T* dxp, const LayerParams<T>& lp,
                                 const ModelDims& d, int64_t N) {
   const int64_t C = d.C, E = d.E;
   const LayerKept<T>& k = la.kept;
-  cpu::moe_permute_backward<T>(dx, dxp, la.row_of, N, d.K, C);
-  cpu::gemm<T>(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
+  ops.moe_permute_backward(dx, dxp, la.row_of, N, d.K, C);
+  ops.gemm(false, false, N, C, E, T(1), k.dlogits_r, E, lp.router, C, T(1), dx, C);
   if (d.S > 0)
-    linear_backward_input<T>(dx, k.dsgu, lp.sw13, N, C, 2 * d.S, d.precision, la.lin, true);
+    linear_backward_input<T>(ops, dx, k.dsgu, lp.sw13, N, C, 2 * d.S, d.precision, la.lin, true);
 }
 
 template <typename T>
-void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const ModelDims& d) {
+void moe_layer_experts_backward_weight(Ops<T>& ops, LayerParams<T>& lg, const LayerActs<T>& la, const ModelDims& d) {
   const int64_t C = d.C, FE = d.FE;
   const LayerKept<T>& k = la.kept;
   const T* xg = d.ep > 1 ? la.xg : la.xp;
@@ -196,7 +195,7 @@ void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& l
     if (n == 0) continue;
     for (int64_t p = 0; p <= d.ep; ++p) blocks[p] = la.block_offsets[e * d.ep + p] - r0;
     const LinearSaved sx = linear_saved_rows(la.saved_xg, r0, C);
-    swiglu_mlp_backward_weight<T>(lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE,
+    swiglu_mlp_backward_weight<T>(ops, lg.ew13 + e * 2 * FE * C, lg.ew2 + e * C * FE,
                                   k.degu + r0 * 2 * FE, k.dyg + r0 * C, xg + r0 * C,
                                   la.eh + r0 * FE, &sx, linear_saved_rows(la.saved_eh, r0, FE), n,
                                   C, FE, d.precision, la.lin, blocks, d.ep);
@@ -204,40 +203,40 @@ void moe_layer_experts_backward_weight(LayerParams<T>& lg, const LayerActs<T>& l
 }
 
 template <typename T>
-void moe_layer_router_shared_backward_weight(LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
+void moe_layer_router_shared_backward_weight(Ops<T>& ops, LayerParams<T>& lg, const LayerActs<T>& la, const T* x,
                                        const ModelDims& d, int64_t N) {
   const LayerKept<T>& k = la.kept;
-  cpu::matmul_backward_weight<T>(lg.router, k.dlogits_r, x, N, d.C, d.E);
+  ops.matmul_backward_weight(lg.router, k.dlogits_r, x, N, d.C, d.E);
   if (d.S > 0)
-    swiglu_mlp_backward_weight<T>(lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, nullptr,
+    swiglu_mlp_backward_weight<T>(ops, lg.sw13, lg.sw2, k.dsgu, k.dres_out, x, la.sh, nullptr,
                                   la.saved_sh, N, d.C, d.S, d.precision, la.lin);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
-  template void dense_ffn_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
+  template void dense_ffn_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, const LayerParams<T>&,      \
                                      const ModelDims&, int64_t);                              \
-  template void dense_ffn_backward_input<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
+  template void dense_ffn_backward_input<T>(Ops<T>&, T*, LayerActs<T>&, const T*, const LayerParams<T>&, \
                                             Activations<T>&, const ModelDims&, int64_t);      \
-  template void dense_ffn_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&, const T*,  \
+  template void dense_ffn_backward_weight<T>(Ops<T>&, LayerParams<T>&, const LayerActs<T>&, const T*,  \
                                              const ModelDims&, int64_t);                      \
-  template void moe_layer_route_forward<T>(LayerActs<T>&, const T*, const LayerParams<T>&,        \
+  template void moe_layer_route_forward<T>(Ops<T>&, LayerActs<T>&, const T*, const LayerParams<T>&,        \
                                      const float*, Activations<T>&, const ModelDims&, int64_t); \
-  template void moe_layer_experts_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,    \
+  template void moe_layer_experts_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, const LayerParams<T>&,    \
                                        const ModelDims&);                                     \
-  template void moe_layer_shared_forward<T>(T*, LayerActs<T>&, const T*, const LayerParams<T>&,     \
+  template void moe_layer_shared_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, const LayerParams<T>&,     \
                                       const ModelDims&, int64_t);                             \
-  template double moe_layer_combine_forward<T>(T*, LayerActs<T>&, const T*, int64_t*,               \
+  template double moe_layer_combine_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, int64_t*,               \
                                          const ModelDims&, int64_t, int64_t);                 \
-  template void moe_layer_combine_backward_input<T>(T*, LayerActs<T>&, const T*,                    \
+  template void moe_layer_combine_backward_input<T>(Ops<T>&, T*, LayerActs<T>&, const T*,                    \
                                               const LayerParams<T>&, Activations<T>&,         \
                                               const ModelDims&, int64_t, int64_t, T);         \
-  template void moe_layer_experts_backward_input<T>(T*, LayerActs<T>&, const LayerParams<T>&,       \
+  template void moe_layer_experts_backward_input<T>(Ops<T>&, T*, LayerActs<T>&, const LayerParams<T>&,       \
                                               Activations<T>&, const ModelDims&);             \
-  template void moe_layer_permute_backward_input<T>(T*, LayerActs<T>&, const T*,                    \
+  template void moe_layer_permute_backward_input<T>(Ops<T>&, T*, LayerActs<T>&, const T*,                    \
                                               const LayerParams<T>&, const ModelDims&, int64_t); \
-  template void moe_layer_experts_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&,          \
+  template void moe_layer_experts_backward_weight<T>(Ops<T>&, LayerParams<T>&, const LayerActs<T>&,          \
                                                const ModelDims&);                             \
-  template void moe_layer_router_shared_backward_weight<T>(LayerParams<T>&, const LayerActs<T>&,    \
+  template void moe_layer_router_shared_backward_weight<T>(Ops<T>&, LayerParams<T>&, const LayerActs<T>&,    \
                                                      const T*, const ModelDims&, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

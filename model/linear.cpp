@@ -5,19 +5,18 @@
 #include "model/check.h"
 #include "model/fp8.h"
 #include "model/fp8_quant.h"
-#include "model/kernels/cpu/dense_ops.h"
 
 namespace moe {
 
 namespace {
 
 // dst (R, C) <- src in the mode's GEMM input format, tiles per `tile` (fp8).
-void quantize_input(float* dst, const float* src, int64_t R, int64_t C, PrecisionMode mode,
+void quantize_input(Ops<float>& ops, float* dst, const float* src, int64_t R, int64_t C, PrecisionMode mode,
                     Fp8Tile tile) {
   if (mode == PrecisionMode::kFp8) {
-    fp8_fake_quantize(dst, src, R, C, tile);
+    ops.fp8_fake_quantize(dst, src, R, C, tile);
   } else {
-    bf16_fake_quantize(dst, src, R * C);
+    ops.bf16_fake_quantize(dst, src, R * C);
   }
 }
 
@@ -39,13 +38,13 @@ void for_each_block(const int64_t* blocks, int64_t n_blocks, int64_t N, const Fn
 }
 
 // dst (R, C) <- x restored from its saved form (fp8: 1x128 tiles dequantized).
-void restore_saved(float* dst, const LinearSaved& x, int64_t R, int64_t C, PrecisionMode mode) {
+void restore_saved(Ops<float>& ops, float* dst, const LinearSaved& x, int64_t R, int64_t C, PrecisionMode mode) {
   if (mode == PrecisionMode::kFp8) {
     CHECK(x.codes && x.scales, "no saved FP8 input");
-    fp8_dequantize(dst, x.codes, x.scales, R, C, kTileAct);
+    ops.fp8_dequantize(dst, x.codes, x.scales, R, C, kTileAct);
   } else {
     CHECK(x.bf16, "no saved BF16 input");
-    for (int64_t i = 0; i < R * C; ++i) dst[i] = bf16_to_float(x.bf16[i]);
+    ops.bf16_decode(dst, x.bf16, R * C);
   }
 }
 
@@ -64,29 +63,29 @@ void check_room(const LinearScratch<T>& s, int64_t n) {
 
 // out (N, OC) = x . wq^T, row-invariant when the scratch says so (LinearScratch).
 template <typename T>
-void rows_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
+void rows_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
                   const LinearScratch<T>& s) {
-  if (!s.row_pad) return cpu::matmul_forward<T>(out, x, wq, N, IC, OC);
-  cpu::gemm_rows_invariant<T>(true, N, OC, IC, x, IC, wq, IC, T(0), out, OC, s.row_pad,
-                           s.row_pad_count);
+  if (!s.row_pad) return ops.matmul_forward(out, x, wq, N, IC, OC);
+  ops.gemm_rows_invariant(true, N, OC, IC, x, IC, wq, IC, T(0), out, OC, s.row_pad,
+                          s.row_pad_count);
 }
 
 }  // namespace
 
 template <typename T>
-void linear_quantize_weight(T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
+void linear_quantize_weight(Ops<T>& ops, T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
                             PrecisionMode mode) {
   if (exact<T>(mode)) {
-    if (wq == w) return;
-    for (int64_t r = 0; r < OC; ++r)
-      for (int64_t c = 0; c < IC; ++c) wq[r * ld + c] = w[r * ld + c];
+    if (wq != w) ops.copy_rows(wq, ld, w, ld, OC, IC);
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
     if (mode == PrecisionMode::kFp8) {
-      fp8_fake_quantize_ld(wq, ld, w, ld, OC, IC, kTileWeight);
+      ops.fp8_fake_quantize_ld(wq, ld, w, ld, OC, IC, kTileWeight);
+    } else if (ld == IC) {
+      ops.bf16_fake_quantize(wq, w, OC * IC);
     } else {
-      for (int64_t r = 0; r < OC; ++r) bf16_fake_quantize(wq + r * ld, w + r * ld, IC);
+      for (int64_t r = 0; r < OC; ++r) ops.bf16_fake_quantize(wq + r * ld, w + r * ld, IC);
     }
   }
 }
@@ -120,100 +119,100 @@ LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC) {
 }
 
 template <typename T>
-void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                    PrecisionMode mode, const LinearScratch<T>& s, const LinearSaved* save) {
-  if (exact<T>(mode)) return rows_forward<T>(out, x, wq, N, IC, OC, s);
+void linear_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int64_t IC,
+                    int64_t OC, PrecisionMode mode, const LinearScratch<T>& s,
+                    const LinearSaved* save) {
+  if (exact<T>(mode)) return rows_forward<T>(ops, out, x, wq, N, IC, OC, s);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * IC);
     if (!save) {
-      quantize_input(s.a, x, N, IC, mode, kTileAct);
+      quantize_input(ops, s.a, x, N, IC, mode, kTileAct);
     } else if (mode == PrecisionMode::kFp8) {
       // The saved codes are the GEMM's operand: the forward multiplies what backward reads.
-      fp8_quantize(save->codes, save->scales, x, N, IC, kTileAct);
-      fp8_dequantize(s.a, save->codes, save->scales, N, IC, kTileAct);
+      ops.fp8_quantize(save->codes, save->scales, x, N, IC, kTileAct);
+      ops.fp8_dequantize(s.a, save->codes, save->scales, N, IC, kTileAct);
     } else {
-      for (int64_t i = 0; i < N * IC; ++i) {
-        save->bf16[i] = bf16_from_float(x[i]);
-        s.a[i] = bf16_to_float(save->bf16[i]);
-      }
+      ops.bf16_encode(save->bf16, s.a, x, N * IC);
     }
-    rows_forward<float>(out, s.a, wq, N, IC, OC, s);
+    rows_forward<float>(ops, out, s.a, wq, N, IC, OC, s);
   }
 }
 
 template <typename T>
-void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t IC, int64_t OC,
-                           PrecisionMode mode, const LinearScratch<T>& s, bool accumulate) {
+void linear_backward_input(Ops<T>& ops, T* dx, const T* dout, const T* wq, int64_t N, int64_t IC,
+                           int64_t OC, PrecisionMode mode, const LinearScratch<T>& s,
+                           bool accumulate) {
   const T* a = dout;
   if (!exact<T>(mode)) {
     if constexpr (std::is_same_v<T, float>) {
       check_room(s, N * OC);
-      quantize_input(s.a, dout, N, OC, mode, kTileAct);
+      quantize_input(ops, s.a, dout, N, OC, mode, kTileAct);
       a = s.a;
     }
   }
   const T beta = accumulate ? T(1) : T(0);
   if (s.row_pad)
-    return cpu::gemm_rows_invariant<T>(false, N, IC, OC, a, OC, wq, IC, beta, dx, IC, s.row_pad,
-                                    s.row_pad_count);
-  cpu::gemm<T>(false, false, N, IC, OC, T(1), a, OC, wq, IC, beta, dx, IC);
+    return ops.gemm_rows_invariant(false, N, IC, OC, a, OC, wq, IC, beta, dx, IC, s.row_pad,
+                                   s.row_pad_count);
+  ops.gemm(false, false, N, IC, OC, T(1), a, OC, wq, IC, beta, dx, IC);
 }
 
 template <typename T>
-void linear_backward_weight(T* dw, const T* dout, const T* x, int64_t N, int64_t IC, int64_t OC,
-                            PrecisionMode mode, const LinearScratch<T>& s, const int64_t* blocks,
-                            int64_t n_blocks) {
-  if (exact<T>(mode)) return cpu::matmul_backward_weight<T>(dw, dout, x, N, IC, OC);
+void linear_backward_weight(Ops<T>& ops, T* dw, const T* dout, const T* x, int64_t N, int64_t IC,
+                            int64_t OC, PrecisionMode mode, const LinearScratch<T>& s,
+                            const int64_t* blocks, int64_t n_blocks) {
+  if (exact<T>(mode)) return ops.matmul_backward_weight(dw, dout, x, N, IC, OC);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * (IC > OC ? IC : OC));
     for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
-      quantize_input(s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
-      quantize_input(s.b + r0 * IC, x + r0 * IC, n, IC, mode, kTileActT);
+      quantize_input(ops, s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
+      quantize_input(ops, s.b + r0 * IC, x + r0 * IC, n, IC, mode, kTileActT);
     });
-    cpu::matmul_backward_weight<float>(dw, s.a, s.b, N, IC, OC);
+    ops.matmul_backward_weight(dw, s.a, s.b, N, IC, OC);
   }
 }
 
 namespace {
 
-void saved_backward_weight(float* dw, const float* dout, const LinearSaved& x, int64_t N,
+void saved_backward_weight(Ops<float>& ops, float* dw, const float* dout, const LinearSaved& x, int64_t N,
                            int64_t IC, int64_t OC, PrecisionMode mode,
                            const LinearScratch<float>& s, const int64_t* blocks,
                            int64_t n_blocks) {
   check_room(s, N * (IC > OC ? IC : OC));
-  restore_saved(s.b, x, N, IC, mode);
+  restore_saved(ops, s.b, x, N, IC, mode);
   for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
-    quantize_input(s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
+    quantize_input(ops, s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
     // BF16 values round to themselves; FP8 ones move from 1x128 to 128x1 tiles.
     if (mode == PrecisionMode::kFp8)
-      fp8_fake_quantize(s.b + r0 * IC, s.b + r0 * IC, n, IC, kTileActT);
+      ops.fp8_fake_quantize(s.b + r0 * IC, s.b + r0 * IC, n, IC, kTileActT);
   });
-  cpu::matmul_backward_weight<float>(dw, s.a, s.b, N, IC, OC);
+  ops.matmul_backward_weight(dw, s.a, s.b, N, IC, OC);
 }
 
 }  // namespace
 
 template <typename T>
-void linear_backward_weight_saved(T* dw, const T* dout, const T* x_fp32, const LinearSaved& x,
+void linear_backward_weight_saved(Ops<T>& ops, T* dw, const T* dout, const T* x_fp32,
+                                  const LinearSaved& x,
                                   int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
                                   const LinearScratch<T>& s, const int64_t* blocks,
                                   int64_t n_blocks) {
-  if (exact<T>(mode)) return cpu::matmul_backward_weight<T>(dw, dout, x_fp32, N, IC, OC);
-  if constexpr (std::is_same_v<T, float>) saved_backward_weight(dw, dout, x, N, IC, OC, mode, s,
+  if (exact<T>(mode)) return ops.matmul_backward_weight(dw, dout, x_fp32, N, IC, OC);
+  if constexpr (std::is_same_v<T, float>) saved_backward_weight(ops, dw, dout, x, N, IC, OC, mode, s,
                                                                 blocks, n_blocks);
 }
 
 #define MOE_INSTANTIATE(T)                                                                     \
-  template void linear_quantize_weight<T>(T*, const T*, int64_t, int64_t, int64_t,            \
+  template void linear_quantize_weight<T>(Ops<T>&, T*, const T*, int64_t, int64_t, int64_t,            \
                                           PrecisionMode);                                     \
-  template void linear_forward<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,          \
+  template void linear_forward<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,          \
                                   PrecisionMode, const LinearScratch<T>&, const LinearSaved*); \
-  template void linear_backward_input<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,   \
+  template void linear_backward_input<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,   \
                                          PrecisionMode, const LinearScratch<T>&, bool);       \
-  template void linear_backward_weight<T>(T*, const T*, const T*, int64_t, int64_t, int64_t,  \
+  template void linear_backward_weight<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,  \
                                           PrecisionMode, const LinearScratch<T>&, const int64_t*, \
                                           int64_t);                                           \
-  template void linear_backward_weight_saved<T>(T*, const T*, const T*, const LinearSaved&,   \
+  template void linear_backward_weight_saved<T>(Ops<T>&, T*, const T*, const T*, const LinearSaved&,   \
                                                 int64_t, int64_t, int64_t, PrecisionMode,     \
                                                 const LinearScratch<T>&, const int64_t*, int64_t);
 MOE_INSTANTIATE(float)

@@ -7,9 +7,9 @@
 //         the weight per 128x128 block. Forward x (1x128 along IC) . W; input gradient
 //         dy (1x128 along OC) . W; weight gradient dy^T x, both 128x1 (the reduction runs
 //         over the N tokens).
-// On CPU the quantized GEMM is an exact emulation: each input is fake-quantized (quantized
-// and dequantized, bit for bit what a block-scaled FP8 GEMM multiplies) into scratch, then
-// one FP32 OpenBLAS GEMM. The weight arrives already quantized (linear_quantize_weight, once
+// The quantized GEMM is an exact emulation on every backend: each input is fake-quantized
+// (quantized and dequantized, bit for bit what a block-scaled FP8 GEMM multiplies) into
+// scratch, then one FP32 GEMM (OpenBLAS, or cuBLAS without TF32), all through `ops`. The weight arrives already quantized (linear_quantize_weight, once
 // per optimizer step: every GEMM of the step reads the same copy); activations are
 // quantized here. T = double (gradient checks) supports fp32 only.
 #pragma once
@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "model/arena.h"
+#include "model/ops.h"
 #include "model/types.h"
 
 namespace moe {
@@ -54,19 +55,19 @@ LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC);
 // wq (OC, IC) with row stride ld <- w in the mode's GEMM input format (a copy for fp32).
 // In place allowed (wq == w).
 template <typename T>
-void linear_quantize_weight(T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
+void linear_quantize_weight(Ops<T>& ops, T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
                             PrecisionMode mode);
 
 // out (N, OC) = x (N, IC) . wq^T. With `save` (bf16 / fp8), x is also saved there in the GEMM
 // input format, for linear_backward_weight_saved.
 template <typename T>
-void linear_forward(T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
+void linear_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
                     PrecisionMode mode, const LinearScratch<T>& s,
                     const LinearSaved* save = nullptr);
 // dx (N, IC) = dout (N, OC) . wq, assigned; added to dx when `accumulate` (a layer input
 // that feeds several branches).
 template <typename T>
-void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t IC, int64_t OC,
+void linear_backward_input(Ops<T>& ops, T* dx, const T* dout, const T* wq, int64_t N, int64_t IC, int64_t OC,
                            PrecisionMode mode, const LinearScratch<T>& s,
                            bool accumulate = false);
 // dw (OC, IC) += dout^T (OC, N) . x (N, IC). blocks (n_blocks + 1 row offsets from 0 to N;
@@ -74,13 +75,13 @@ void linear_backward_input(T* dx, const T* dout, const T* wq, int64_t N, int64_t
 // each were zero-padded to a multiple of 128 rows (the routed experts' rows from different
 // EP ranks), so the rounding does not depend on which rows share a GEMM.
 template <typename T>
-void linear_backward_weight(T* dw, const T* dout, const T* x, int64_t N, int64_t IC, int64_t OC,
+void linear_backward_weight(Ops<T>& ops, T* dw, const T* dout, const T* x, int64_t N, int64_t IC, int64_t OC,
                             PrecisionMode mode, const LinearScratch<T>& s,
                             const int64_t* blocks = nullptr, int64_t n_blocks = 1);
 // The same from what the forward saved of x: in fp32 the float tensor x itself, otherwise
 // `saved` (x is not read and may be scratch the forward has reused).
 template <typename T>
-void linear_backward_weight_saved(T* dw, const T* dout, const T* x, const LinearSaved& saved,
+void linear_backward_weight_saved(Ops<T>& ops, T* dw, const T* dout, const T* x, const LinearSaved& saved,
                                   int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
                                   const LinearScratch<T>& s, const int64_t* blocks = nullptr,
                                   int64_t n_blocks = 1);

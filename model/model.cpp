@@ -23,7 +23,6 @@
 
 #include "model/check.h"
 #include "model/fp8_quant.h"
-#include "model/kernels/cpu/dense_ops.h"
 #include "model/layers.h"
 
 namespace moe {
@@ -83,13 +82,14 @@ void exchange_start(ExpertExchange* ex, bool dispatch, int lane, int64_t key, T*
 // dispatch_fp8 with every expert local: n rows of C rounded in place as the EP wire rounds
 // them, FP8 (1x128 tiles) for a dispatch, BF16 for a combine.
 template <typename T>
-void local_wire_round(const ModelDims& d, bool dispatch, T* rows, int64_t n) {
+void local_wire_round(Model<T>& m, bool dispatch, T* rows, int64_t n) {
+  const ModelDims& d = m.d;
   if (!d.dispatch_fp8) return;
   if constexpr (std::is_same_v<T, float>) {
     if (dispatch) {
-      fp8_fake_quantize(rows, rows, n, d.C, kTileAct);
+      m.ops->fp8_fake_quantize(rows, rows, n, d.C, kTileAct);
     } else {
-      bf16_fake_quantize(rows, rows, n * d.C);
+      m.ops->bf16_fake_quantize(rows, rows, n * d.C);
     }
   }
 }
@@ -126,29 +126,16 @@ void forward_begin(Model<T>& m, ChunkRun& r) {
   a.B = r.B;
   a.Tcur = r.T;
   if (r.l0 == 0) {
-    std::memcpy(a.tokens, r.tokens, sizeof(int32_t) * static_cast<size_t>(N));
-    cpu::embedding_forward<T>(a.res, a.tokens, m.p.wte, N, d.C);
+    m.ops->upload(a.tokens, r.tokens, sizeof(int32_t) * static_cast<size_t>(N));
+    m.ops->embedding_forward(a.res, a.tokens, m.p.wte, N, d.C, m.d.V);
   }
   if (r.l1 == d.L) {
-    if (r.targets) std::memcpy(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
+    if (r.targets) m.ops->upload(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
     a.mtp_run = r.targets && r.training ? d.mtp : 0;
   }
   r.layer = r.l0;
   r.phase = 0;
   r.started = true;
-}
-
-// The cross-entropy summed over the tokens with a target (>= 0), and how many there are.
-template <typename T>
-double scored_loss_sum(const T* losses, const int32_t* targets, int64_t N, int64_t* count) {
-  double sum = 0;
-  *count = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    if (targets[i] < 0) continue;
-    sum += static_cast<double>(losses[i]);
-    ++*count;
-  }
-  return sum;
 }
 
 template <typename T>
@@ -157,13 +144,13 @@ void forward_head(Model<T>& m, ChunkRun& r) {
   Activations<T>& a = m.slots[static_cast<size_t>(r.slot)];
   const int64_t N = r.B * r.T, C = d.C;
   const T* res_last = a.res + d.L * N * C;
-  cpu::rmsnorm_forward<T>(a.lnf, a.rstdf, res_last, m.p.final_norm, N, C,
+  m.ops->rmsnorm_forward(a.lnf, a.rstdf, res_last, m.p.final_norm, N, C,
                           static_cast<T>(d.norm_eps));
-  cpu::matmul_forward<T>(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
+  m.ops->matmul_forward(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
   if (!r.targets) return;
-  cpu::cross_entropy_forward<T>(a.losses, a.probs, a.logits, a.targets, N, d.V);
+  m.ops->cross_entropy_forward(a.losses, a.probs, a.logits, a.targets, N, d.V);
   int64_t count = 0;
-  const double sum = scored_loss_sum(a.losses, a.targets, N, &count);
+  const double sum = m.ops->scored_loss_sum(a.losses, a.targets, N, &count);
   r.loss.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
 }
 
@@ -172,18 +159,6 @@ void forward_head(Model<T>& m, ChunkRun& r) {
 template <typename T>
 const T* mtp_h_prev(const Model<T>& m, const Activations<T>& a, int64_t k) {
   return k == 0 ? a.res + m.d.L * a.B * a.Tcur * m.d.C : a.mtp[static_cast<size_t>(k - 1)].out;
-}
-
-// Rows (N, C) into columns [col, col + C) of rows (N, 2C), and back out.
-template <typename T>
-void rows_into_half(T* wide, const T* narrow, int64_t N, int64_t C, int64_t col) {
-  for (int64_t i = 0; i < N; ++i)
-    std::memcpy(wide + i * 2 * C + col, narrow + i * C, sizeof(T) * static_cast<size_t>(C));
-}
-template <typename T>
-void rows_from_half(T* narrow, const T* wide, int64_t N, int64_t C, int64_t col) {
-  for (int64_t i = 0; i < N; ++i)
-    std::memcpy(narrow + i * C, wide + i * 2 * C + col, sizeof(T) * static_cast<size_t>(C));
 }
 
 // MTP module k up to its block: the shifted tokens and targets, [enorm(emb) | hnorm(h_prev)],
@@ -195,20 +170,14 @@ void mtp_forward_input(Model<T>& m, Activations<T>& a, int64_t k) {
   CHECK(m.part.embedding, "the MTP modules need the embedding on the head's rank");
   MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
   const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
-  for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t t = 0; t < Tn; ++t) {
-      const int32_t* y = a.targets + b * Tn;
-      const int64_t i = b * Tn + t;
-      ma.tokens[i] = t + k < Tn && y[t + k] >= 0 ? y[t + k] : 0;
-      ma.targets[i] = t + k + 1 < Tn ? y[t + k + 1] : -1;
-    }
-  cpu::embedding_forward<T>(ma.emb, ma.tokens, m.p.wte, N, C);
+  m.ops->mtp_shift(ma.tokens, ma.targets, a.targets, a.B, Tn, k);
+  m.ops->embedding_forward(ma.emb, ma.tokens, m.p.wte, N, C, m.d.V);
   const T eps = static_cast<T>(d.norm_eps);
-  cpu::rmsnorm_forward<T>(a.tmp, ma.e_rstd, ma.emb, mp.enorm, N, C, eps);
-  rows_into_half(ma.cat, a.tmp, N, C, 0);
-  cpu::rmsnorm_forward<T>(a.tmp, ma.h_rstd, mtp_h_prev(m, a, k), mp.hnorm, N, C, eps);
-  rows_into_half(ma.cat, a.tmp, N, C, C);
-  cpu::matmul_forward<T>(ma.x, ma.cat, mp.eh_proj, N, 2 * C, C);
+  m.ops->rmsnorm_forward(a.tmp, ma.e_rstd, ma.emb, mp.enorm, N, C, eps);
+  m.ops->copy_rows(ma.cat, 2 * C, a.tmp, C, N, C);
+  m.ops->rmsnorm_forward(a.tmp, ma.h_rstd, mtp_h_prev(m, a, k), mp.hnorm, N, C, eps);
+  m.ops->copy_rows(ma.cat + C, 2 * C, a.tmp, C, N, C);
+  m.ops->matmul_forward(ma.x, ma.cat, mp.eh_proj, N, 2 * C, C);
 }
 
 // MTP module k after its block: final norm, the shared head, cross-entropy.
@@ -218,12 +187,12 @@ void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k, ChunkLoss& lo
   const int64_t N = a.B * a.Tcur, C = d.C;
   MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
   const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
-  cpu::rmsnorm_forward<T>(ma.lnf, ma.rstdf, ma.out, mp.final_norm, N, C,
+  m.ops->rmsnorm_forward(ma.lnf, ma.rstdf, ma.out, mp.final_norm, N, C,
                           static_cast<T>(d.norm_eps));
-  cpu::matmul_forward<T>(a.mtp_logits, ma.lnf, m.p.lm_head, N, C, d.V);
-  cpu::cross_entropy_forward<T>(ma.losses, ma.probs, a.mtp_logits, ma.targets, N, d.V);
+  m.ops->matmul_forward(a.mtp_logits, ma.lnf, m.p.lm_head, N, C, d.V);
+  m.ops->cross_entropy_forward(ma.losses, ma.probs, a.mtp_logits, ma.targets, N, d.V);
   int64_t count = 0;
-  const double sum = scored_loss_sum(ma.losses, ma.targets, N, &count);
+  const double sum = m.ops->scored_loss_sum(ma.losses, ma.targets, N, &count);
   loss.mtp_ce_sum += sum;
   if (count > 0) loss.mtp_ce_mean += sum / static_cast<double>(count) / static_cast<double>(d.mtp);
 }
@@ -245,51 +214,52 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
   switch (r.phase) {
     case 0:
       if (d.mla()) {
-        mla_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+        mla_block_forward<T>(*m.ops, la.res_mid, la, res_in, lp, a, d, r.B, r.T);
       } else {
-        attention_block_forward<T>(la.res_mid, la, res_in, lp, a, d, r.B, r.T);
+        attention_block_forward<T>(*m.ops, la.res_mid, la, res_in, lp, a, d, r.B, r.T);
       }
       exchange_progress(m);
-      cpu::rmsnorm_forward<T>(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
+      m.ops->rmsnorm_forward(la.ln2, la.rstd2, la.res_mid, lp.ffn_norm, N, C,
                               static_cast<T>(d.norm_eps));
       if (!moe) {
-        dense_ffn_forward<T>(res_out, la, la.ln2, lp, d, N);
+        dense_ffn_forward<T>(*m.ops, res_out, la, la.ln2, lp, d, N);
         break;
       }
       CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
-      moe_layer_route_forward<T>(la, la.ln2, lp, m.router_bias + moe_l * d.E, a, d, N);
+      moe_layer_route_forward<T>(*m.ops, la, la.ln2, lp, m.router_bias_dev + moe_l * d.E, a, d,
+                                 N);
       if (ex) {
         ex->plan_start(r.lane, key, la.counts, la.expert_ids, N, d.K);
         r.phase = 1;
         return true;
       }
-      local_wire_round(d, true, la.xp, N * d.K);
-      moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
-      moe_layer_experts_forward<T>(la.yp, la, la.xp, lp, d);
-      local_wire_round(d, false, la.yp, N * d.K);
+      local_wire_round(m, true, la.xp, N * d.K);
+      moe_layer_shared_forward<T>(*m.ops, a.tmp, la, la.ln2, lp, d, N);
+      moe_layer_experts_forward<T>(*m.ops, la.yp, la, la.xp, lp, d);
+      local_wire_round(m, false, la.yp, N * d.K);
       r.phase = 3;
       [[fallthrough]];
     case 3:
       if (ex) ex->finish(r.lane);
-      r.loss.aux_sum += moe_layer_combine_forward<T>(
+      r.loss.aux_sum += moe_layer_combine_forward<T>(*m.ops, 
           res_out, la, a.tmp, r.training ? m.expert_load + moe_l * d.E : nullptr, d, r.B, r.T);
       break;
     case 1:
       la.rows_recv = ex->plan_finish(r.lane, la.local_offsets, la.block_offsets);
       CHECK(la.rows_recv <= moe_rows_max(d, N));
       exchange_start<T>(ex, true, r.lane, key, la.xg, la.xp, C);
-      moe_layer_shared_forward<T>(a.tmp, la, la.ln2, lp, d, N);
+      moe_layer_shared_forward<T>(*m.ops, a.tmp, la, la.ln2, lp, d, N);
       exchange_progress(m);
       r.phase = 2;
       return true;
     case 2:
       ex->finish(r.lane);
-      moe_layer_experts_forward<T>(a.yg, la, la.xg, lp, d);
+      moe_layer_experts_forward<T>(*m.ops, a.yg, la, la.xg, lp, d);
       exchange_start<T>(ex, false, r.lane, key, la.yp, a.yg, C);
       r.phase = 3;
       return true;
   }
-  cpu::residual_forward<T>(res_out, res_out, la.res_mid, N * C);
+  m.ops->residual_forward(res_out, res_out, la.res_mid, N * C);
   r.phase = 0;
   ++r.layer;
   return false;
@@ -320,15 +290,15 @@ void head_backward_input(Model<T>& m, Activations<T>& a, T dloss_ce, int64_t N) 
   const ModelDims& d = m.d;
   const int64_t C = d.C;
   const T* res_last = a.res + d.L * N * C;
-  cpu::cross_entropy_backward<T>(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
-  cpu::matmul_backward_input<T>(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
+  m.ops->cross_entropy_backward(a.dlogits, a.probs, a.targets, dloss_ce, N, d.V);
+  m.ops->matmul_backward_input(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
   // The first MTP module's hidden-state gradient joins the final norm's.
   if (a.mtp_run > 0) {
-    std::memcpy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
+    m.ops->copy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
   } else {
-    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+    m.ops->zero(a.dres, sizeof(T) * static_cast<size_t>(N * C));
   }
-  cpu::rmsnorm_backward_input<T>(a.dres, a.dlnf, res_last, m.p.final_norm, a.rstdf, N, C);
+  m.ops->rmsnorm_backward_input(a.dres, a.dlnf, res_last, m.p.final_norm, a.rstdf, N, C);
 }
 
 // MTP module k's loss back to its block's output: a.dres = the next module's hidden-state
@@ -342,16 +312,16 @@ void mtp_backward_output(Model<T>& m, Activations<T>& a, int64_t k, T dloss_ce) 
   const MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
   const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
   const T dloss = dloss_ce * static_cast<T>(d.mtp_weight / static_cast<double>(d.mtp));
-  cpu::cross_entropy_backward<T>(a.dlogits, ma.probs, ma.targets, dloss, N, d.V);
-  cpu::matmul_backward_input<T>(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
-  cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, ma.lnf, N, C, d.V);
+  m.ops->cross_entropy_backward(a.dlogits, ma.probs, ma.targets, dloss, N, d.V);
+  m.ops->matmul_backward_input(a.dlnf, a.dlogits, m.p.lm_head, N, C, d.V);
+  m.ops->matmul_backward_weight(m.g.lm_head, a.dlogits, ma.lnf, N, C, d.V);
   if (k + 1 == a.mtp_run) {
-    std::memset(a.dres, 0, sizeof(T) * static_cast<size_t>(N * C));
+    m.ops->zero(a.dres, sizeof(T) * static_cast<size_t>(N * C));
   } else {
-    std::memcpy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
+    m.ops->copy(a.dres, a.mtp_dh, sizeof(T) * static_cast<size_t>(N * C));
   }
-  cpu::rmsnorm_backward_input<T>(a.dres, a.dlnf, ma.out, mp.final_norm, ma.rstdf, N, C);
-  cpu::rmsnorm_backward_weight<T>(m.g.mtp[static_cast<size_t>(k)].final_norm, a.dlnf, ma.out,
+  m.ops->rmsnorm_backward_input(a.dres, a.dlnf, ma.out, mp.final_norm, ma.rstdf, N, C);
+  m.ops->rmsnorm_backward_weight(m.g.mtp[static_cast<size_t>(k)].final_norm, a.dlnf, ma.out,
                                   ma.rstdf, N, C);
 }
 
@@ -364,30 +334,30 @@ void mtp_backward_input(Model<T>& m, Activations<T>& a, int64_t k) {
   const MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
   const MtpParams<T>& mp = m.p.mtp[static_cast<size_t>(k)];
   MtpParams<T>& mg = m.g.mtp[static_cast<size_t>(k)];
-  cpu::matmul_backward_input<T>(a.mtp_dcat, a.dres, mp.eh_proj, N, 2 * C, C);
-  cpu::matmul_backward_weight<T>(mg.eh_proj, a.dres, ma.cat, N, 2 * C, C);
+  m.ops->matmul_backward_input(a.mtp_dcat, a.dres, mp.eh_proj, N, 2 * C, C);
+  m.ops->matmul_backward_weight(mg.eh_proj, a.dres, ma.cat, N, 2 * C, C);
   // [d enorm out | d hnorm out], each through its norm.
   T* de = a.tmp;
   T* dh = a.dlnf;
-  rows_from_half(de, a.mtp_dcat, N, C, 0);
-  rows_from_half(dh, a.mtp_dcat, N, C, C);
+  m.ops->copy_rows(de, C, a.mtp_dcat, 2 * C, N, C);
+  m.ops->copy_rows(dh, C, a.mtp_dcat + C, 2 * C, N, C);
   const size_t NC = static_cast<size_t>(N * C);
-  std::memset(a.mtp_demb, 0, sizeof(T) * NC);
-  cpu::rmsnorm_backward_input<T>(a.mtp_demb, de, ma.emb, mp.enorm, ma.e_rstd, N, C);
-  cpu::rmsnorm_backward_weight<T>(mg.enorm, de, ma.emb, ma.e_rstd, N, C);
-  cpu::embedding_backward<T>(m.g.wte, a.mtp_demb, ma.tokens, N, C);
+  m.ops->zero(a.mtp_demb, sizeof(T) * NC);
+  m.ops->rmsnorm_backward_input(a.mtp_demb, de, ma.emb, mp.enorm, ma.e_rstd, N, C);
+  m.ops->rmsnorm_backward_weight(mg.enorm, de, ma.emb, ma.e_rstd, N, C);
+  m.ops->embedding_backward(m.g.wte, a.mtp_demb, ma.tokens, N, C, m.d.V);
   const T* h_prev = mtp_h_prev(m, a, k);
-  std::memset(a.mtp_dh, 0, sizeof(T) * NC);
-  cpu::rmsnorm_backward_input<T>(a.mtp_dh, dh, h_prev, mp.hnorm, ma.h_rstd, N, C);
-  cpu::rmsnorm_backward_weight<T>(mg.hnorm, dh, h_prev, ma.h_rstd, N, C);
+  m.ops->zero(a.mtp_dh, sizeof(T) * NC);
+  m.ops->rmsnorm_backward_input(a.mtp_dh, dh, h_prev, mp.hnorm, ma.h_rstd, N, C);
+  m.ops->rmsnorm_backward_weight(mg.hnorm, dh, h_prev, ma.h_rstd, N, C);
 }
 
 template <typename T>
 void head_backward_weight(Model<T>& m, const Activations<T>& a, int64_t N) {
   const ModelDims& d = m.d;
   const int64_t C = d.C;
-  cpu::matmul_backward_weight<T>(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
-  cpu::rmsnorm_backward_weight<T>(m.g.final_norm, a.dlnf, a.res + d.L * N * C, a.rstdf, N, C);
+  m.ops->matmul_backward_weight(m.g.lm_head, a.dlogits, a.lnf, N, C, d.V);
+  m.ops->rmsnorm_backward_weight(m.g.final_norm, a.dlnf, a.res + d.L * N * C, a.rstdf, N, C);
 }
 
 // The FFN's weights but a MoE layer's local experts (which kFull does while the combine is in
@@ -399,11 +369,11 @@ void ffn_half_backward_weight(Model<T>& m, const Activations<T>& a, int64_t l) {
   const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
   LayerParams<T>& lg = block_params(m.g, d, l);
   if (d.block_moe(l)) {
-    moe_layer_router_shared_backward_weight<T>(lg, la, la.ln2, d, N);
+    moe_layer_router_shared_backward_weight<T>(*m.ops, lg, la, la.ln2, d, N);
   } else {
-    dense_ffn_backward_weight<T>(lg, la, la.ln2, d, N);
+    dense_ffn_backward_weight<T>(*m.ops, lg, la, la.ln2, d, N);
   }
-  cpu::rmsnorm_backward_weight<T>(lg.ffn_norm, la.kept.dln2, la.res_mid, la.rstd2, N, d.C);
+  m.ops->rmsnorm_backward_weight(lg.ffn_norm, la.kept.dln2, la.res_mid, la.rstd2, N, d.C);
 }
 
 template <typename T>
@@ -412,9 +382,9 @@ void attention_half_backward_input(Model<T>& m, Activations<T>& a, int64_t l) {
   const T* res_in = block_input(a, m.d, l);
   const LayerParams<T>& lp = block_params(m.q, m.d, l);
   if (m.d.mla()) {
-    mla_block_backward_input<T>(a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
+    mla_block_backward_input<T>(*m.ops, a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
   } else {
-    attention_block_backward_input<T>(a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
+    attention_block_backward_input<T>(*m.ops, a.dres, la, res_in, lp, a, m.d, a.B, a.Tcur);
   }
 }
 
@@ -425,9 +395,9 @@ void attention_half_backward_weight(Model<T>& m, Activations<T>& a, int64_t l) {
   const LayerActs<T>& la = a.layers[static_cast<size_t>(l)];
   const T* res_in = block_input(a, m.d, l);
   if (m.d.mla()) {
-    mla_block_backward_weight<T>(lg, la, res_in, m.d, N);
+    mla_block_backward_weight<T>(*m.ops, lg, la, res_in, m.d, N);
   } else {
-    attention_block_backward_weight<T>(lg, la, res_in, m.d, N);
+    attention_block_backward_weight<T>(*m.ops, lg, la, res_in, m.d, N);
   }
 }
 
@@ -484,7 +454,7 @@ void backward_weight(Model<T>& m, ChunkRun& r) {
     grads_ready(m, 0);
   }
   for (int64_t l = r.l1 - 1; l >= r.l0; --l) {
-    if (d.is_moe(l)) moe_layer_experts_backward_weight<T>(m.g.layers[static_cast<size_t>(l)],
+    if (d.is_moe(l)) moe_layer_experts_backward_weight<T>(*m.ops, m.g.layers[static_cast<size_t>(l)],
                                                           a.layers[static_cast<size_t>(l)], d);
     ffn_half_backward_weight(m, a, l);
     attention_half_backward_weight(m, a, l);
@@ -492,7 +462,7 @@ void backward_weight(Model<T>& m, ChunkRun& r) {
     grads_ready(m, d.L - l);
   }
   if (r.l0 == 0) {
-    cpu::embedding_backward<T>(m.g.wte, a.dres0, a.tokens, N, d.C);
+    m.ops->embedding_backward(m.g.wte, a.dres0, a.tokens, N, d.C, m.d.V);
     a.embedding_weight_pending = false;
     grads_ready(m, d.L + 1);
   }
@@ -520,38 +490,38 @@ bool backward_layer(Model<T>& m, ChunkRun& r) {
   switch (r.phase) {
     case 0:
       if (!moe) {
-        dense_ffn_backward_input<T>(k.dln2, la, a.dres, lp, a, d, N);
+        dense_ffn_backward_input<T>(*m.ops, k.dln2, la, a.dres, lp, a, d, N);
         break;
       }
       CHECK((ex != nullptr) == (d.ep > 1), "expert exchange must be set exactly when ep > 1");
-      moe_layer_combine_backward_input<T>(ex ? a.dyp : k.dyg, la, a.dres, lp, a, d, a.B, a.Tcur,
+      moe_layer_combine_backward_input<T>(*m.ops, ex ? a.dyp : k.dyg, la, a.dres, lp, a, d, a.B, a.Tcur,
                                           static_cast<T>(r.dloss_aux));
       if (ex) {
         exchange_start<T>(ex, true, r.lane, key, k.dyg, a.dyp, C);
         r.phase = 1;
         return true;
       }
-      local_wire_round(d, true, k.dyg, N * d.K);
-      moe_layer_experts_backward_input<T>(a.dxp, la, lp, a, d);
-      local_wire_round(d, false, a.dxp, N * d.K);
-      if (full) moe_layer_experts_backward_weight<T>(lg, la, d);
+      local_wire_round(m, true, k.dyg, N * d.K);
+      moe_layer_experts_backward_input<T>(*m.ops, a.dxp, la, lp, a, d);
+      local_wire_round(m, false, a.dxp, N * d.K);
+      if (full) moe_layer_experts_backward_weight<T>(*m.ops, lg, la, d);
       r.phase = 2;
       [[fallthrough]];
     case 2:
       if (ex) ex->finish(r.lane);
-      moe_layer_permute_backward_input<T>(k.dln2, la, a.dxp, lp, d, N);
+      moe_layer_permute_backward_input<T>(*m.ops, k.dln2, la, a.dxp, lp, d, N);
       break;
     case 1:
       ex->finish(r.lane);
-      moe_layer_experts_backward_input<T>(a.dxg, la, lp, a, d);
+      moe_layer_experts_backward_input<T>(*m.ops, a.dxg, la, lp, a, d);
       exchange_start<T>(ex, false, r.lane, key, a.dxp, a.dxg, C);
-      if (full) moe_layer_experts_backward_weight<T>(lg, la, d);
+      if (full) moe_layer_experts_backward_weight<T>(*m.ops, lg, la, d);
       exchange_progress(m);
       r.phase = 2;
       return true;
   }
   // FFN input gradient is in kept.dln2: through the norm, onto the residual gradient.
-  cpu::rmsnorm_backward_input<T>(a.dres, k.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
+  m.ops->rmsnorm_backward_input(a.dres, k.dln2, la.res_mid, lp.ffn_norm, la.rstd2, N, C);
   // An MTP block's gradients are part of stage 0, which the main head reports after them.
   const bool report = l < d.L;
   if (full) {
@@ -594,10 +564,10 @@ bool backward_step(Model<T>& m, ChunkRun& r) {
   if (r.l0 == 0) {
     const int64_t N = a.B * a.Tcur;
     if (r.part == BackwardPart::kFull) {
-      cpu::embedding_backward<T>(m.g.wte, a.dres, a.tokens, N, m.d.C);
+      m.ops->embedding_backward(m.g.wte, a.dres, a.tokens, N, m.d.C, m.d.V);
       grads_ready(m, m.d.L + 1);
     } else {
-      std::memcpy(a.dres0, a.dres, sizeof(T) * static_cast<size_t>(N * m.d.C));
+      m.ops->copy(a.dres0, a.dres, sizeof(T) * static_cast<size_t>(N * m.d.C));
       a.embedding_weight_pending = true;
     }
   }

@@ -18,12 +18,14 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "model/arena.h"
 #include "model/expert_exchange.h"
 #include "model/linear.h"
+#include "model/ops.h"
 #include "model/types.h"
 
 namespace moe {
@@ -233,6 +235,8 @@ struct LayerActs {
   T* scores;    // moe (N, E)
   int32_t* expert_ids;  // (N, K)
   T* gate_weights;      // (N, K)
+  // counts, offsets, local_offsets and block_offsets are host memory (Model::plan_arena):
+  // the expert loop and the exchange read them there whatever the device.
   int64_t* counts;      // (E)
   int64_t* offsets;     // (E + 1)
   int32_t* row_of;      // (N K)
@@ -370,8 +374,13 @@ struct Model {
   // Called by model_backward as each stage's weight gradients become final (see
   // model_grad_stage); empty: not called. Lets the trainer start reducing them early.
   std::function<void(int64_t stage)> grads_ready;
+  // The backend every kernel runs through (model/ops.h); the arenas but state_arena and
+  // plan_arena are memory of its device.
+  std::unique_ptr<Ops<T>> ops;
   Arena param_arena, grad_arena, act_arena, state_arena;
   Arena work_arena;  // bf16 / fp8: GEMM operands and the floats of saved inputs (one set)
+  Arena plan_arena;  // host: the MoE layers' routing counts and offsets (LayerActs)
+  Arena bias_arena;  // on a device: router_bias_dev
   T* params = nullptr;  // flat, in table order
   T* grads = nullptr;   // same layout as params
   ModelParams<T> p, g;  // null views for tensors of parts not held
@@ -383,8 +392,12 @@ struct Model {
   std::vector<Activations<T>> slots;  // activation slots, at least one
   T* rope_cos = nullptr;  // (T, rope_dim/2)
   T* rope_sin = nullptr;
+  // Host memory (state_arena): the trainer updates and checkpoints them there.
   float* router_bias = nullptr;   // (n_moe_blocks, E): selection-only bias, no gradient
   int64_t* expert_load = nullptr; // (n_moe_blocks, E): tokens routed this step
+  // The router's copy of router_bias on the device (model_quantize_weights refreshes it);
+  // router_bias itself on the CPU.
+  float* router_bias_dev = nullptr;
   double aux_loss_sum = 0;  // set by model_forward: summed over sequences and MoE blocks
   double mtp_ce_sum = 0;    // set by model_forward: sum over modules and tokens of their CE
 };
@@ -423,10 +436,13 @@ inline std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d) {
 // n_slots is the number of micro-batches whose activations may be held at once.
 // split_backward gives every held layer of every slot its own LayerKept, which
 // BackwardPart::kInput / kWeight need (zero-bubble schedules); without it only kFull runs.
+// `device` picks the backend (model/ops.h) and where the arenas live: kCpu, or kCuda (float
+// only; the current device, in a build with the CUDA backend). On a device, params, grads and
+// activations are device memory: read and write them through m.ops (upload / download).
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated = 1,
                  int64_t pad_experts = 1, ModelPart part = {}, int n_slots = 1,
-                 bool split_backward = false);
+                 bool split_backward = false, Device device = Device::kCpu);
 
 // Counter-based init: N(0, init_std) for matrices, 1 for norms, 0 for router biases. Every
 // element's value depends on its global position only, so any expert-parallel layout holds
@@ -439,9 +455,10 @@ void model_zero_grads(Model<T>& m);
 
 // Refreshes m.q from the master weights: every linear layer's matrix quantized as one GEMM
 // operand (wqkv, wo, w13, w2, sw13, sw2, and each routed expert's w13 and w2 on its own, as a
-// grouped GEMM reads them), 128x128 blocks in fp8. Call whenever the master weights changed
-// (init, load, an optimizer step) before the next forward; the trainer does it at the start
-// of every step and evaluation. Nothing to do in fp32.
+// grouped GEMM reads them), 128x128 blocks in fp8; and on a device the router's copy of
+// router_bias. Call whenever the master weights or the bias changed (init, load, an
+// optimizer step) before the next forward; the trainer does it at the start of every step
+// and evaluation. On the CPU in fp32 there is nothing to do.
 template <typename T>
 void model_quantize_weights(Model<T>& m);
 

@@ -3,15 +3,48 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/model.h"
 #include "model/rng.h"
 
+#ifdef MOETRAIN_HAVE_CUDA
+#include "model/kernels/cuda/cuda_ops.h"
+#endif
+
 namespace moe {
 
 namespace {
+
+OpsLimits ops_limits(const ModelDims& d, int64_t B_max) {
+  OpsLimits l;
+  l.tokens = B_max * d.T;
+  l.width = std::max({d.C, d.q_lora, d.kv_lora});
+  l.batch = B_max;
+  l.seq_len = d.T;
+  l.experts = d.n_moe_blocks() > 0 ? d.E : 0;
+  l.top_k = d.K;
+  return l;
+}
+
+template <typename T>
+std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits) {
+  CHECK(device != Device::kAuto, "resolve run.device = \"auto\" before building the model");
+  if (device == Device::kCpu) return ops_cpu_create<T>();
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef MOETRAIN_HAVE_CUDA
+    return ops_cuda_create(limits);
+#else
+    (void)limits;
+    CHECK(false, "this build has no CUDA backend (configure with the CUDA toolkit present)");
+#endif
+  }
+  CHECK(false, "the CUDA backend trains float models only");
+  return nullptr;
+}
+
 
 size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -203,9 +236,10 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
 
 // split_backward: every held layer keeps its own LayerKept; otherwise they share one.
 // ws: the model's GemmWorkspace (bf16 / fp8).
+// host: the routing counts and offsets, which stay in host memory (LayerActs).
 template <typename T>
 void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split_backward,
-                const GemmWorkspace<T>& ws, Carver& c, Activations<T>& a) {
+                const GemmWorkspace<T>& ws, Carver& c, Carver& host, Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
   const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
@@ -283,14 +317,14 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
       la.scores = c.take<T>(N * E);
       la.expert_ids = c.take<int32_t>(NK);
       la.gate_weights = c.take<T>(NK);
-      la.counts = c.take<int64_t>(E);
-      la.offsets = c.take<int64_t>(E + 1);
+      la.counts = host.take<int64_t>(E);
+      la.offsets = host.take<int64_t>(E + 1);
       la.row_of = c.take<int32_t>(NK);
       la.token_of = c.take<int32_t>(NK);
       la.xp = q ? xp_once : c.take<T>(NK * C);
       la.xg = !ep ? nullptr : q ? xg_once : c.take<T>(R * C);
-      la.local_offsets = c.take<int64_t>(static_cast<size_t>(d.EL()) + 1);
-      la.block_offsets = c.take<int64_t>(static_cast<size_t>(d.EL() * d.ep) + 1);
+      la.local_offsets = host.take<int64_t>(static_cast<size_t>(d.EL()) + 1);
+      la.block_offsets = host.take<int64_t>(static_cast<size_t>(d.EL() * d.ep) + 1);
       la.egu = c.take<T>(R * 2 * FE);
       la.eh = q ? ws.eh : c.take<T>(R * FE);
       la.yp = c.take<T>(NK * C);
@@ -466,8 +500,10 @@ std::vector<LogicalTensor> model_logical_tensors(const ModelDims& d,
 
 template <typename T>
 void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_replicated,
-                 int64_t pad_experts, ModelPart part, int n_slots, bool split_backward) {
+                 int64_t pad_experts, ModelPart part, int n_slots, bool split_backward,
+                 Device device) {
   dims_check(d);
+  m.ops = ops_create<T>(device, ops_limits(d, B_max));
   CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1 && n_slots >= 1);
   if (part.layers.empty()) part = model_part_whole(d);
   CHECK(static_cast<int64_t>(part.layers.size()) == d.L);
@@ -486,8 +522,8 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   m.experts = ParamRegion{m.replicated.count, round_up(n_exp, static_cast<size_t>(pad_experts))};
   m.n_params = n_rep + n_exp;
   m.n_alloc = m.replicated.count + m.experts.count;
-  m.param_arena = Arena("parameters", m.n_alloc * sizeof(T));
-  m.grad_arena = Arena("gradients", m.n_alloc * sizeof(T));
+  m.param_arena = Arena("parameters", m.n_alloc * sizeof(T), device);
+  m.grad_arena = Arena("gradients", m.n_alloc * sizeof(T), device);
   m.params = reinterpret_cast<T*>(m.param_arena.data());
   m.grads = reinterpret_cast<T*>(m.grad_arena.data());
   param_layout<T>(d, part, static_cast<size_t>(pad_replicated), m.params, &m.p, nullptr);
@@ -498,7 +534,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
     m.q = m.p;
   } else {
     CHECK((std::is_same_v<T, float>), "BF16 / FP8 GEMMs need float parameters");
-    m.gemm_arena = Arena("GEMM weights", m.n_alloc * sizeof(T));
+    m.gemm_arena = Arena("GEMM weights", m.n_alloc * sizeof(T), device);
     T* base = reinterpret_cast<T*>(m.gemm_arena.data());
     param_layout<T>(d, part, static_cast<size_t>(pad_replicated), base, &m.q, nullptr);
     // Only the linear layers' matrices have a GEMM copy.
@@ -527,30 +563,51 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
   m.slots.assign(static_cast<size_t>(n_slots), Activations<T>{});
   const size_t rope = static_cast<size_t>(d.T * d.rope_dim() / 2);
   GemmWorkspace<T> ws;
-  m.work_arena = arena_build("GEMM workspace",
-                             [&](Carver& c) { ws = workspace_layout<T>(d, part, B_max, c); });
-  m.act_arena = arena_build("activations", [&](Carver& c) {
+  m.work_arena = arena_build(
+      "GEMM workspace", [&](Carver& c) { ws = workspace_layout<T>(d, part, B_max, c); }, device);
+  // Activations on the device, their routing plans on the host: measured together, then
+  // carved together.
+  auto layout_slots = [&](Carver& c, Carver& host) {
     m.rope_cos = c.take<T>(rope);
     m.rope_sin = c.take<T>(rope);
     for (Activations<T>& a : m.slots) {
-      act_layout<T>(d, part, B_max, split_backward, ws, c, a);
+      act_layout<T>(d, part, B_max, split_backward, ws, c, host, a);
       a.rope_cos = m.rope_cos;
       a.rope_sin = m.rope_sin;
     }
-  });
+  };
+  Carver act_measure, plan_measure;
+  layout_slots(act_measure, plan_measure);
+  m.act_arena = Arena("activations", act_measure.used(), device);
+  m.plan_arena = Arena("routing plans", plan_measure.used());
+  Carver act_carve(m.act_arena.data()), plan_carve(m.plan_arena.data());
+  layout_slots(act_carve, plan_carve);
   const size_t moe_e = static_cast<size_t>(d.n_moe_blocks() * d.E);
   m.state_arena = arena_build("router state", [&](Carver& c) {
     m.router_bias = c.take<float>(moe_e);
     m.expert_load = c.take<int64_t>(moe_e);
   });
-  cpu::rope_tables<T>(m.rope_cos, m.rope_sin, d.T, d.rope_dim(), d.rope_theta);
+  m.bias_arena = Arena();
+  m.router_bias_dev = m.router_bias;
+  if (device != Device::kCpu) {
+    m.bias_arena = Arena("router bias", moe_e * sizeof(float), device);
+    m.router_bias_dev = reinterpret_cast<float*>(m.bias_arena.data());
+  }
+  m.ops->rope_tables(m.rope_cos, m.rope_sin, d.T, d.rope_dim(), d.rope_theta);
 }
 
 template <typename T>
 void model_init(Model<T>& m, uint64_t seed) {
+  // On a device the values are made in host memory and uploaded once.
+  std::vector<T> staging;
+  T* params = m.params;
+  if (m.ops->device() != Device::kCpu) {
+    staging.assign(m.n_alloc, T(0));
+    params = staging.data();
+  }
   for (size_t i = 0; i < m.table.size(); ++i) {
     const ParamInfo& info = m.table[i];
-    T* p = m.params + info.offset;
+    T* p = params + info.offset;
     const bool is_norm = info.shape.size() == 1;
     const uint64_t stream = rng_stream(RngPurpose::kInit, static_cast<uint64_t>(info.id));
     // Local experts continue the global tensor's counter where their first expert starts.
@@ -561,22 +618,26 @@ void model_init(Model<T>& m, uint64_t seed) {
     for (size_t j = 0; j < info.count; ++j)
       p[j] = is_norm ? T(1) : static_cast<T>(m.d.init_std * rng_normal(seed, stream, first + j));
   }
+  if (params != m.params) m.ops->upload(m.params, params, m.n_alloc * sizeof(T));
   std::memset(m.router_bias, 0, sizeof(float) * static_cast<size_t>(m.d.n_moe_blocks() * m.d.E));
   std::memset(m.expert_load, 0, sizeof(int64_t) * static_cast<size_t>(m.d.n_moe_blocks() * m.d.E));
 }
 
 template <typename T>
 void model_zero_grads(Model<T>& m) {
-  std::memset(m.grads, 0, m.n_alloc * sizeof(T));
+  m.ops->zero(m.grads, m.n_alloc * sizeof(T));
 }
 
 template <typename T>
 void model_quantize_weights(Model<T>& m) {
   const ModelDims& d = m.d;
+  if (m.router_bias_dev != m.router_bias)
+    m.ops->upload(m.router_bias_dev, m.router_bias,
+                  sizeof(float) * static_cast<size_t>(d.n_moe_blocks() * d.E));
   const PrecisionMode mode = d.precision;
   if (mode == PrecisionMode::kFp32) return;
   auto quantize = [&](T* wq, const T* w, int64_t OC, int64_t IC) {
-    if (w) linear_quantize_weight<T>(wq, w, OC, IC, IC, mode);
+    if (w) linear_quantize_weight<T>(*m.ops, wq, w, OC, IC, IC, mode);
   };
   for (int64_t l = 0; l < d.n_blocks(); ++l) {
     if (!m.part.holds_block(l)) continue;
@@ -631,15 +692,17 @@ double model_mtp_flops_per_token(const ModelDims& d) {
 }
 
 size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
-  Carver measure;
+  Carver measure, host;
   if (elem == sizeof(double)) {
     Activations<double> a;
-    act_layout<double>(d, model_part_whole(d), B, false, GemmWorkspace<double>{}, measure, a);
+    act_layout<double>(d, model_part_whole(d), B, false, GemmWorkspace<double>{}, measure,
+                       host, a);
   } else {
     Activations<float> a;
-    act_layout<float>(d, model_part_whole(d), B, false, GemmWorkspace<float>{}, measure, a);
+    act_layout<float>(d, model_part_whole(d), B, false, GemmWorkspace<float>{}, measure, host,
+                      a);
   }
-  return measure.used();
+  return measure.used() + host.used();
 }
 
 size_t model_workspace_bytes(const ModelDims& d, int64_t B) {
@@ -649,9 +712,9 @@ size_t model_workspace_bytes(const ModelDims& d, int64_t B) {
 }
 
 template void model_build<float>(Model<float>&, const ModelDims&, int64_t, int64_t, int64_t,
-                                 ModelPart, int, bool);
+                                 ModelPart, int, bool, Device);
 template void model_build<double>(Model<double>&, const ModelDims&, int64_t, int64_t, int64_t,
-                                  ModelPart, int, bool);
+                                  ModelPart, int, bool, Device);
 template void model_init<float>(Model<float>&, uint64_t);
 template void model_init<double>(Model<double>&, uint64_t);
 template void model_zero_grads<float>(Model<float>&);

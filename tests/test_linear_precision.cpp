@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "model/fp8.h"
@@ -19,6 +20,12 @@
 
 namespace moe {
 namespace {
+
+// The CPU backend the linear layer runs on here.
+moe::Ops<float>& cpu_ops() {
+  static const std::unique_ptr<moe::Ops<float>> ops = moe::ops_cpu_create<float>();
+  return *ops;
+}
 
 // Per-tile magnitudes spread over 1e-6 .. 1e3 so tiles get very different scales.
 std::vector<float> random_matrix(int64_t R, int64_t C, uint64_t seed) {
@@ -123,13 +130,13 @@ TEST_P(LinearPrecision, ThreeGemmsMatchQuantizedFp64Reference) {
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const LinearScratch<float> s{sa.data(), sb.data(), cap};
   std::vector<float> wq(w.size());
-  linear_quantize_weight<float>(wq.data(), w.data(), c.OC, c.IC, c.IC, c.mode);
+  linear_quantize_weight<float>(cpu_ops(), wq.data(), w.data(), c.OC, c.IC, c.IC, c.mode);
   EXPECT_EQ(0, std::memcmp(wq.data(), reference_quantize(w, c.OC, c.IC, 128, 128, c.mode).data(),
                            wq.size() * sizeof(float)));
   {  // forward: out = x wq^T, x in 1x128 tiles along IC
     SCOPED_TRACE("forward");
     std::vector<float> out(static_cast<size_t>(c.N * c.OC));
-    linear_forward<float>(out.data(), x.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
+    linear_forward<float>(cpu_ops(), out.data(), x.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
     const std::vector<float> xq = reference_quantize(x, c.N, c.IC, 1, 128, c.mode);
     EXPECT_EQ(0, std::memcmp(sa.data(), xq.data(), xq.size() * sizeof(float)));
     expect_product(out, gemm64(xq.data(), c.IC, 1, wq.data(), 1, c.IC, c.N, c.OC, c.IC),
@@ -139,7 +146,7 @@ TEST_P(LinearPrecision, ThreeGemmsMatchQuantizedFp64Reference) {
   {  // input gradient: dx = dy wq, dy in 1x128 tiles along OC
     SCOPED_TRACE("backward_input");
     std::vector<float> dx(static_cast<size_t>(c.N * c.IC));
-    linear_backward_input<float>(dx.data(), dy.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
+    linear_backward_input<float>(cpu_ops(), dx.data(), dy.data(), wq.data(), c.N, c.IC, c.OC, c.mode, s);
     const std::vector<float> dyq = reference_quantize(dy, c.N, c.OC, 1, 128, c.mode);
     EXPECT_EQ(0, std::memcmp(sa.data(), dyq.data(), dyq.size() * sizeof(float)));
     expect_product(dx, gemm64(dyq.data(), c.OC, 1, wq.data(), c.IC, 1, c.N, c.IC, c.OC),
@@ -150,7 +157,7 @@ TEST_P(LinearPrecision, ThreeGemmsMatchQuantizedFp64Reference) {
     SCOPED_TRACE("backward_weight");
     const std::vector<float> base = random_matrix(c.OC, c.IC, 14);
     std::vector<float> dw = base;
-    linear_backward_weight<float>(dw.data(), dy.data(), x.data(), c.N, c.IC, c.OC, c.mode, s);
+    linear_backward_weight<float>(cpu_ops(), dw.data(), dy.data(), x.data(), c.N, c.IC, c.OC, c.mode, s);
     const std::vector<float> dyq = reference_quantize(dy, c.N, c.OC, 128, 1, c.mode);
     const std::vector<float> xq = reference_quantize(x, c.N, c.IC, 128, 1, c.mode);
     EXPECT_EQ(0, std::memcmp(sa.data(), dyq.data(), dyq.size() * sizeof(float)));
@@ -183,7 +190,7 @@ TEST(LinearPrecision, WeightGradientTilesRestartAtEveryBlock) {
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const LinearScratch<float> s{sa.data(), sb.data(), cap};
   std::vector<float> dw(static_cast<size_t>(OC * IC), 0.0f), dw_one = dw;
-  linear_backward_weight<float>(dw.data(), dy.data(), x.data(), N, IC, OC, PrecisionMode::kFp8, s,
+  linear_backward_weight<float>(cpu_ops(), dw.data(), dy.data(), x.data(), N, IC, OC, PrecisionMode::kFp8, s,
                                 blocks, 4);
   std::vector<float> dyq(dy.size()), xq(x.size());
   for (int b = 0; b < 4; ++b) {
@@ -200,7 +207,7 @@ TEST(LinearPrecision, WeightGradientTilesRestartAtEveryBlock) {
   std::vector<float> ref(dw.size(), 0.0f);
   cpu::matmul_backward_weight<float>(ref.data(), dyq.data(), xq.data(), N, IC, OC);
   EXPECT_EQ(0, std::memcmp(dw.data(), ref.data(), dw.size() * sizeof(float)));
-  linear_backward_weight<float>(dw_one.data(), dy.data(), x.data(), N, IC, OC,
+  linear_backward_weight<float>(cpu_ops(), dw_one.data(), dy.data(), x.data(), N, IC, OC,
                                 PrecisionMode::kFp8, s);
   EXPECT_NE(0, std::memcmp(dw.data(), dw_one.data(), dw.size() * sizeof(float)));
 }
@@ -224,9 +231,9 @@ TEST(LinearPrecision, WeightGradientFromTheSavedInput) {
     EXPECT_EQ(linear_saved_bytes(N, IC, mode),
               mode == PrecisionMode::kFp8 ? N * IC + N * 2 * 4 : N * IC * 2);
     std::vector<float> wq(w.size()), out(static_cast<size_t>(N * OC)), plain = out;
-    linear_quantize_weight<float>(wq.data(), w.data(), OC, IC, IC, mode);
-    linear_forward<float>(plain.data(), x.data(), wq.data(), N, IC, OC, mode, s);
-    linear_forward<float>(out.data(), x.data(), wq.data(), N, IC, OC, mode, s, &saved);
+    linear_quantize_weight<float>(cpu_ops(), wq.data(), w.data(), OC, IC, IC, mode);
+    linear_forward<float>(cpu_ops(), plain.data(), x.data(), wq.data(), N, IC, OC, mode, s);
+    linear_forward<float>(cpu_ops(), out.data(), x.data(), wq.data(), N, IC, OC, mode, s, &saved);
     EXPECT_EQ(0, std::memcmp(out.data(), plain.data(), out.size() * sizeof(float)))
         << "saving changed the forward";
     // The forward's operand, restored from what was saved, is the 1x128 quantization.
@@ -240,17 +247,17 @@ TEST(LinearPrecision, WeightGradientFromTheSavedInput) {
     EXPECT_EQ(0, std::memcmp(restored.data(), xq.data(), xq.size() * sizeof(float)));
     std::vector<float> dw(static_cast<size_t>(OC * IC), 0.0f), ref = dw;
     const std::vector<float> garbage(x.size(), 1e30f);  // the float input is not read
-    linear_backward_weight_saved<float>(dw.data(), dy.data(), garbage.data(), saved, N, IC, OC,
+    linear_backward_weight_saved<float>(cpu_ops(), dw.data(), dy.data(), garbage.data(), saved, N, IC, OC,
                                         mode, s);
     if (mode == PrecisionMode::kBf16) {
-      linear_backward_weight<float>(ref.data(), dy.data(), x.data(), N, IC, OC, mode, s);
+      linear_backward_weight<float>(cpu_ops(), ref.data(), dy.data(), x.data(), N, IC, OC, mode, s);
     } else {
       const std::vector<float> xt = reference_quantize(xq, N, IC, 128, 1, mode);
       const std::vector<float> dyt = reference_quantize(dy, N, OC, 128, 1, mode);
       cpu::matmul_backward_weight<float>(ref.data(), dyt.data(), xt.data(), N, IC, OC);
       // Quantizing twice is not quantizing once: the test can tell the two recipes apart.
       std::vector<float> once(dw.size(), 0.0f);
-      linear_backward_weight<float>(once.data(), dy.data(), x.data(), N, IC, OC, mode, s);
+      linear_backward_weight<float>(cpu_ops(), once.data(), dy.data(), x.data(), N, IC, OC, mode, s);
       EXPECT_NE(0, std::memcmp(once.data(), ref.data(), ref.size() * sizeof(float)));
     }
     EXPECT_EQ(0, std::memcmp(dw.data(), ref.data(), dw.size() * sizeof(float)));
@@ -261,7 +268,7 @@ TEST(LinearPrecision, WeightGradientFromTheSavedInput) {
 TEST(LinearPrecision, Fp32IsThePlainGemm) {
   const std::vector<float> x = random_matrix(5, 7, 1), w = random_matrix(3, 7, 2);
   std::vector<float> out(15);
-  linear_forward<float>(out.data(), x.data(), w.data(), 5, 7, 3, PrecisionMode::kFp32, {});
+  linear_forward<float>(cpu_ops(), out.data(), x.data(), w.data(), 5, 7, 3, PrecisionMode::kFp32, {});
   const Gemm64 r = gemm64(x.data(), 7, 1, w.data(), 1, 7, 5, 3, 7);
   for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], r.c[i], 1e-6 * r.abs[i] + 1e-30);
 }

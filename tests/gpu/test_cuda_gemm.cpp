@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "model/fp8.h"
@@ -18,6 +19,12 @@
 #include "tests/gpu/gpu_test_util.h"
 
 namespace {
+
+// The CPU backend the linear layer runs on here.
+moe::Ops<float>& cpu_ops() {
+  static const std::unique_ptr<moe::Ops<float>> ops = moe::ops_cpu_create<float>();
+  return *ops;
+}
 
 using moe::PrecisionMode;
 using moe_gpu_test::all_close;
@@ -184,7 +191,7 @@ TEST(CudaGemm, Bf16MatchesLinearBf16) {
   const std::vector<float> w = normal_floats(static_cast<size_t>(OC * IC), 32, 0.1f);
   const std::vector<float> dout = normal_floats(static_cast<size_t>(N * OC), 33);
   std::vector<float> wq(w.size());
-  moe::linear_quantize_weight<float>(wq.data(), w.data(), OC, IC, IC, PrecisionMode::kBf16);
+  moe::linear_quantize_weight<float>(cpu_ops(), wq.data(), w.data(), OC, IC, IC, PrecisionMode::kBf16);
   const int64_t cap = N * std::max(IC, OC);
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const moe::LinearScratch<float> s{sa.data(), sb.data(), cap};
@@ -192,10 +199,10 @@ TEST(CudaGemm, Bf16MatchesLinearBf16) {
   std::vector<float> y(static_cast<size_t>(N * OC)), dx(static_cast<size_t>(N * IC));
   std::vector<float> dw = normal_floats(static_cast<size_t>(OC * IC), 34);
   const std::vector<float> dw0 = dw;
-  moe::linear_forward<float>(y.data(), x.data(), wq.data(), N, IC, OC, PrecisionMode::kBf16, s);
-  moe::linear_backward_input<float>(dx.data(), dout.data(), wq.data(), N, IC, OC,
+  moe::linear_forward<float>(cpu_ops(), y.data(), x.data(), wq.data(), N, IC, OC, PrecisionMode::kBf16, s);
+  moe::linear_backward_input<float>(cpu_ops(), dx.data(), dout.data(), wq.data(), N, IC, OC,
                                     PrecisionMode::kBf16, s);
-  moe::linear_backward_weight<float>(dw.data(), dout.data(), x.data(), N, IC, OC,
+  moe::linear_backward_weight<float>(cpu_ops(), dw.data(), dout.data(), x.data(), N, IC, OC,
                                      PrecisionMode::kBf16, s);
 
   DeviceVec<uint16_t> dx_b(to_bf16(x)), dw_b(to_bf16(wq)), ddout_b(to_bf16(dout));
@@ -231,7 +238,7 @@ TEST(CudaGemm, Fp8ForwardMatchesLinearFp8) {
   const std::vector<float> x = tiled_floats(kN, kIC, 41, 1.0f);
   const std::vector<float> w = tiled_floats(kOC, kIC, 42, 0.05f);
   std::vector<float> wq(w.size());
-  moe::linear_quantize_weight<float>(wq.data(), w.data(), kOC, kIC, kIC, PrecisionMode::kFp8);
+  moe::linear_quantize_weight<float>(cpu_ops(), wq.data(), w.data(), kOC, kIC, kIC, PrecisionMode::kFp8);
   const int64_t cap = kN * std::max(kIC, kOC);
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const moe::LinearScratch<float> s{sa.data(), sb.data(), cap};
@@ -239,7 +246,7 @@ TEST(CudaGemm, Fp8ForwardMatchesLinearFp8) {
   std::vector<float> scales(static_cast<size_t>(moe::fp8_scale_count(kN, kIC, moe::kTileAct)));
   const moe::LinearSaved saved{nullptr, codes.data(), scales.data()};
   std::vector<float> y(static_cast<size_t>(kN * kOC));
-  moe::linear_forward<float>(y.data(), x.data(), wq.data(), kN, kIC, kOC, PrecisionMode::kFp8, s,
+  moe::linear_forward<float>(cpu_ops(), y.data(), x.data(), wq.data(), kN, kIC, kOC, PrecisionMode::kFp8, s,
                              &saved);
 
   // The same quantized inputs: the forward's saved codes and scales, W's 128x128 blocks.
@@ -269,12 +276,12 @@ TEST(CudaGemm, Fp8InputGradientMatchesLinearFp8) {
   const std::vector<float> dout = tiled_floats(kN, kOC, 51, 1.0f);
   const std::vector<float> w = tiled_floats(kOC, kIC, 52, 0.05f);
   std::vector<float> wq(w.size());
-  moe::linear_quantize_weight<float>(wq.data(), w.data(), kOC, kIC, kIC, PrecisionMode::kFp8);
+  moe::linear_quantize_weight<float>(cpu_ops(), wq.data(), w.data(), kOC, kIC, kIC, PrecisionMode::kFp8);
   const int64_t cap = kN * std::max(kIC, kOC);
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const moe::LinearScratch<float> s{sa.data(), sb.data(), cap};
   std::vector<float> dx(static_cast<size_t>(kN * kIC));
-  moe::linear_backward_input<float>(dx.data(), dout.data(), wq.data(), kN, kIC, kOC,
+  moe::linear_backward_input<float>(cpu_ops(), dx.data(), dout.data(), wq.data(), kN, kIC, kOC,
                                     PrecisionMode::kFp8, s);
 
   // dY in 1x128 tiles along OC; W transposed (IC, OC): its blocks are W's blocks transposed.
@@ -305,7 +312,7 @@ TEST(CudaGemm, Fp8WeightGradientMatchesLinearFp8) {
   const int64_t cap = T * std::max(kIC, kOC);
   std::vector<float> sa(static_cast<size_t>(cap)), sb(static_cast<size_t>(cap));
   const moe::LinearScratch<float> s{sa.data(), sb.data(), cap};
-  moe::linear_backward_weight<float>(dw.data(), dout.data(), x.data(), T, kIC, kOC,
+  moe::linear_backward_weight<float>(cpu_ops(), dw.data(), dout.data(), x.data(), T, kIC, kOC,
                                      PrecisionMode::kFp8, s);
 
   // dY^T (OC, T) and X^T (IC, T) in 1x128 tiles along T: the 128x1 tiles of dY and X.

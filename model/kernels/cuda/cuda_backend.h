@@ -31,10 +31,13 @@ void device_select(int dev);
 // tests use these directly. device_alloc(0) returns nullptr.
 void* device_alloc(size_t bytes);
 void device_free(void* p);
+// Blocking: complete on the device when they return (every stream sees the result).
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 void device_memset_zero(void* p, size_t bytes);
 void device_synchronize();
+// Free memory on the current device (cudaMemGetInfo): tests check a step allocates none.
+size_t device_free_bytes();
 Stream stream_create();
 void stream_destroy(Stream s);
 void stream_synchronize(Stream s);

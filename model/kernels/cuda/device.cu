@@ -37,8 +37,13 @@ void device_free(void* p) {
   if (p) CUDA_CHECK(cudaFree(p));
 }
 
+// A pageable cudaMemcpy to the device may return before the DMA lands, and cudaMemset is
+// asynchronous: both wait for the device so that work on any stream (ours are non-blocking,
+// unordered with the legacy stream these run on) sees the result.
 void copy_to_device(void* dst, const void* src, size_t bytes) {
-  if (bytes) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  if (!bytes) return;
+  CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void copy_to_host(void* dst, const void* src, size_t bytes) {
@@ -46,10 +51,18 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
 }
 
 void device_memset_zero(void* p, size_t bytes) {
-  if (bytes) CUDA_CHECK(cudaMemset(p, 0, bytes));
+  if (!bytes) return;
+  CUDA_CHECK(cudaMemset(p, 0, bytes));
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void device_synchronize() { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+size_t device_free_bytes() {
+  size_t free_bytes = 0, total = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  return free_bytes;
+}
 
 Stream stream_create() {
   cudaStream_t s = nullptr;

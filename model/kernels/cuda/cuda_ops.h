@@ -1,0 +1,26 @@
+// The CUDA backend of model/ops.h (float only): every call forwards to the kernels of
+// model/kernels/cuda on one stream of the current device. Plain C++ (no CUDA types).
+//
+// Scratch: ops_cuda_create takes ONE device allocation, sized from the limits, for all the
+// scratch any call will need (the cuBLAS workspace, rmsnorm_backward_weight's partial sums,
+// the MoE dispatch histograms, the aux-loss terms, the few values handed back to the host);
+// no call allocates. A call larger than the limits is a CHECK failure that names them.
+// Streams: every call is queued on the backend's stream; ops_cuda_stream hands it out so a
+// caller can order other work (NCCL collectives, copies on other streams) after it.
+#pragma once
+
+#include <memory>
+
+#include "model/kernels/cuda/cuda_backend.h"
+#include "model/ops.h"
+
+namespace moe {
+
+// On the current device (cuda::device_select first). Creates the stream, the cuBLAS context
+// and the scratch allocation; they are released with the object.
+std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits);
+
+// The stream `ops` queues its work on. CHECKs that `ops` is a CUDA backend.
+cuda::Stream ops_cuda_stream(Ops<float>& ops);
+
+}  // namespace moe

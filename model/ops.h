@@ -1,0 +1,168 @@
+// The backend interface (DESIGN "Ops / backend"): every kernel and memory operation the
+// training step runs, over the memory of one device. The model's code calls only this; the
+// CPU implementation (model/ops_cpu.cpp) forwards to model/kernels/cpu, the CUDA one
+// (model/kernels/cuda/cuda_ops.cu, float only) to model/kernels/cuda on the backend's stream.
+//
+// Memory: every pointer is memory of the backend's device (an arena built for it) unless its
+// name ends in `_host`. Device work is ordered on the backend's stream and may still be running
+// when a call returns; the calls that hand back a host value (the `_host` outputs, the
+// double returns) wait for what they read, and say so. Semantics, argument order and the
+// accumulation contract are the CPU kernels' (model/kernels/cpu/dense_ops.h, moe_ops.h,
+// model/fp8_quant.h): the same arguments give the same result on every backend, within the
+// tolerances tests/gpu pins.
+//
+// T is float for training and double for gradient checks (CPU only). The quantization calls
+// take float whatever T is: they serve the BF16 / FP8 GEMM inputs, which only float models have.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "model/fp8_quant.h"
+#include "model/types.h"
+
+namespace moe {
+
+// The largest call a step makes, for backends that size their scratch once, up front (no
+// allocation inside a step). model_build fills it from the dims and the micro-batch size.
+struct OpsLimits {
+  int64_t tokens = 0;   // tokens per micro-batch, N = B T (a MoE call's permuted rows: N K)
+  int64_t width = 0;    // the widest RMSNorm row (C, q_lora, kv_lora)
+  int64_t batch = 0;    // sequences per micro-batch (B)
+  int64_t seq_len = 0;  // T
+  int64_t experts = 0;  // E (0 without MoE layers)
+  int64_t top_k = 0;    // K
+};
+
+template <typename T>
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+
+  // ---- memory ----------------------------------------------------------------------------
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void zero(void* dst, size_t bytes) = 0;
+  // dst (rows, cols), rows ld_dst apart <- src (rows, cols), rows ld_src apart (elements).
+  virtual void copy_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
+                         int64_t cols) = 0;
+  // dst += src over (rows, cols) with the strides of copy_rows.
+  virtual void add_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
+                        int64_t cols) = 0;
+  // Host memory in and out. upload may return before the copy is done but src_host may be
+  // reused as soon as it returns; download waits for the device's work and the copy.
+  virtual void upload(void* dst, const void* src_host, size_t bytes) = 0;
+  virtual void download(void* dst_host, const void* src, size_t bytes) = 0;
+  // Waits for every call made so far.
+  virtual void synchronize() = 0;
+
+  // ---- GEMMs (cpu::gemm, cpu::gemm_rows_invariant) -----------------------------------------
+  virtual void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
+                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+                    int64_t ldc) = 0;
+  virtual void gemm_rows_invariant(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                                   int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+                                   int64_t ldc, T* pad, int64_t pad_count) = 0;
+  // A linear layer's three GEMMs with weight (OC, IC), as cpu::matmul_*: out = inp W^T,
+  // dinp = dout W (assigned), dweight += dout^T inp.
+  void matmul_forward(T* out, const T* inp, const T* weight, int64_t N, int64_t IC, int64_t OC) {
+    gemm(false, true, N, OC, IC, T(1), inp, IC, weight, IC, T(0), out, OC);
+  }
+  void matmul_backward_input(T* dinp, const T* dout, const T* weight, int64_t N, int64_t IC,
+                             int64_t OC) {
+    gemm(false, false, N, IC, OC, T(1), dout, OC, weight, IC, T(0), dinp, IC);
+  }
+  void matmul_backward_weight(T* dweight, const T* dout, const T* inp, int64_t N, int64_t IC,
+                              int64_t OC) {
+    gemm(true, false, OC, IC, N, T(1), dout, OC, inp, IC, T(1), dweight, IC);
+  }
+
+  // ---- dense kernels (model/kernels/cpu/dense_ops.h) --------------------------------------
+  // V: the table's rows (a device kernel sizes its grid and bounds-checks with it).
+  virtual void embedding_forward(T* out, const int32_t* tokens, const T* wte, int64_t N,
+                                 int64_t C, int64_t V) = 0;
+  virtual void embedding_backward(T* dwte, const T* dout, const int32_t* tokens, int64_t N,
+                                  int64_t C, int64_t V) = 0;
+  virtual void rmsnorm_forward(T* out, T* rstd, const T* inp, const T* weight, int64_t N,
+                               int64_t C, T eps) = 0;
+  virtual void rmsnorm_backward_input(T* dinp, const T* dout, const T* inp, const T* weight,
+                                      const T* rstd, int64_t N, int64_t C) = 0;
+  virtual void rmsnorm_backward_weight(T* dweight, const T* dout, const T* inp, const T* rstd,
+                                       int64_t N, int64_t C) = 0;
+  virtual void rope_tables(T* cos_out, T* sin_out, int64_t T_, int64_t HD, double theta) = 0;
+  virtual void rope_forward(T* x, const T* cos_t, const T* sin_t, int64_t B, int64_t T_,
+                            int64_t H, int64_t HD, int64_t stride) = 0;
+  virtual void rope_backward(T* dx, const T* cos_t, const T* sin_t, int64_t B, int64_t T_,
+                             int64_t H, int64_t HD, int64_t stride) = 0;
+  virtual void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_,
+                                 int64_t NH, int64_t NKV, int64_t HD, int64_t HDv) = 0;
+  virtual void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
+                                  int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
+                                  int64_t HDv, T* scratch) = 0;
+  virtual void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) = 0;
+  virtual void swiglu_backward(T* dgu, const T* dout, const T* gu, int64_t N, int64_t F) = 0;
+  virtual void cross_entropy_forward(T* losses, T* probs, const T* logits,
+                                     const int32_t* targets, int64_t N, int64_t V) = 0;
+  virtual void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets,
+                                      T dloss, int64_t N, int64_t V) = 0;
+  virtual void residual_forward(T* out, const T* a, const T* b, int64_t n) = 0;
+  // The losses of the tokens with a target (>= 0) summed in token order in double, and how
+  // many there are (count_host). Waits.
+  virtual double scored_loss_sum(const T* losses, const int32_t* targets, int64_t N,
+                                 int64_t* count_host) = 0;
+  // Multi-token prediction module k's inputs from the main targets y (B, T_): at position t
+  // tokens = y[t + k] (0 past the end or where y < 0), targets = y[t + k + 1] (-1 past the end).
+  virtual void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B,
+                         int64_t T_, int64_t k) = 0;
+
+  // ---- MoE kernels (model/kernels/cpu/moe_ops.h) ------------------------------------------
+  virtual void router_forward(T* scores, int32_t* expert_ids, T* weights, const T* logits,
+                              const float* bias, int64_t N, int64_t E, int64_t K, ScoreFn score,
+                              double route_scale, int64_t G, int64_t KG) = 0;
+  virtual void router_backward(T* dlogits, const T* dweights, const T* dscores_extra,
+                               const T* scores, const int32_t* expert_ids, int64_t N, int64_t E,
+                               int64_t K, ScoreFn score, double route_scale) = 0;
+  // Waits (the loss is returned to the host).
+  virtual double aux_loss_forward(const T* scores, const int32_t* expert_ids, int64_t B,
+                                  int64_t T_, int64_t E, int64_t K, double alpha) = 0;
+  virtual void aux_loss_backward(T* dscores, const T* scores, const int32_t* expert_ids,
+                                 int64_t B, int64_t T_, int64_t E, int64_t K, double alpha,
+                                 T dloss) = 0;
+  // counts (E) and offsets (E + 1) land in host memory (the expert loop and the exchange plan
+  // read them there); row_of and token_of stay on the device. Waits.
+  virtual void moe_plan(int64_t* counts_host, int64_t* offsets_host, int32_t* row_of,
+                        int32_t* token_of, const int32_t* expert_ids, int64_t N, int64_t E,
+                        int64_t K) = 0;
+  virtual void moe_permute_forward(T* xp, const T* x, const int32_t* token_of, int64_t rows,
+                                   int64_t C) = 0;
+  virtual void moe_permute_backward(T* dx, const T* dxp, const int32_t* row_of, int64_t N,
+                                    int64_t K, int64_t C) = 0;
+  virtual void moe_combine_forward(T* out, const T* yp, const T* weights, const int32_t* row_of,
+                                   int64_t N, int64_t K, int64_t C) = 0;
+  virtual void moe_combine_backward(T* dyp, T* dweights, const T* dout, const T* yp,
+                                    const T* weights, const int32_t* row_of, int64_t N, int64_t K,
+                                    int64_t C) = 0;
+
+  // ---- GEMM-input quantization (model/fp8_quant.h) ------------------------------------------
+  virtual void fp8_quantize(uint8_t* q, float* scales, const float* x, int64_t R, int64_t C,
+                            Fp8Tile t) = 0;
+  virtual void fp8_dequantize(float* x, const uint8_t* q, const float* scales, int64_t R,
+                              int64_t C, Fp8Tile t) = 0;
+  virtual void fp8_fake_quantize_ld(float* out, int64_t ld_out, const float* x, int64_t ld_x,
+                                    int64_t R, int64_t C, Fp8Tile t) = 0;
+  void fp8_fake_quantize(float* out, const float* x, int64_t R, int64_t C, Fp8Tile t) {
+    fp8_fake_quantize_ld(out, C, x, C, R, C, t);
+  }
+  virtual void bf16_fake_quantize(float* out, const float* x, int64_t n) = 0;
+  // bits (n) = x rounded to BF16 (round to nearest even); with `rounded` also the rounded
+  // values as floats.
+  virtual void bf16_encode(uint16_t* bits, float* rounded, const float* x, int64_t n) = 0;
+  virtual void bf16_decode(float* x, const uint16_t* bits, int64_t n) = 0;
+};
+
+// The CPU backend (stateless; host memory is its device memory).
+template <typename T>
+std::unique_ptr<Ops<T>> ops_cpu_create();
+
+}  // namespace moe
