@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "model/model.h"
-#include "model/rng.h"
+#include "tests/ops_model_step.h"
 
 namespace moe {
 namespace {
@@ -235,30 +235,9 @@ struct Guard {
   GuardedOps<float>* ops;
 };
 
-ModelDims discipline_dims(PrecisionMode pm, bool mla, int64_t mtp) {
-  ModelDims d;
-  d.V = 96; d.C = 128; d.L = 3; d.NH = 4; d.NKV = 2; d.HD = 32; d.T = 16; d.F = 256;
-  d.dense_layers = 1;
-  d.E = 8; d.K = 2; d.FE = 64; d.S = 64; d.G = 2; d.KG = 1;
-  d.aux_alpha = 0.01;
-  d.precision = pm;
-  d.dispatch_fp8 = pm == PrecisionMode::kFp8;
-  if (mla) {
-    d.attn = AttentionKind::kMla;
-    d.q_lora = 64; d.kv_lora = 32; d.qk_nope = 16; d.qk_rope = 16; d.v_hd = 32;
-  }
-  d.mtp = mtp;
-  return d;
-}
-
-struct StepResult {
-  double loss = 0;
-  std::vector<float> grads;
-};
-
-// Init, quantize, forward, backward (split into input and weight passes when asked) on a
-// model whose device arenas are guarded when `guarded`.
-StepResult one_step(const ModelDims& d, bool split, bool guarded) {
+// One step (tests/ops_model_step.h) on a model whose device arenas are guarded when
+// `guarded`.
+OpsStepOut one_step(const ModelDims& d, bool split, bool guarded) {
   const int64_t B = 2;
   Model<float> m;
   model_build<float>(m, d, B, 1, 1, {}, 1, split);
@@ -271,26 +250,7 @@ StepResult one_step(const ModelDims& d, bool split, bool guarded) {
     EXPECT_GT(static_cast<double>(g->ops->guarded_bytes()), 0.9 * static_cast<double>(total));
     g->ops->arm();
   }
-  model_init<float>(m, 7);
-  model_zero_grads<float>(m);
-  model_quantize_weights<float>(m);
-  std::vector<int32_t> x(static_cast<size_t>(B * d.T)), y(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    x[i] = static_cast<int32_t>(rng_u64(3, 1, i) % static_cast<uint64_t>(d.V));
-    y[i] = i % 7 == 3 ? -1 : static_cast<int32_t>(rng_u64(3, 2, i) % static_cast<uint64_t>(d.V));
-  }
-  StepResult r;
-  r.loss = model_forward<float>(m, x.data(), y.data(), B, d.T, true);
-  const float dloss = 1.0f / static_cast<float>(B * d.T);
-  if (split) {
-    model_chunk_backward<float>(m, 0, 0, d.L, dloss, 1.0f, BackwardPart::kInput);
-    model_chunk_backward<float>(m, 0, 0, d.L, dloss, 1.0f, BackwardPart::kWeight);
-  } else {
-    model_backward<float>(m, dloss, 1.0f);
-  }
-  r.grads.resize(m.n_alloc);
-  m.ops->download(r.grads.data(), m.grads, m.n_alloc * sizeof(float));
-  return r;
+  return ops_model_step(m, B, split, 7);
 }
 
 struct DisciplineCase {
@@ -310,9 +270,9 @@ TEST(OpsDiscipline, ModelTouchesDeviceMemoryOnlyThroughItsBackend) {
   };
   for (const DisciplineCase& c : cases) {
     SCOPED_TRACE(c.name);
-    const ModelDims d = discipline_dims(c.pm, c.mla, c.mtp);
-    const StepResult plain = one_step(d, c.split, false);
-    const StepResult guarded = one_step(d, c.split, true);
+    const ModelDims d = ops_step_dims(c.pm, c.mla, c.mtp, 16);
+    const OpsStepOut plain = one_step(d, c.split, false);
+    const OpsStepOut guarded = one_step(d, c.split, true);
     EXPECT_EQ(plain.loss, guarded.loss);
     ASSERT_EQ(plain.grads.size(), guarded.grads.size());
     EXPECT_EQ(0, std::memcmp(plain.grads.data(), guarded.grads.data(),
@@ -326,7 +286,7 @@ TEST(OpsDiscipline, ModelTouchesDeviceMemoryOnlyThroughItsBackend) {
 // The guard catches what it claims to: a host read of a guarded parameter faults.
 TEST(OpsDisciplineDeathTest, HostReadOfDeviceMemoryFaults) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  const ModelDims d = discipline_dims(PrecisionMode::kFp32, false, 0);
+  const ModelDims d = ops_step_dims(PrecisionMode::kFp32, false, 0, 16);
   EXPECT_DEATH(
       {
         Model<float> m;
