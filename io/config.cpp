@@ -7,11 +7,14 @@
 #include "io/quoted_string.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cinttypes>
 #include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <tuple>
@@ -229,6 +232,15 @@ void apply_override(Config& cfg, const std::string& text, size_t index, KeyOrigi
     parsed = doc.size() == 1 && doc.contains("v");
   } catch (const toml::parse_error&) {
   }
+  // NOTE: a raw string must be UTF-8 like all TOML text, or config_to_toml's copy (stored in
+  // every checkpoint) would not load again (found by tests/fuzz/fuzz_config).
+  if (!parsed) {
+    try {
+      (void)toml::parse(std::string_view("v = " + quoted_string(value)), std::string_view(where));
+    } catch (const toml::parse_error&) {
+      config_fail(where, "%s must be UTF-8 text (as all TOML is)", name.c_str());
+    }
+  }
   const toml::value<std::string> raw(value);
   assign(cfg, *key, parsed ? *doc.get("v") : static_cast<const toml::node&>(raw), where, nullptr);
   origins[name] = {where, kOverrideOrder + static_cast<int64_t>(index)};
@@ -278,12 +290,35 @@ Config config_parse(const std::string& toml_text, const std::string& source_name
   return cfg;
 }
 
+namespace {
+
+// True when `text` holds nothing but blank lines and comments.
+bool no_settings(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const std::string_view t = trim(line);
+    if (!t.empty() && t != "\r" && t.front() != '#') return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 Config config_load(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  // NOTE: an ifstream opens a folder without error and reads it as empty.
+  if (std::filesystem::is_directory(st)) config_fail(path, "is a folder, not a TOML config file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) config_fail(path, "cannot open config file");
+  if (!in) config_fail(path, "cannot open config file: %s", std::strerror(errno));
   std::ostringstream text;
   text << in.rdbuf();
   if (in.bad()) config_fail(path, "cannot read config file");
+  // Every key has a default, but a config file without a single one is a mistake (an empty
+  // or truncated copy), not a request for the defaults.
+  if (no_settings(text.str()))
+    config_fail(path, "config file is empty (no sections or keys); start from configs/tiny.toml");
   return config_parse(text.str(), path, overrides);
 }
 

@@ -16,6 +16,12 @@
 
 namespace moe {
 
+// Run-behaviour modes that only the config and the trainer use (the model's modes are in
+// model/types.h).
+enum class NonfiniteAction { kSkip, kAbort };          // training.on_nonfinite
+enum class SpikeAction { kWarn, kSkip, kRollback };    // training.on_spike
+enum class SaveErrorAction { kStop, kContinue };       // checkpoint.on_save_error
+
 struct RunConfig {
   std::string name = "tiny";
   uint64_t seed = 1234;
@@ -69,6 +75,10 @@ struct MoeConfig {
   double aux_loss_alpha = 0.0001;
   int num_groups = 1;
   int topk_groups = 1;
+  // Health warnings (issue 9): steps a routed expert may receive no tokens before a warning
+  // (0 off), and the max / mean expert load above which a step warns (0 off, else >= 1).
+  int64_t collapse_steps = 0;
+  double imbalance_warn = 0.0;
 
   bool operator==(const MoeConfig&) const = default;
 };
@@ -86,6 +96,15 @@ struct TrainingConfig {
   int micro_batch = 4;    // sequences per forward pass
   int64_t exit_at_step = 0;
   double exit_after_minutes = 0.0;
+  // A step whose loss or gradient norm is NaN/inf: abort the run, or skip its update;
+  // max_skipped_steps consecutive skipped steps end the run.
+  NonfiniteAction on_nonfinite = NonfiniteAction::kAbort;
+  int max_skipped_steps = 10;
+  // Loss spikes: a loss above spike_factor x the median of the last spike_window losses
+  // (0 = detection off, else > 1) is warned about, skipped, or rolled back.
+  double spike_factor = 0.0;
+  int spike_window = 20;
+  SpikeAction on_spike = SpikeAction::kWarn;
 
   bool operator==(const TrainingConfig&) const = default;
 };
@@ -124,6 +143,9 @@ struct ParallelConfig {
   // one's all-to-alls and pipeline messages hide behind the other's computation. false runs
   // them one after the other (same results, bit for bit).
   bool fb_overlap = true;
+  // Watchdog: a collective or point-to-point transfer not complete within timeout_s seconds
+  // stops the job, naming the operation.
+  double timeout_s = 600.0;
 
   bool operator==(const ParallelConfig&) const = default;
 };
@@ -140,6 +162,7 @@ struct CheckpointConfig {
   int64_t every = 200;  // 0 disables periodic saves
   int keep_last = 3;
   std::string resume = "none";  // none | auto | <path>
+  SaveErrorAction on_save_error = SaveErrorAction::kStop;  // a failed save stops the run, or warns
 
   bool operator==(const CheckpointConfig&) const = default;
 };
@@ -151,6 +174,7 @@ struct LogConfig {
   std::string metrics_file = "runs/tiny/metrics.jsonl";  // empty disables
   int samples = 3;           // samples printed at the end of training
   int sample_tokens = 120;
+  double heartbeat_s = 60.0;  // a progress line at least this often, in seconds (0 off)
 
   bool operator==(const LogConfig&) const = default;
 };
@@ -198,5 +222,8 @@ const char* to_string(LrSchedule v);
 const char* to_string(PipeSchedule v);
 const char* to_string(PrecisionMode v);
 const char* to_string(StateDtype v);
+const char* to_string(NonfiniteAction v);
+const char* to_string(SpikeAction v);
+const char* to_string(SaveErrorAction v);
 
 }  // namespace moe

@@ -30,6 +30,12 @@ constexpr EnumName<PrecisionMode> kPrecisionNames[] = {
     {"fp32", PrecisionMode::kFp32}, {"bf16", PrecisionMode::kBf16}, {"fp8", PrecisionMode::kFp8}};
 constexpr EnumName<StateDtype> kStateDtypeNames[] = {
     {"fp32", StateDtype::kFp32}, {"bf16", StateDtype::kBf16}};
+constexpr EnumName<NonfiniteAction> kNonfiniteNames[] = {
+    {"skip", NonfiniteAction::kSkip}, {"abort", NonfiniteAction::kAbort}};
+constexpr EnumName<SpikeAction> kSpikeNames[] = {
+    {"warn", SpikeAction::kWarn}, {"skip", SpikeAction::kSkip}, {"rollback", SpikeAction::kRollback}};
+constexpr EnumName<SaveErrorAction> kSaveErrorNames[] = {
+    {"stop", SaveErrorAction::kStop}, {"continue", SaveErrorAction::kContinue}};
 
 template <class E>
 const char* enum_to_string(E v) {
@@ -56,12 +62,14 @@ constexpr Key kKeys[] = {
     MOE_KEY(moe, num_experts), MOE_KEY(moe, num_shared_experts), MOE_KEY(moe, top_k),
     MOE_KEY(moe, d_expert), MOE_KEY(moe, score), MOE_KEY(moe, route_scale),
     MOE_KEY(moe, bias_update_speed), MOE_KEY(moe, aux_loss_alpha), MOE_KEY(moe, num_groups),
-    MOE_KEY(moe, topk_groups),
+    MOE_KEY(moe, topk_groups), MOE_KEY(moe, collapse_steps), MOE_KEY(moe, imbalance_warn),
 
     MOE_KEY(data, train), MOE_KEY(data, val),
 
     MOE_KEY(training, steps), MOE_KEY(training, global_batch), MOE_KEY(training, micro_batch),
     MOE_KEY(training, exit_at_step), MOE_KEY(training, exit_after_minutes),
+    MOE_KEY(training, on_nonfinite), MOE_KEY(training, max_skipped_steps),
+    MOE_KEY(training, spike_factor), MOE_KEY(training, spike_window), MOE_KEY(training, on_spike),
 
     MOE_KEY(optim, lr),
     Key{"optim", "betas", [](Config& c) -> FieldRef { return Betas{&c.optim.beta1, &c.optim.beta2}; }},
@@ -73,14 +81,16 @@ constexpr Key kKeys[] = {
 
     MOE_KEY(parallel, dp), MOE_KEY(parallel, ep), MOE_KEY(parallel, pp), MOE_KEY(parallel, schedule),
     MOE_KEY(parallel, bucket_mb), MOE_KEY(parallel, stage_layers), MOE_KEY(parallel, fb_overlap),
+    MOE_KEY(parallel, timeout_s),
 
     MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8),
 
     MOE_KEY(checkpoint, dir), MOE_KEY(checkpoint, every), MOE_KEY(checkpoint, keep_last),
-    MOE_KEY(checkpoint, resume),
+    MOE_KEY(checkpoint, resume), MOE_KEY(checkpoint, on_save_error),
 
     MOE_KEY(log, every), MOE_KEY(log, eval_every), MOE_KEY(log, eval_batches),
     MOE_KEY(log, metrics_file), MOE_KEY(log, samples), MOE_KEY(log, sample_tokens),
+    MOE_KEY(log, heartbeat_s),
 };
 #undef MOE_KEY
 
@@ -129,6 +139,11 @@ class Rules {
   void unit(const char* key, double v, bool open_lo, bool open_hi) const {
     bool ok = (open_lo ? v > 0 : v >= 0) && (open_hi ? v < 1 : v <= 1);
     if (!ok) fail({key}, "%s must be in %c0, 1%c, got %g", key, open_lo ? '(' : '[', open_hi ? ')' : ']', v);
+  }
+  // 0 turns the feature off; anything else must be above `lo` (or at least `lo`).
+  void zero_or_above(const char* key, double v, double lo, bool inclusive) const {
+    if (v == 0 || (inclusive ? v >= lo : v > lo)) return;
+    fail({key}, "%s must be 0 (off) or %s %g, got %g", key, inclusive ? ">=" : ">", lo, v);
   }
   void non_empty(const char* key, const std::string& v) const {
     if (v.empty()) fail({key}, "%s must be non-empty", key);
@@ -228,6 +243,8 @@ void check_moe(const MoeConfig& e, ModelConfig& m, const Rules& r) {
              "moe.top_k = %d exceeds moe.topk_groups * (moe.num_experts / moe.num_groups) = %lld",
              e.top_k, (long long)reachable);
   }
+  r.at_least("moe.collapse_steps", e.collapse_steps, 0);
+  r.zero_or_above("moe.imbalance_warn", e.imbalance_warn, 1.0, true);
   if (m.d_ff == 0) {
     const int64_t d_ff = (int64_t{e.top_k} + e.num_shared_experts) * e.d_expert;
     if (d_ff > INT_MAX)
@@ -279,6 +296,7 @@ void check_parallel(const ParallelConfig& p, const ModelConfig& m, const MoeConf
   r.at_least("parallel.ep", p.ep, 1);
   r.at_least("parallel.pp", p.pp, 1);
   r.positive("parallel.bucket_mb", p.bucket_mb);
+  r.positive("parallel.timeout_s", p.timeout_s);
   if (p.dp % p.ep != 0)
     r.fail({"parallel.dp", "parallel.ep"}, "parallel.dp = %d is not divisible by parallel.ep = %d",
            p.dp, p.ep);
@@ -308,6 +326,14 @@ void check_training(const TrainingConfig& t, const ParallelConfig& p, const Rule
            t.global_batch, (long long)per_step);
   r.at_least("training.exit_at_step", t.exit_at_step, 0);
   r.non_negative("training.exit_after_minutes", t.exit_after_minutes);
+  r.at_least("training.max_skipped_steps", t.max_skipped_steps, 1);
+  r.zero_or_above("training.spike_factor", t.spike_factor, 1.0, false);
+  r.at_least("training.spike_window", t.spike_window, 3);
+  // Asking for an action on spikes with detection off is a mistake, not a no-op.
+  if (t.on_spike != SpikeAction::kWarn && t.spike_factor == 0)
+    r.fail({"training.on_spike", "training.spike_factor"},
+           "training.on_spike = \"%s\" needs training.spike_factor > 1 (0 turns spike "
+           "detection off)", enum_to_string(t.on_spike));
 }
 
 // What the pipeline schedule needs of the step (after check_training: M is whole).
@@ -373,6 +399,7 @@ void check_io(const Config& c, const Rules& r) {
   r.at_least("log.eval_batches", c.log.eval_batches, 1);
   r.at_least("log.samples", c.log.samples, 0);
   r.at_least("log.sample_tokens", c.log.sample_tokens, 1);
+  r.non_negative("log.heartbeat_s", c.log.heartbeat_s);
 }
 
 }  // namespace
@@ -384,6 +411,9 @@ std::span<const EnumName<LrSchedule>> enum_names(const LrSchedule*) { return kLr
 std::span<const EnumName<PipeSchedule>> enum_names(const PipeSchedule*) { return kPipeScheduleNames; }
 std::span<const EnumName<PrecisionMode>> enum_names(const PrecisionMode*) { return kPrecisionNames; }
 std::span<const EnumName<StateDtype>> enum_names(const StateDtype*) { return kStateDtypeNames; }
+std::span<const EnumName<NonfiniteAction>> enum_names(const NonfiniteAction*) { return kNonfiniteNames; }
+std::span<const EnumName<SpikeAction>> enum_names(const SpikeAction*) { return kSpikeNames; }
+std::span<const EnumName<SaveErrorAction>> enum_names(const SaveErrorAction*) { return kSaveErrorNames; }
 
 std::span<const Key> config_keys() { return kKeys; }
 
@@ -437,5 +467,8 @@ const char* to_string(LrSchedule v) { return config_schema::enum_to_string(v); }
 const char* to_string(PipeSchedule v) { return config_schema::enum_to_string(v); }
 const char* to_string(PrecisionMode v) { return config_schema::enum_to_string(v); }
 const char* to_string(StateDtype v) { return config_schema::enum_to_string(v); }
+const char* to_string(NonfiniteAction v) { return config_schema::enum_to_string(v); }
+const char* to_string(SpikeAction v) { return config_schema::enum_to_string(v); }
+const char* to_string(SaveErrorAction v) { return config_schema::enum_to_string(v); }
 
 }  // namespace moe

@@ -29,6 +29,9 @@ std::span<const EnumName<LrSchedule>> enum_names(const LrSchedule*);
 std::span<const EnumName<PipeSchedule>> enum_names(const PipeSchedule*);
 std::span<const EnumName<PrecisionMode>> enum_names(const PrecisionMode*);
 std::span<const EnumName<StateDtype>> enum_names(const StateDtype*);
+std::span<const EnumName<NonfiniteAction>> enum_names(const NonfiniteAction*);
+std::span<const EnumName<SpikeAction>> enum_names(const SpikeAction*);
+std::span<const EnumName<SaveErrorAction>> enum_names(const SaveErrorAction*);
 
 // optim.betas = [b1, b2] fills two fields.
 struct Betas {
@@ -39,7 +42,8 @@ struct Betas {
 // A typed pointer to the field one key fills.
 using FieldRef = std::variant<int*, int64_t*, uint64_t*, double*, bool*, std::string*, Device*,
                               AttentionKind*, ScoreFn*, LrSchedule*, PipeSchedule*,
-                              PrecisionMode*, StateDtype*, Betas, std::vector<int64_t>*>;
+                              PrecisionMode*, StateDtype*, NonfiniteAction*, SpikeAction*,
+                              SaveErrorAction*, Betas, std::vector<int64_t>*>;
 
 struct Key {
   const char* section;

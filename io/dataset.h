@@ -2,12 +2,19 @@
 //
 // Shard format (ours), little-endian:
 //   offset 0  : char magic[8] = "MOETOKS\0"
-//   offset 8  : uint32 format version (= 1)
+//   offset 8  : uint32 format version (2 is written; 1, without checksums, is still read)
 //   offset 12 : uint32 token dtype (1 = uint8, 2 = uint16, 4 = uint32; the byte width)
 //   offset 16 : uint64 token count
 //   offset 24 : uint32 vocabulary size the tokens were made for (256 for bytes)
-//   offset 28 : 36 bytes reserved, zero
+//   offset 28 : uint32 (version 2) checksum block size in bytes, a power of two (1 MiB)
+//   offset 32 : 24 bytes reserved, zero
+//   offset 56 : uint64 (version 2) checksum of bytes [0, 56)
 //   offset 64 : tokens
+//   then      : (version 2) one uint64 checksum per block of token bytes (the last one short)
+// Opening verifies every checksum (in parallel, at memory speed), so a flipped bit anywhere
+// is found before training, with its byte range. A version 1 shard has no checksums: opening
+// checks its tokens against the header's vocabulary instead. Reading a window checks each
+// token against the model's vocabulary, which is all an llm.c shard can be checked for.
 // llm.c's shards are read too: 256 x int32 header (magic 20240520, version 1, token count)
 // followed by uint16 tokens.
 #pragma once
@@ -21,11 +28,14 @@ namespace moe {
 enum class TokenDtype : uint32_t { kU8 = 1, kU16 = 2, kU32 = 4 };
 
 constexpr char kShardMagic[8] = {'M', 'O', 'E', 'T', 'O', 'K', 'S', '\0'};
-constexpr uint32_t kShardVersion = 1;
+constexpr uint32_t kShardVersion = 2;
 constexpr size_t kShardHeaderBytes = 64;
+constexpr size_t kShardHeaderSumOffset = 56;     // version 2: the header's own checksum
+constexpr uint32_t kShardBlockBytes = 1u << 20;  // version 2: token bytes per checksum
 
 // A read-only, memory-mapped token file. Opening validates the header against the file
-// size and throws UserError naming the file on a missing, truncated or wrong-magic file.
+// size and verifies the checksums; a missing, truncated, wrong-magic or corrupted file
+// throws UserError naming the file and the byte offset of the problem.
 class TokenShard {
  public:
   explicit TokenShard(const std::string& path);
@@ -37,7 +47,8 @@ class TokenShard {
   uint32_t vocab_size() const { return vocab_size_; }  // 0 when the header does not say
   const std::string& path() const { return path_; }
   uint32_t token(int64_t i) const;
-  // Copies tokens [begin, begin + n) into out, checking each is < vocab (UserError if not).
+  // Copies tokens [begin, begin + n) into out, checking each is < vocab (UserError naming
+  // the token's index and byte offset if not).
   void read(int32_t* out, int64_t begin, int64_t n, int vocab) const;
 
  private:
@@ -50,7 +61,8 @@ class TokenShard {
   uint32_t vocab_size_ = 0;
 };
 
-// Writes a shard file atomically (temporary name, then rename).
+// Writes a version 2 shard file atomically (temporary name, then rename); every token must
+// fit `dtype` and, when vocab_size > 0, be below it.
 void shard_write(const std::string& path, const std::vector<uint32_t>& tokens, TokenDtype dtype,
                  uint32_t vocab_size);
 

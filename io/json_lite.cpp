@@ -327,6 +327,8 @@ class Parser {
 
 }  // namespace
 
+JsonValue::JsonValue() = default;
+
 const JsonValue* JsonValue::get(std::string_view key) const {
   for (const auto& m : members)
     if (m.first == key) return &m.second;
@@ -378,7 +380,11 @@ std::string json_number(double v) {
     std::snprintf(buf, sizeof(buf), "%.*g", prec, v);
     if (std::strtod(buf, nullptr) == v) break;
   }
-  return buf;
+  // NOTE: an integral v in [1e15, 1e17) prints without an exponent ("9007199254740993"):
+  // it keeps its decimal too (found by tests/fuzz/fuzz_safetensors).
+  std::string s = buf;
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
 }
 
 }  // namespace moe

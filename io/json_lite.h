@@ -30,6 +30,10 @@ struct JsonValue {
   std::vector<JsonValue> items;                            // kArray
   std::vector<std::pair<std::string, JsonValue>> members;  // kObject, in document order
 
+  // NOTE: declared here, defaulted in json_lite.cpp: with an implicit one, clang (libstdc++'s
+  // std::pair traits) needs JsonValue complete inside its own definition and fails to compile.
+  JsonValue();
+
   // The member named `key` of an object, nullptr when absent (or not an object).
   const JsonValue* get(std::string_view key) const;
 };

@@ -1,5 +1,6 @@
-// Token shard files: opening (memory-mapped, validated against the file size) and writing
-// (temporary name, fsync, rename). The format is described in io/dataset.h.
+// Token shard files: opening (memory-mapped, validated against the file size, the checksums
+// or, without them, the header's vocabulary) and writing (temporary name, fsync, rename).
+// The format is described in io/dataset.h. Every error names the file and the byte.
 //
 // NOTE: every field is little-endian and read with memcpy; the mapping is page-aligned and
 // tokens start at byte 64 (ours) or 1024 (llm.c), so token loads are naturally aligned.
@@ -8,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <climits>
@@ -55,6 +57,29 @@ uint64_t dtype_max(TokenDtype d) {
   return 0;
 }
 
+// Version 2's checksum: a 64-bit hash of `n` bytes in four independent lanes of 8-byte words
+// (the round of xxHash64), so it runs at memory speed; `seed` is the block index, so blocks
+// swapped or shifted do not match either.
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ull, kP2 = 0xC2B2AE3D27D4EB4Full,
+                   kP3 = 0x165667B19E3779F9ull;
+constexpr uint64_t kHeaderSeed = 0x4d4f45544f4b5348ull;  // "MOETOKSH"
+
+uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+uint64_t shard_checksum(const uint8_t* p, size_t n, uint64_t seed) {
+  uint64_t a[4] = {seed + kP1 + kP2, seed + kP2, seed, seed - kP1};
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int l = 0; l < 4; ++l) a[l] = rotl64(a[l] + load<uint64_t>(p + i + 8 * l) * kP2, 31) * kP1;
+  uint64_t h = rotl64(a[0], 1) + rotl64(a[1], 7) + rotl64(a[2], 12) + rotl64(a[3], 18) + n;
+  for (; i < n; ++i) h = rotl64(h ^ (p[i] * kP3), 11) * kP1;
+  h ^= h >> 33;
+  h *= kP2;
+  h ^= h >> 29;
+  h *= kP3;
+  return h ^ (h >> 32);
+}
+
 // Parsed header, or an error message when the file is not a valid shard.
 struct ShardLayout {
   std::string error;
@@ -62,17 +87,36 @@ struct ShardLayout {
   TokenDtype dtype = TokenDtype::kU8;
   int64_t n_tokens = 0;
   uint32_t vocab_size = 0;
+  size_t block_bytes = 0;  // version 2: token bytes per checksum (0: no checksums)
+  bool vocab_scan = false;  // version 1 naming a vocabulary: check every token at open
 };
 
-// Checks that `count` tokens of `width` bytes after the header fill the file exactly.
-std::string size_error(uint64_t count, size_t width, size_t token_bytes) {
-  // NOTE: compare in tokens first so a corrupted 64-bit count cannot overflow the multiply.
-  if (count > token_bytes / width || count * width < token_bytes) {
-    const bool short_file = count > token_bytes / width;
-    return strprintf("%s: header says %llu tokens (%zu bytes each) but file holds %zu bytes of tokens",
-                     short_file ? "truncated" : "trailing bytes after the tokens",
-                     static_cast<unsigned long long>(count), width, token_bytes);
-  }
+std::string u128_str(unsigned __int128 v) {
+  std::string s;
+  do {
+    s.insert(s.begin(), static_cast<char>('0' + static_cast<int>(v % 10)));
+    v /= 10;
+  } while (v != 0);
+  return s;
+}
+
+// Checks that the header, `count` tokens of `width` bytes and (version 2) one checksum per
+// block of `block_bytes` fill the file of `bytes` bytes exactly; the message names the byte
+// where the file ends (truncated) or where the extra bytes start (trailing).
+std::string size_error(uint64_t count, size_t width, size_t header_bytes, size_t block_bytes,
+                       size_t bytes) {
+  // NOTE: in 128 bits, so a corrupted 64-bit count cannot overflow.
+  const unsigned __int128 token_bytes = static_cast<unsigned __int128>(count) * width;
+  const unsigned __int128 blocks = block_bytes ? (token_bytes + block_bytes - 1) / block_bytes : 0;
+  const unsigned __int128 need = header_bytes + token_bytes + blocks * sizeof(uint64_t);
+  const std::string what =
+      strprintf("header says %llu tokens (%zu bytes each)", static_cast<unsigned long long>(count), width) +
+      (block_bytes ? " and " + u128_str(blocks) + " block checksums (8 bytes each)" : std::string()) +
+      ", which need " + u128_str(need) + " bytes";
+  if (need > bytes) return strprintf("truncated at byte %zu: %s", bytes, what.c_str());
+  if (need < bytes)
+    return strprintf("trailing bytes from byte %s: %s, but the file holds %zu", u128_str(need).c_str(),
+                     what.c_str(), bytes);
   if (count == 0) return "holds zero tokens";
   if (count > static_cast<uint64_t>(INT64_MAX)) return "token count does not fit int64";
   return std::string();
@@ -86,50 +130,113 @@ ShardLayout shard_parse(const uint8_t* p, size_t bytes) {
     if (bytes < sizeof(kShardMagic))
       s.error = strprintf("not a token shard (file is only %zu bytes)", bytes);
     else
-      s.error = "not a token shard (bad magic)";
+      s.error = "not a token shard (bad magic at byte 0: neither \"MOETOKS\" nor llm.c's 20240520)";
     return s;
   }
   s.header_bytes = ours ? kShardHeaderBytes : kLlmcHeaderBytes;
   if (bytes < s.header_bytes) {
-    s.error = strprintf("truncated: %zu bytes is smaller than the %zu-byte %s header", bytes,
+    s.error = strprintf("truncated at byte %zu: smaller than the %zu-byte %s header", bytes,
                         s.header_bytes, ours ? "shard" : "llm.c shard");
     return s;
   }
-  const size_t token_bytes = bytes - s.header_bytes;
   if (ours) {
     const uint32_t version = load<uint32_t>(p + 8);
     const uint32_t dtype = load<uint32_t>(p + 12);
     const uint64_t count = load<uint64_t>(p + 16);
-    if (version != kShardVersion) {
-      s.error = strprintf("unsupported shard version %u (this build reads version %u)", version,
-                          kShardVersion);
+    if (version != 1 && version != kShardVersion) {
+      s.error = strprintf("unsupported shard version %u at byte 8 (this build reads versions 1 to %u)",
+                          version, kShardVersion);
       return s;
     }
+    if (version >= 2) {
+      const uint64_t stored = load<uint64_t>(p + kShardHeaderSumOffset);
+      if (stored != shard_checksum(p, kShardHeaderSumOffset, kHeaderSeed)) {
+        s.error = strprintf("header checksum mismatch: bytes 0 to %zu do not match the checksum at "
+                            "byte %zu (file corrupted)", kShardHeaderSumOffset - 1, kShardHeaderSumOffset);
+        return s;
+      }
+      const uint32_t block = load<uint32_t>(p + 28);
+      if (block < 64 || block > (1u << 30) || (block & (block - 1)) != 0) {
+        s.error = strprintf("checksum block size %u at byte 28 is not a power of two in [64, 2^30]", block);
+        return s;
+      }
+      s.block_bytes = block;
+    }
     if (!dtype_valid(dtype)) {
-      s.error = strprintf("unknown token dtype %u (expected 1, 2 or 4 bytes per token)", dtype);
+      s.error = strprintf("unknown token dtype %u at byte 12 (expected 1, 2 or 4 bytes per token)", dtype);
       return s;
     }
     s.dtype = static_cast<TokenDtype>(dtype);
     s.vocab_size = load<uint32_t>(p + 24);
-    s.error = size_error(count, dtype, token_bytes);
+    s.error = size_error(count, dtype, s.header_bytes, s.block_bytes, bytes);
     s.n_tokens = static_cast<int64_t>(count);
+    s.vocab_scan = version == 1 && s.vocab_size > 0 && s.vocab_size <= dtype_max(s.dtype);
   } else {
     const int32_t version = load<int32_t>(p + 4);
     const int32_t count = load<int32_t>(p + 8);
     if (version != kLlmcVersion) {
-      s.error = strprintf("unsupported llm.c shard version %d (this build reads version %d)",
+      s.error = strprintf("unsupported llm.c shard version %d at byte 4 (this build reads version %d)",
                           version, kLlmcVersion);
       return s;
     }
     if (count < 0) {
-      s.error = strprintf("llm.c header has a negative token count %d", count);
+      s.error = strprintf("llm.c header has a negative token count %d at byte 8", count);
       return s;
     }
     s.dtype = TokenDtype::kU16;
-    s.error = size_error(static_cast<uint64_t>(count), sizeof(uint16_t), token_bytes);
+    s.error = size_error(static_cast<uint64_t>(count), sizeof(uint16_t), s.header_bytes, 0, bytes);
     s.n_tokens = count;
   }
   return s;
+}
+
+// Version 2: the first token block whose checksum does not match, as an error message
+// naming its bytes and its checksum's ("" when all match). Blocks are checked in parallel.
+std::string blocks_verify(const uint8_t* p, const ShardLayout& s) {
+  const size_t token_bytes = static_cast<size_t>(s.n_tokens) * static_cast<size_t>(s.dtype);
+  const int64_t n_blocks = static_cast<int64_t>((token_bytes + s.block_bytes - 1) / s.block_bytes);
+  const uint8_t* tokens = p + s.header_bytes;
+  const uint8_t* sums = tokens + token_bytes;
+  int64_t first_bad = n_blocks;
+#pragma omp parallel for schedule(static) reduction(min : first_bad)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const size_t begin = static_cast<size_t>(b) * s.block_bytes;
+    const size_t n = std::min(s.block_bytes, token_bytes - begin);
+    if (shard_checksum(tokens + begin, n, static_cast<uint64_t>(b)) !=
+        load<uint64_t>(sums + static_cast<size_t>(b) * sizeof(uint64_t)))
+      first_bad = std::min(first_bad, b);
+  }
+  if (first_bad == n_blocks) return std::string();
+  const size_t begin = s.header_bytes + static_cast<size_t>(first_bad) * s.block_bytes;
+  const size_t end = std::min(begin + s.block_bytes, s.header_bytes + token_bytes);
+  return strprintf("checksum mismatch in bytes %zu to %zu (block %lld of %lld, checksum at byte %zu): "
+                   "file corrupted", begin, end - 1, static_cast<long long>(first_bad),
+                   static_cast<long long>(n_blocks),
+                   s.header_bytes + token_bytes + static_cast<size_t>(first_bad) * sizeof(uint64_t));
+}
+
+uint32_t token_at(const uint8_t* tokens, TokenDtype dtype, size_t i) {
+  switch (dtype) {
+    case TokenDtype::kU8: return tokens[i];
+    case TokenDtype::kU16: return load<uint16_t>(tokens + 2 * i);
+    case TokenDtype::kU32: return load<uint32_t>(tokens + 4 * i);
+  }
+  return 0;
+}
+
+// Version 1 (no checksums) with a vocabulary in its header: the first token outside it, as
+// an error message naming its byte ("" when there is none). The scan runs in parallel.
+std::string tokens_verify(const uint8_t* p, const ShardLayout& s) {
+  const uint8_t* tokens = p + s.header_bytes;
+  int64_t first_bad = s.n_tokens;
+#pragma omp parallel for schedule(static) reduction(min : first_bad)
+  for (int64_t i = 0; i < s.n_tokens; ++i)
+    if (token_at(tokens, s.dtype, static_cast<size_t>(i)) >= s.vocab_size) first_bad = std::min(first_bad, i);
+  if (first_bad == s.n_tokens) return std::string();
+  const size_t i = static_cast<size_t>(first_bad);
+  return strprintf("token %u at byte %zu (index %lld) exceeds the header's vocabulary %u (file corrupted)",
+                   token_at(tokens, s.dtype, i), s.header_bytes + i * static_cast<size_t>(s.dtype),
+                   static_cast<long long>(first_bad), s.vocab_size);
 }
 
 // RAII file descriptor so every error path closes it.
@@ -162,6 +269,7 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   if (f.fd < 0) user_error("%s: cannot open: %s", path.c_str(), std::strerror(errno));
   struct stat st;
   if (::fstat(f.fd, &st) != 0) user_error("%s: cannot stat: %s", path.c_str(), std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) user_error("%s: is a folder, not a token shard file", path.c_str());
   if (!S_ISREG(st.st_mode)) user_error("%s: not a regular file", path.c_str());
   const size_t bytes = static_cast<size_t>(st.st_size);
   if (bytes == 0) user_error("%s: not a token shard (file is empty)", path.c_str());
@@ -169,6 +277,8 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
   void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, f.fd, 0);
   if (map == MAP_FAILED) user_error("%s: cannot map: %s", path.c_str(), std::strerror(errno));
   ShardLayout s = shard_parse(static_cast<const uint8_t*>(map), bytes);
+  if (s.error.empty() && s.block_bytes > 0) s.error = blocks_verify(static_cast<const uint8_t*>(map), s);
+  if (s.error.empty() && s.vocab_scan) s.error = tokens_verify(static_cast<const uint8_t*>(map), s);
   if (!s.error.empty()) {
     ::munmap(map, bytes);
     throw UserError(path + ": " + s.error);
@@ -188,13 +298,7 @@ TokenShard::~TokenShard() {
 uint32_t TokenShard::token(int64_t i) const {
   CHECK(i >= 0 && i < n_tokens_, "token %lld of %lld in %s", static_cast<long long>(i),
         static_cast<long long>(n_tokens_), path_.c_str());
-  const size_t off = static_cast<size_t>(i) * static_cast<size_t>(dtype_);
-  switch (dtype_) {
-    case TokenDtype::kU8: return tokens_[off];
-    case TokenDtype::kU16: return load<uint16_t>(tokens_ + off);
-    case TokenDtype::kU32: return load<uint32_t>(tokens_ + off);
-  }
-  return 0;
+  return token_at(tokens_, dtype_, static_cast<size_t>(i));
 }
 
 void TokenShard::read(int32_t* out, int64_t begin, int64_t n, int vocab) const {
@@ -233,10 +337,12 @@ void TokenShard::read(int32_t* out, int64_t begin, int64_t n, int vocab) const {
   for (int64_t i = begin; i < begin + n; ++i) {
     const uint32_t t = token(i);
     if (t < limit) continue;
+    const size_t at = static_cast<size_t>(tokens_ - static_cast<const uint8_t*>(map_)) +
+                      static_cast<size_t>(i) * width;
     if (vocab > 0)
-      user_error("%s: token %u at index %lld exceeds vocabulary %d", path_.c_str(), t,
+      user_error("%s: token %u at byte %zu (index %lld) exceeds vocabulary %d", path_.c_str(), t, at,
                  static_cast<long long>(i), vocab);
-    user_error("%s: token %u at index %lld does not fit int32", path_.c_str(), t,
+    user_error("%s: token %u at byte %zu (index %lld) does not fit int32", path_.c_str(), t, at,
                static_cast<long long>(i));
   }
 }
@@ -250,6 +356,9 @@ void shard_write(const std::string& path, const std::vector<uint32_t>& tokens, T
     if (tokens[i] > max)
       user_error("%s: token %u at index %zu does not fit %s", path.c_str(), tokens[i], i,
                  dtype_name(dtype));
+    if (vocab_size > 0 && tokens[i] >= vocab_size)
+      user_error("%s: token %u at index %zu exceeds vocabulary %u", path.c_str(), tokens[i], i,
+                 vocab_size);
   }
 
   const fs::path parent = fs::path(path).parent_path();
@@ -264,11 +373,15 @@ void shard_write(const std::string& path, const std::vector<uint32_t>& tokens, T
   const uint32_t version = kShardVersion;
   const uint32_t width = static_cast<uint32_t>(dtype);
   const uint64_t count = tokens.size();
+  const uint32_t block_bytes = kShardBlockBytes;
   std::memcpy(header, kShardMagic, sizeof(kShardMagic));
   std::memcpy(header + 8, &version, 4);
   std::memcpy(header + 12, &width, 4);
   std::memcpy(header + 16, &count, 8);
   std::memcpy(header + 24, &vocab_size, 4);
+  std::memcpy(header + 28, &block_bytes, 4);
+  const uint64_t header_sum = shard_checksum(header, kShardHeaderSumOffset, kHeaderSeed);
+  std::memcpy(header + kShardHeaderSumOffset, &header_sum, 8);
 
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   Fd f;
@@ -282,18 +395,23 @@ void shard_write(const std::string& path, const std::vector<uint32_t>& tokens, T
     user_error("%s: %s: %s", path.c_str(), what, std::strerror(err));
   };
   if (!write_all(f.fd, header, sizeof(header))) fail("cannot write");
-  // Pack tokens to their byte width in bounded chunks.
-  constexpr size_t kChunkTokens = size_t{1} << 18;
+  // Pack tokens to their byte width one checksum block at a time (a whole number of tokens,
+  // as the block size is a power of two >= 4), checksumming each; the sums follow the tokens.
+  const size_t block_tokens = block_bytes / width;
   std::vector<uint8_t> buf;
-  for (size_t begin = 0; begin < tokens.size(); begin += kChunkTokens) {
-    const size_t n = std::min(kChunkTokens, tokens.size() - begin);
+  std::vector<uint64_t> sums;
+  for (size_t begin = 0; begin < tokens.size(); begin += block_tokens) {
+    const size_t n = std::min(block_tokens, tokens.size() - begin);
     buf.resize(n * width);
     for (size_t i = 0; i < n; ++i) {
       const uint32_t t = tokens[begin + i];
       std::memcpy(buf.data() + i * width, &t, width);  // little-endian: low bytes first
     }
+    sums.push_back(shard_checksum(buf.data(), buf.size(), sums.size()));
     if (!write_all(f.fd, buf.data(), buf.size())) fail("cannot write");
   }
+  if (!write_all(f.fd, reinterpret_cast<const uint8_t*>(sums.data()), sums.size() * sizeof(uint64_t)))
+    fail("cannot write");
   if (::fsync(f.fd) != 0) fail("cannot fsync");
   const int fd = f.fd;
   f.fd = -1;

@@ -1,70 +1,26 @@
 // The binary end to end: bad input of every kind gets one line and a non-zero exit;
 // prepare + a few dozen training steps reduce the loss and write the metrics file.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
+
+#include "tests/run_binary.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
+using moe_test::BinaryResult;
+using moe_test::expect_one_line_error;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
+fs::path test_dir(const std::string& name) { return moe_test::fresh_dir("moetrain_cli_", name); }
 
-fs::path test_dir(const std::string& name) {
-  fs::path d = fs::path(::testing::TempDir()) / ("moetrain_cli_" + name);
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+BinaryResult run(const std::string& args, const fs::path& dir) { return moe_test::run_binary(args, dir); }
 
-RunResult run(const std::string& args, const fs::path& dir) {
-  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
-  // Leak checking off for the spawned binary under ASan: Open MPI's exit-time allocations.
-  const std::string cmd = "cd '" + dir.string() +
-                          "' && OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 " +
-                          MOETRAIN_BINARY +
-                          " " + args + " >'" + out.string() + "' 2>'" + err.string() + "'";
-  const int status = std::system(cmd.c_str());
-  RunResult r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
-
-void write(const fs::path& p, const std::string& text) {
-  std::ofstream f(p);
-  f << text;
-}
-
-int count_lines(const std::string& s) {
-  int n = 0;
-  for (char c : s) n += c == '\n';
-  return n;
-}
-
-// One line on stderr, non-zero exit, and the line contains `what`.
-void expect_one_line_error(const RunResult& r, const std::string& what) {
-  EXPECT_NE(r.code, 0);
-  EXPECT_EQ(count_lines(r.err), 1) << r.err;
-  EXPECT_NE(r.err.find(what), std::string::npos) << "stderr: " << r.err << "expected: " << what;
-}
+void write(const fs::path& p, const std::string& text) { moe_test::write_text(p, text); }
 
 const char* kSmallModel =
     "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nseq_len = 32\n"
@@ -91,7 +47,7 @@ TEST(Cli, BadConfigsNameFileLineAndKey) {
   write(d / "typo.toml", "[model]\nd_model = 64\nn_layrs = 2\n");
   expect_one_line_error(run("train --config typo.toml", d), "typo.toml:3:1");
   write(d / "topk.toml", "[moe]\nnum_experts = 8\ntop_k = 9\n");
-  RunResult r = run("train --config topk.toml --dry-run", d);
+  BinaryResult r = run("train --config topk.toml --dry-run", d);
   expect_one_line_error(r, "topk.toml:3:");
   EXPECT_NE(r.err.find("moe.top_k"), std::string::npos);
   write(d / "ok.toml", "[model]\nd_model = 64\n");
@@ -112,7 +68,7 @@ TEST(Cli, BadDataIsOneLine) {
 
 TEST(Cli, DryRunPrintsSizes) {
   const fs::path d = test_dir("dryrun");
-  RunResult r = run(std::string("train --config ") + MOETRAIN_SOURCE_DIR +
+  BinaryResult r = run(std::string("train --config ") + MOETRAIN_SOURCE_DIR +
                         "/configs/tiny.toml --dry-run --set training.steps=7",
                     d);
   ASSERT_EQ(r.code, 0) << r.err;
@@ -134,10 +90,10 @@ TEST(Cli, EndToEndTrainingReducesLoss) {
                          "All that glitters is not gold.\n"};
   for (int i = 0; i < 400; ++i) text += lines[(i * 7) % 4];
   write(d / "text" / "a.txt", text);
-  RunResult p = run("prepare --input text --output data", d);
+  BinaryResult p = run("prepare --input text --output data", d);
   ASSERT_EQ(p.code, 0) << p.err;
   write(d / "c.toml", kSmallModel);
-  RunResult r = run("train --config c.toml", d);
+  BinaryResult r = run("train --config c.toml", d);
   ASSERT_EQ(r.code, 0) << r.err << r.out;
   std::ifstream f(d / "metrics.jsonl");
   std::string line;

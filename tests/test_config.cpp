@@ -2,7 +2,9 @@
 // resolve, round-trip through config_to_toml and hash by value.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -11,6 +13,7 @@
 
 #include "io/config.h"
 #include "model/check.h"
+#include "trainer/resume.h"
 
 namespace moe {
 namespace {
@@ -114,6 +117,35 @@ const BadCase kBadCases[] = {
     {"log_every", "", {"log.every=0"}, "--set log.every=0: log.every must be >= 1, got 0"},
     {"sample_tokens", "", {"log.sample_tokens=0"},
      "--set log.sample_tokens=0: log.sample_tokens must be >= 1, got 0"},
+    // Run-behaviour keys (issue 9).
+    {"on_nonfinite", "[training]\non_nonfinite = \"ignore\"\n", {},
+     "x.toml:2:16: training.on_nonfinite expects one of \"skip\", \"abort\", got \"ignore\""},
+    {"max_skipped_steps", "", {"training.max_skipped_steps=0"},
+     "--set training.max_skipped_steps=0: training.max_skipped_steps must be >= 1, got 0"},
+    {"spike_factor_below_one", "[training]\nspike_factor = 0.5\n", {},
+     "x.toml:2:1: training.spike_factor must be 0 (off) or > 1, got 0.5"},
+    {"spike_factor_one", "", {"training.spike_factor=1"},
+     "--set training.spike_factor=1: training.spike_factor must be 0 (off) or > 1, got 1"},
+    {"spike_window", "", {"training.spike_window=2"},
+     "--set training.spike_window=2: training.spike_window must be >= 3, got 2"},
+    {"on_spike_value", "", {"training.on_spike=stop"},
+     "--set training.on_spike=stop: training.on_spike expects one of \"warn\", \"skip\", \"rollback\", "
+     "got \"stop\""},
+    {"on_spike_without_detection", "[training]\non_spike = \"rollback\"\n", {},
+     "x.toml:2:1: training.on_spike = \"rollback\" needs training.spike_factor > 1 (0 turns spike "
+     "detection off)"},
+    {"collapse_steps", "", {"moe.collapse_steps=-1"},
+     "--set moe.collapse_steps=-1: moe.collapse_steps must be >= 0, got -1"},
+    {"imbalance_warn", "[moe]\nimbalance_warn = 0.9\n", {},
+     "x.toml:2:1: moe.imbalance_warn must be 0 (off) or >= 1, got 0.9"},
+    {"timeout_s_zero", "", {"parallel.timeout_s=0"},
+     "--set parallel.timeout_s=0: parallel.timeout_s must be > 0, got 0"},
+    {"timeout_s_string", "[parallel]\ntimeout_s = \"10m\"\n", {},
+     "x.toml:2:13: parallel.timeout_s expects a float, got string"},
+    {"heartbeat_s", "", {"log.heartbeat_s=-1"}, "--set log.heartbeat_s=-1: log.heartbeat_s must be >= 0, got -1"},
+    {"on_save_error", "", {"checkpoint.on_save_error=retry"},
+     "--set checkpoint.on_save_error=retry: checkpoint.on_save_error expects one of \"stop\", "
+     "\"continue\", got \"retry\""},
     // Combinations: reported at the key set last, naming every key involved.
     {"kv_heads_divide", "[model]\nn_heads = 8\nn_kv_heads = 3\n", {},
      "x.toml:3:1: model.n_heads = 8 is not divisible by model.n_kv_heads = 3"},
@@ -242,8 +274,34 @@ TEST(ConfigLoad, MissingFile) {
     config_load("/nonexistent/dir/x.toml", {});
     FAIL() << "no error";
   } catch (const UserError& e) {
-    EXPECT_STREQ(e.what(), "/nonexistent/dir/x.toml: cannot open config file");
+    EXPECT_STREQ(e.what(), "/nonexistent/dir/x.toml: cannot open config file: No such file or directory");
   }
+}
+
+// A folder reads as an empty stream, and an empty file would silently mean "all defaults".
+TEST(ConfigLoad, FolderAndEmptyFileAreErrors) {
+  const std::string dir = ::testing::TempDir() + "moetrain_test_config_dir";
+  std::filesystem::create_directories(dir);
+  try {
+    config_load(dir, {});
+    FAIL() << "no error";
+  } catch (const UserError& e) {
+    EXPECT_EQ(std::string(e.what()), dir + ": is a folder, not a TOML config file");
+  }
+  const std::string empty = dir + "/empty.toml";
+  for (const char* text : {"", "\n  \n", "# only a comment\n\t# another\r\n"}) {
+    std::ofstream(empty) << text;
+    try {
+      config_load(empty, {"training.steps=5"});
+      FAIL() << "no error for " << text;
+    } catch (const UserError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                empty + ": config file is empty (no sections or keys); start from configs/tiny.toml");
+    }
+  }
+  std::ofstream(empty) << "# a comment, then one key\n[training]\nsteps = 5\n";
+  EXPECT_EQ(config_load(empty, {}).training.steps, 5);
+  std::filesystem::remove_all(dir);
 }
 
 TEST(ConfigLoad, FileErrorsNameThePath) {
@@ -367,6 +425,61 @@ TEST(ConfigGood, ToStringSpellsTomlValues) {
   EXPECT_STREQ(to_string(PipeSchedule::kDualPipeV), "dualpipev");
   EXPECT_STREQ(to_string(PrecisionMode::kFp8), "fp8");
   EXPECT_STREQ(to_string(StateDtype::kBf16), "bf16");
+  EXPECT_STREQ(to_string(NonfiniteAction::kSkip), "skip");
+  EXPECT_STREQ(to_string(NonfiniteAction::kAbort), "abort");
+  EXPECT_STREQ(to_string(SpikeAction::kRollback), "rollback");
+  EXPECT_STREQ(to_string(SaveErrorAction::kContinue), "continue");
+}
+
+// The run-behaviour keys of issue 9 default to what the trainer did before they existed.
+TEST(ConfigGood, RunBehaviourDefaults) {
+  const Config c = config_parse("", "x.toml", {});
+  EXPECT_EQ(c.training.on_nonfinite, NonfiniteAction::kAbort);
+  EXPECT_EQ(c.training.max_skipped_steps, 10);
+  EXPECT_EQ(c.training.spike_factor, 0.0);
+  EXPECT_EQ(c.training.spike_window, 20);
+  EXPECT_EQ(c.training.on_spike, SpikeAction::kWarn);
+  EXPECT_EQ(c.moe.collapse_steps, 0);
+  EXPECT_EQ(c.moe.imbalance_warn, 0.0);
+  EXPECT_EQ(c.parallel.timeout_s, 600.0);
+  EXPECT_EQ(c.log.heartbeat_s, 60.0);
+  EXPECT_EQ(c.checkpoint.on_save_error, SaveErrorAction::kStop);
+  const Config on = config_parse(
+      "[training]\non_nonfinite = \"skip\"\nmax_skipped_steps = 1\nspike_factor = 1.5\n"
+      "spike_window = 3\non_spike = \"skip\"\n[moe]\ncollapse_steps = 1\nimbalance_warn = 1\n"
+      "[parallel]\ntimeout_s = 0.5\n[log]\nheartbeat_s = 0\n[checkpoint]\non_save_error = \"continue\"\n",
+      "x.toml", {});
+  EXPECT_EQ(on.training.on_spike, SpikeAction::kSkip);
+  EXPECT_EQ(on.moe.imbalance_warn, 1.0);  // the boundary is allowed
+  EXPECT_EQ(on.parallel.timeout_s, 0.5);
+  EXPECT_EQ(config_parse(config_to_toml(on), "x.toml", {}), on);
+  const std::string text = config_to_toml(c);
+  EXPECT_NE(text.find("\non_nonfinite = \"abort\"\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("\ntimeout_s = 600.0\n"), std::string::npos) << text;
+}
+
+// A checkpoint written before these keys existed holds a config without them; resuming with
+// any of them changed is allowed (they steer the run, not the model) and is reported.
+TEST(ConfigResume, RunBehaviourKeysMayChange) {
+  std::string old_toml = config_to_toml(config_parse("", "x.toml", {}));
+  for (const char* key : {"on_nonfinite", "max_skipped_steps", "spike_factor", "spike_window",
+                          "on_spike", "collapse_steps", "imbalance_warn", "timeout_s", "heartbeat_s",
+                          "on_save_error"}) {
+    const size_t at = old_toml.find(std::string("\n") + key + " = ");
+    ASSERT_NE(at, std::string::npos) << key;
+    old_toml.erase(at, old_toml.find('\n', at + 1) - at);
+  }
+  const Config saved = config_parse(old_toml, "x.toml", {});
+  EXPECT_EQ(saved, config_parse("", "x.toml", {}));
+  EXPECT_TRUE(config_resume_changes(saved, saved, "ckpt").empty());
+  const Config now = config_parse("", "x.toml",
+                                  {"training.on_nonfinite=skip", "training.spike_factor=3",
+                                   "training.on_spike=rollback", "moe.imbalance_warn=2",
+                                   "parallel.timeout_s=30", "log.heartbeat_s=0",
+                                   "checkpoint.on_save_error=continue"});
+  const std::vector<std::string> changes = config_resume_changes(saved, now, "ckpt");
+  EXPECT_EQ(changes.size(), 7u);
+  EXPECT_NE(std::find(changes.begin(), changes.end(), "parallel.timeout_s: 600.0 -> 30.0"), changes.end());
 }
 
 TEST(ConfigToToml, WritesEveryKeyResolved) {
@@ -417,19 +530,23 @@ const std::vector<Overrides> kOneKeyChanges = {
     {"moe.num_experts=32"}, {"moe.num_shared_experts=0"}, {"moe.top_k=4"}, {"moe.d_expert=128"},
     {"moe.score=softmax"}, {"moe.route_scale=2.5"}, {"moe.bias_update_speed=0"},
     {"moe.aux_loss_alpha=0"}, {"moe.num_groups=2"}, {"moe.topk_groups=2", "moe.num_groups=4"},
+    {"moe.collapse_steps=100"}, {"moe.imbalance_warn=4"},
     {"data.train=a.bin"}, {"data.val=b.bin"},
     {"training.steps=5"}, {"training.global_batch=64"}, {"training.micro_batch=8"},
     {"training.exit_at_step=3"}, {"training.exit_after_minutes=1.5"},
+    {"training.on_nonfinite=skip"}, {"training.max_skipped_steps=3"}, {"training.spike_factor=3.5"},
+    {"training.spike_window=50"}, {"training.on_spike=rollback", "training.spike_factor=2"},
     {"optim.lr=1e-4"}, {"optim.betas=[0.8, 0.99]"}, {"optim.eps=1e-6"}, {"optim.weight_decay=0"},
     {"optim.grad_clip=0"}, {"optim.state_dtype=bf16"},
     {"lr.schedule=wsd"}, {"lr.warmup_steps=0"}, {"lr.min_lr_ratio=0"}, {"lr.decay_fraction=0.5"},
     {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"}, {"parallel.bucket_mb=2.5"},
     {"parallel.fb_overlap=false"},
-    {"parallel.stage_layers=[6]"},
+    {"parallel.stage_layers=[6]"}, {"parallel.timeout_s=30"},
     {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"},
     {"checkpoint.dir=ck"}, {"checkpoint.every=0"}, {"checkpoint.keep_last=1"}, {"checkpoint.resume=auto"},
+    {"checkpoint.on_save_error=continue"},
     {"log.every=1"}, {"log.eval_every=0"}, {"log.eval_batches=2"}, {"log.metrics_file=\"\""},
-    {"log.samples=0"}, {"log.sample_tokens=10"},
+    {"log.samples=0"}, {"log.sample_tokens=10"}, {"log.heartbeat_s=0"},
 };
 
 TEST(ConfigHash, DiffersWhenAnyValueDiffers) {

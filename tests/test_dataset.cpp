@@ -103,7 +103,8 @@ TEST_F(DatasetTest, RoundTripAllDtypes) {
     std::vector<uint32_t> t = {0, 1, c.max, 7, c.max - 1, 42, 3};
     const std::string p = path("rt_" + std::to_string(static_cast<int>(c.dtype)) + ".bin");
     shard_write(p, t, c.dtype, c.max + 1);
-    EXPECT_EQ(read_bytes(p).size(), kShardHeaderBytes + t.size() * static_cast<size_t>(c.dtype));
+    // Header, tokens, and one 8-byte checksum (the tokens fit one block).
+    EXPECT_EQ(read_bytes(p).size(), kShardHeaderBytes + t.size() * static_cast<size_t>(c.dtype) + 8);
     TokenShard s(p);
     ASSERT_EQ(s.size(), static_cast<int64_t>(t.size()));
     EXPECT_EQ(s.vocab_size(), c.max + 1);
@@ -141,6 +142,12 @@ TEST_F(DatasetTest, WriteRejectsTokensTooWideForDtype) {
   } catch (const UserError& e) {
     expect_message(e.what(), p, "token 300 at index 1 does not fit uint8");
   }
+  try {
+    shard_write(p, {1, 16, 20}, TokenDtype::kU8, 16);
+    FAIL() << "no error";
+  } catch (const UserError& e) {
+    expect_message(e.what(), p, "token 16 at index 1 exceeds vocabulary 16");
+  }
   EXPECT_FALSE(fs::exists(p));
 }
 
@@ -171,7 +178,7 @@ TEST_F(DatasetTest, ReadsLlmcShard) {
     s.read(out.data(), 0, 6, 50257);
     FAIL() << "no error";
   } catch (const UserError& e) {
-    expect_message(e.what(), p, "token 65535 at index 5 exceeds vocabulary 50257");
+    expect_message(e.what(), p, "token 65535 at byte 1034 (index 5) exceeds vocabulary 50257");
   }
 }
 
@@ -186,23 +193,27 @@ TEST_F(DatasetTest, RejectsTruncated) {
   const std::string p = path("short.bin");
   write_bytes(p, our_file(1, 2, 1000, 640));
   EXPECT_EQ(open_error(p),
-            p + ": truncated: header says 1000 tokens (2 bytes each) but file holds 640 bytes of tokens");
+            p + ": truncated at byte 704: header says 1000 tokens (2 bytes each), which need 2064 bytes");
   write_bytes(p, llmc_file(20240520, 1, 10, std::vector<uint16_t>(9, 1)));
-  expect_message(open_error(p), p, "truncated: header says 10 tokens (2 bytes each) but file holds 18 bytes");
+  expect_message(open_error(p), p, "truncated at byte 1042: header says 10 tokens (2 bytes each), which need 1044 bytes");
 }
 
 TEST_F(DatasetTest, RejectsTrailingBytes) {
   const std::string p = path("long.bin");
   write_bytes(p, our_file(1, 4, 10, 41));
-  expect_message(open_error(p), p, "trailing bytes after the tokens: header says 10 tokens (4 bytes each) but file holds 41 bytes");
+  expect_message(open_error(p), p,
+                 "trailing bytes from byte 104: header says 10 tokens (4 bytes each), which need 104 bytes, "
+                 "but the file holds 105");
   write_bytes(p, llmc_file(20240520, 1, 2, std::vector<uint16_t>(3, 1)));
-  expect_message(open_error(p), p, "trailing bytes");
+  expect_message(open_error(p), p, "trailing bytes from byte 1028");
 }
 
 TEST_F(DatasetTest, RejectsHugeCountWithoutOverflow) {
   const std::string p = path("huge.bin");
   write_bytes(p, our_file(1, 4, ~uint64_t{0} / 2, 8));
-  expect_message(open_error(p), p, "truncated: header says 9223372036854775807 tokens");
+  expect_message(open_error(p), p,
+                 "truncated at byte 72: header says 9223372036854775807 tokens (4 bytes each), which need "
+                 "36893488147419103292 bytes");
 }
 
 TEST_F(DatasetTest, RejectsWrongMagic) {
@@ -210,9 +221,10 @@ TEST_F(DatasetTest, RejectsWrongMagic) {
   std::string f = our_file(1, 1, 4, 4);
   f[3] = 'X';
   write_bytes(p, f);
-  EXPECT_EQ(open_error(p), p + ": not a token shard (bad magic)");
+  const std::string bad_magic = ": not a token shard (bad magic at byte 0: neither \"MOETOKS\" nor llm.c's 20240520)";
+  EXPECT_EQ(open_error(p), p + bad_magic);
   write_bytes(p, "hello world, plain text\n");
-  EXPECT_EQ(open_error(p), p + ": not a token shard (bad magic)");
+  EXPECT_EQ(open_error(p), p + bad_magic);
   write_bytes(p, "hi");
   expect_message(open_error(p), p, "not a token shard (file is only 2 bytes)");
   write_bytes(p, "");
@@ -222,23 +234,23 @@ TEST_F(DatasetTest, RejectsWrongMagic) {
 TEST_F(DatasetTest, RejectsHeaderShorterThanHeaderSize) {
   const std::string p = path("hdr.bin");
   write_bytes(p, our_file(1, 1, 4, 0).substr(0, 20));
-  expect_message(open_error(p), p, "truncated: 20 bytes is smaller than the 64-byte shard header");
+  expect_message(open_error(p), p, "truncated at byte 20: smaller than the 64-byte shard header");
   write_bytes(p, llmc_file(20240520, 1, 4, {}).substr(0, 100));
-  expect_message(open_error(p), p, "truncated: 100 bytes is smaller than the 1024-byte llm.c shard header");
+  expect_message(open_error(p), p, "truncated at byte 100: smaller than the 1024-byte llm.c shard header");
 }
 
 TEST_F(DatasetTest, RejectsBadVersion) {
   const std::string p = path("ver.bin");
-  write_bytes(p, our_file(2, 1, 4, 4));
-  expect_message(open_error(p), p, "unsupported shard version 2");
+  write_bytes(p, our_file(3, 1, 4, 4));
+  expect_message(open_error(p), p, "unsupported shard version 3 at byte 8 (this build reads versions 1 to 2)");
   write_bytes(p, llmc_file(20240520, 7, 1, {5}));
-  expect_message(open_error(p), p, "unsupported llm.c shard version 7");
+  expect_message(open_error(p), p, "unsupported llm.c shard version 7 at byte 4");
 }
 
 TEST_F(DatasetTest, RejectsBadDtype) {
   const std::string p = path("dtype.bin");
   write_bytes(p, our_file(1, 3, 4, 12));
-  expect_message(open_error(p), p, "unknown token dtype 3");
+  expect_message(open_error(p), p, "unknown token dtype 3 at byte 12");
 }
 
 TEST_F(DatasetTest, RejectsZeroTokens) {
@@ -248,7 +260,7 @@ TEST_F(DatasetTest, RejectsZeroTokens) {
   write_bytes(p, llmc_file(20240520, 1, 0, {}));
   EXPECT_EQ(open_error(p), p + ": holds zero tokens");
   write_bytes(p, llmc_file(20240520, 1, -3, {}));
-  expect_message(open_error(p), p, "negative token count -3");
+  expect_message(open_error(p), p, "negative token count -3 at byte 8");
 }
 
 TEST_F(DatasetTest, RejectsTokenOutsideVocab) {
@@ -265,13 +277,13 @@ TEST_F(DatasetTest, RejectsTokenOutsideVocab) {
     s.read(out.data(), 10, 30, 256);
     FAIL() << "no error";
   } catch (const UserError& e) {
-    EXPECT_EQ(std::string(e.what()), p + ": token 300 at index 17 exceeds vocabulary 256");
+    EXPECT_EQ(std::string(e.what()), p + ": token 300 at byte 98 (index 17) exceeds vocabulary 256");
   }
   try {
     s.read(out.data(), 0, 40, 300);  // token == vocab is out too
     FAIL() << "no error";
   } catch (const UserError& e) {
-    expect_message(e.what(), p, "token 300 at index 17 exceeds vocabulary 300");
+    expect_message(e.what(), p, "token 300 at byte 98 (index 17) exceeds vocabulary 300");
   }
 }
 
@@ -284,7 +296,7 @@ TEST_F(DatasetTest, RejectsTokenBeyondInt32WithoutVocab) {
     s.read(out.data(), 0, 2, 0);
     FAIL() << "no error";
   } catch (const UserError& e) {
-    expect_message(e.what(), p, "token 2147483648 at index 1 does not fit int32");
+    expect_message(e.what(), p, "token 2147483648 at byte 68 (index 1) does not fit int32");
   }
 }
 

@@ -1,5 +1,6 @@
 #include "trainer/checkpoint_tools.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
@@ -17,23 +18,32 @@
 
 namespace moe {
 
-// A file as given, or a folder's newest checkpoint that opens.
+// A file as given, or a folder's newest checkpoint that opens. The checkpoints passed over
+// are warned about only when an older one opens; when none does, the one error line names
+// the newest one's problem.
 std::string resolve_checkpoint(const std::string& given) {
   if (!std::filesystem::exists(given)) user_error("%s: no such checkpoint file or folder", given.c_str());
   if (!std::filesystem::is_directory(given)) return given;
   CheckpointDir dir{given};
   std::vector<std::string> paths;
   if (!dir.latest().empty()) paths.push_back((std::filesystem::path(given) / dir.latest()).string());
-  for (const std::string& p : dir.list_newest_first()) paths.push_back(p);
+  for (const std::string& p : dir.list_newest_first())
+    if (std::find(paths.begin(), paths.end(), p) == paths.end()) paths.push_back(p);
+  std::vector<std::string> skipped;
   for (const std::string& p : paths) {
     try {
       checkpoint_read_info(p);
-      return p;
     } catch (const UserError& e) {
-      std::fprintf(stderr, "warning: %s; trying an older checkpoint\n", e.what());
+      skipped.push_back(e.what());
+      continue;
     }
+    for (const std::string& why : skipped)
+      std::fprintf(stderr, "warning: %s; used an older checkpoint\n", why.c_str());
+    return p;
   }
-  user_error("%s: no readable checkpoint in this folder", given.c_str());
+  if (skipped.empty()) user_error("%s: no checkpoint in this folder (step-*.h5)", given.c_str());
+  user_error("%s: no readable checkpoint in this folder (%zu tried; newest: %s)", given.c_str(),
+             skipped.size(), skipped.front().c_str());
 }
 
 namespace {

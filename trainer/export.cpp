@@ -140,10 +140,6 @@ int export_main(const ExportArgs& args) {
   const std::string path = resolve_checkpoint(args.checkpoint);
   const CheckpointInfo info = checkpoint_read_info(path);
   const Config cfg = config_parse(info.config_toml, path + " (saved config)", {});
-  if (!export_is_deepseek_v3(cfg))
-    std::fprintf(stderr, "warning: %s has attention.kind = \"%s\": exported with q_proj/k_proj/"
-                 "v_proj/o_proj and head_dim, but only attention.kind = \"mla\" checkpoints load "
-                 "as DeepSeek-V3\n", path.c_str(), to_string(cfg.attention.kind));
 
   const std::vector<ExportTensor> plan = export_plan(cfg, args.opt);
   CheckpointReader reader(path);
@@ -210,6 +206,11 @@ int export_main(const ExportArgs& args) {
               static_cast<double>(bytes) / (1 << 20), to_string(args.opt.dtype), files.size(),
               files.size() == 1 ? "" : "s",
               cfg.model.mtp_depth > 0 && args.opt.drop_mtp ? " (MTP modules dropped)" : "");
+  // After the export, so that a failing one prints its error line alone.
+  if (!export_is_deepseek_v3(cfg))
+    std::fprintf(stderr, "warning: %s has attention.kind = \"%s\": exported with q_proj/k_proj/"
+                 "v_proj/o_proj and head_dim, but only attention.kind = \"mla\" checkpoints load "
+                 "as DeepSeek-V3\n", path.c_str(), to_string(cfg.attention.kind));
   return 0;
 }
 

@@ -4,8 +4,11 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -31,6 +34,27 @@ int threads_for(const moe::Config& cfg) {
   int local_ranks = 1;
   if (const char* s = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_ranks = std::max(1, std::atoi(s));
   return static_cast<int>(std::max(1L, cores / local_ranks));
+}
+
+// A run writes checkpoints into checkpoint.dir: a file there, or in place of one of its
+// parent folders, would otherwise be found only at the first save, after training.
+void train_outputs_check(const moe::Config& cfg) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (fs::path p = cfg.checkpoint.dir; !p.empty(); p = p.parent_path()) {
+    const fs::file_status st = fs::status(p, ec);
+    if (!fs::exists(st)) {
+      if (p == p.parent_path()) break;
+      continue;
+    }
+    if (!fs::is_directory(st))
+      moe::user_error("%s: checkpoint.dir = \"%s\" cannot be created: %s is a file, not a folder",
+                      cfg.source.c_str(), cfg.checkpoint.dir.c_str(), p.c_str());
+    if (::access(p.c_str(), W_OK | X_OK) != 0)
+      moe::user_error("%s: checkpoint.dir = \"%s\": cannot write in %s (%s)", cfg.source.c_str(),
+                      cfg.checkpoint.dir.c_str(), p.c_str(), std::strerror(errno));
+    break;
+  }
 }
 
 bool is_subcommand(CLI::App& app, const std::string& name) {
@@ -178,6 +202,7 @@ int main(int argc, char** argv) {
                     moe::config_to_toml(cfg).c_str(), moe::run_summary(cfg).c_str());
         return 0;
       }
+      train_outputs_check(cfg);
       return moe::train_main(cfg);
     }
     if (*bench && bench_opt.checkpoint_io && bench_opt.precision)
