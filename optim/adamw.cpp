@@ -38,14 +38,10 @@ void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v
   for (int64_t i = 0; i < n; ++i) adamw_element_bf16(param[i], grad[i], m[i], v[i], k);
 }
 
-namespace {
-constexpr int64_t kNormBlock = 1 << 14;
-}  // namespace
-
-int64_t grad_norm_blocks(int64_t n) { return (n + kNormBlock - 1) / kNormBlock; }
+int64_t grad_norm_blocks(int64_t n) { return (n + kGradNormBlock - 1) / kGradNormBlock; }
 
 double grad_sum_squares(const float* g, int64_t n, double* partial) {
-  constexpr int64_t kBlock = kNormBlock;
+  constexpr int64_t kBlock = kGradNormBlock;
   const int64_t nb = grad_norm_blocks(n);
   // The partial per block does not depend on the thread count; the final sum is in block order.
 #pragma omp parallel for schedule(static)

@@ -37,6 +37,8 @@ void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v
 // Sum of squares of n gradients, in double, in a fixed order (deterministic for any
 // thread count: fixed-size blocks reduced in block order). `partials` holds
 // grad_norm_blocks(n) doubles, allocated once by the caller.
+// The blocks are kGradNormBlock elements; the CUDA sum (optim/optim_ops_cuda.cu) uses the same.
+inline constexpr int64_t kGradNormBlock = int64_t{1} << 14;
 int64_t grad_norm_blocks(int64_t n);
 double grad_sum_squares(const float* g, int64_t n, double* partials);
 

@@ -9,7 +9,7 @@ namespace moe {
 
 EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
                        int n_lanes, EpWireFormat format)
-    : comm_(comm), C_max_(C), format_(format) {
+    : comm_(comm), staging_(nullptr), rows_capacity_(rows_capacity), C_max_(C), format_(format) {
   CHECK(n_keys >= 0 && C >= 1 && n_lanes >= 1);
   for (int64_t k = 0; k < n_keys; ++k)
     plans_.push_back(ep_plan_create(comm.size(), E, rows_capacity));
@@ -25,6 +25,32 @@ EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capac
       ln.scales.assign(static_cast<size_t>(ep_wire_scale_count(rows_capacity, C)), 0.0f);
     }
   }
+}
+
+void EpExchange::set_staging(Ops<float>* ops) {
+  staging_ = ops;
+  const size_t rows = ops ? static_cast<size_t>(rows_capacity_) : 0;
+  for (Lane& ln : lanes_) {
+    ln.stage_in.assign(rows * static_cast<size_t>(C_max_), 0.0f);
+    ln.stage_out.assign(rows * static_cast<size_t>(C_max_), 0.0f);
+    ln.ids_host.assign(rows, 0);
+  }
+}
+
+// With staging: rows (n, C) of the backend's memory copied into the lane's stage_in, and the
+// lane's output redirected to stage_out (uploaded to `out` by finish). Returns the rows to
+// send from; without staging, `in` itself.
+const float* EpExchange::stage_rows(Lane& ln, const float* in, int64_t n_in, float*& out,
+                                    int64_t n_out, int64_t C) {
+  if (!staging_) return in;
+  CHECK(static_cast<size_t>(std::max(n_in, n_out) * C) <= ln.stage_in.size(),
+        "%lld / %lld rows of %lld over the exchange's staging capacity", (long long)n_in,
+        (long long)n_out, (long long)C);
+  staging_->download(ln.stage_in.data(), in, static_cast<size_t>(n_in * C) * sizeof(float));
+  ln.dev_out = out;
+  ln.out_rows = n_out;
+  out = ln.stage_out.data();
+  return ln.stage_in.data();
 }
 
 EpExchange::Lane& EpExchange::lane_at(int lane) {
@@ -52,6 +78,11 @@ void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
   ln.expert_ids = expert_ids;
   ln.N = N;
   ln.K = K;
+  if (staging_) {  // the routing is the backend's memory; the traffic count reads it here
+    CHECK(static_cast<size_t>(N * K) <= ln.ids_host.size());
+    staging_->download(ln.ids_host.data(), expert_ids, static_cast<size_t>(N * K) * sizeof(int32_t));
+    ln.expert_ids = ln.ids_host.data();
+  }
   ln.req = ep_plan_start(plans_[static_cast<size_t>(key)], counts, comm_);
 }
 
@@ -95,8 +126,9 @@ void EpExchange::dispatch_start(int lane, int64_t key, float* x_grouped, const f
   Lane& ln = lane_idle(lane, key);
   ln.op = Op::kDispatch;
   ln.C = C;
-  ln.out = x_grouped;
   const EpPlan& p = plans_[static_cast<size_t>(key)];
+  xp = stage_rows(ln, xp, p.rows_sent, x_grouped, p.rows_recv, C);
+  ln.out = x_grouped;
   if (format_ == EpWireFormat::kFloat)
     ln.req = ep_dispatch_start(ln.scratch.data(), xp, p, C, ln.wire, comm_);
   else
@@ -111,8 +143,9 @@ void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_
   Lane& ln = lane_idle(lane, key);
   ln.op = Op::kCombine;
   ln.C = C;
-  ln.out = yp;
   const EpPlan& p = plans_[static_cast<size_t>(key)];
+  y_grouped = stage_rows(ln, y_grouped, p.rows_recv, yp, p.rows_sent, C);
+  ln.out = yp;
   if (format_ == EpWireFormat::kFloat)
     ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, p, C, ln.wire, comm_);
   else
@@ -136,6 +169,8 @@ void EpExchange::finish(int lane) {
   } else {
     ep_combine_bf16_finish(ln.out, ln.recv_wire.data(), p, ln.C);
   }
+  if (staging_)
+    staging_->upload(ln.dev_out, ln.out, static_cast<size_t>(ln.out_rows * ln.C) * sizeof(float));
   ln.op = Op::kNone;
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/expert_exchange.h"
+#include "model/ops.h"
 #include "parallel/expert_dispatch.h"
 
 namespace moe {
@@ -34,6 +35,11 @@ class EpExchange final : public ExpertExchange {
   // once; format: what rows become on the wire (kFloat: exact copies).
   EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
              int n_lanes = 1, EpWireFormat format = EpWireFormat::kFloat);
+
+  // The model's rows and routing are memory of `ops` (a GPU's) rather than the host's: every
+  // exchange then copies its rows through host buffers of its lane (allocated here) and back,
+  // and the exchange itself runs over the host communicator (MPI). Null: host memory.
+  void set_staging(Ops<float>* ops);
 
   int lanes() const { return static_cast<int>(lanes_.size()); }
   EpWireFormat format() const { return format_; }
@@ -68,15 +74,26 @@ class EpExchange final : public ExpertExchange {
     std::vector<uint8_t> send_wire, recv_wire;
     std::vector<float> scales;
     float* out = nullptr;  // where finish unpacks: x_grouped (dispatch), yp (combine, compact)
+    // With staging: host copies of the rows sent (stage_in) and received (stage_out), each
+    // (rows_capacity, C), and of the routing (rows_capacity); `dev_out` is where finish
+    // uploads stage_out (out_rows rows).
+    std::vector<float> stage_in, stage_out;
+    std::vector<int32_t> ids_host;
+    float* dev_out = nullptr;
+    int64_t out_rows = 0;
     const int64_t* counts = nullptr;
     const int32_t* expert_ids = nullptr;
     int64_t N = 0, K = 0;
   };
   Lane& lane_at(int lane);
   Lane& lane_idle(int lane, int64_t key);
+  const float* stage_rows(Lane& ln, const float* in, int64_t n_in, float*& out, int64_t n_out,
+                          int64_t C);
   void count_traffic(const EpPlan& p, const Lane& ln);
 
   Comm& comm_;
+  Ops<float>* staging_;
+  int64_t rows_capacity_;
   int64_t C_max_;
   EpWireFormat format_;
   std::vector<EpPlan> plans_;  // per key

@@ -144,6 +144,9 @@ void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> 
   p.C = C;
   const size_t sc = static_cast<size_t>(p.plan.n_slots * p.plan.chunks);
   p.grad_in.assign(sc * static_cast<size_t>(B * T * C), 0.0f);
+  p.act_in.assign(sc * static_cast<size_t>(B * T * C), 0.0f);
+  p.act_out.assign(sc * static_cast<size_t>(B * T * C), 0.0f);
+  p.grad_out.assign(static_cast<size_t>(p.plan.n_slots * B * T * C), 0.0f);
   p.recv_act.assign(sc, CommRequest{});
   p.recv_grad.assign(sc, CommRequest{});
   p.grad_received.assign(sc, 0);
@@ -172,6 +175,9 @@ struct Runner {
   size_t bytes() const { return elems() * sizeof(float); }
   float* residual(int mb, int64_t l) { return model_chunk_residual<float>(m, slot(mb), l, p.B, p.T); }
   float* grad_buffer(int mb, int chunk) { return p.grad_in.data() + sc(mb, chunk) * elems(); }
+  // The model's memory is a device's: messages go through host copies (Pipeline::act_in).
+  bool staged() const { return m.ops->device() != Device::kCpu; }
+  float* act_in(int mb, int chunk) { return p.act_in.data() + sc(mb, chunk) * elems(); }
 
   void wait(CommRequest& r, double* blocked) {
     if (!r.active) return;
@@ -193,8 +199,9 @@ struct Runner {
       if (op.mb != mb) continue;
       const int stage = pl().stage[op.chunk];
       if (op.kind == PipeOpKind::kRecvActivation) {
+        float* to = staged() ? act_in(mb, op.chunk) : residual(mb, pl().l0[op.chunk]);
         p.recv_act[sc(mb, op.chunk)] =
-            p.comm->recv_start(residual(mb, pl().l0[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+            p.comm->recv_start(to, bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
                                message_tag(pl(), 0, stage, mb));
       } else if (op.kind == PipeOpKind::kRecvGradient) {
         p.recv_grad[sc(mb, op.chunk)] =
@@ -227,7 +234,7 @@ struct Runner {
     wait(p.send_grad[static_cast<size_t>(slot(mb))], blocked);
     uint8_t& got = p.grad_received[sc(mb, chunk)];
     if (got) {
-      std::memcpy(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
+      m.ops->upload(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
       got = 0;
     }
   }
@@ -242,20 +249,32 @@ struct Runner {
 
   void recv_activation(const PipeOp& op, double* blocked) {
     wait(p.recv_act[sc(op.mb, op.chunk)], blocked);
+    if (staged())
+      m.ops->upload(residual(op.mb, pl().l0[op.chunk]), act_in(op.mb, op.chunk), bytes());
   }
   void recv_gradient(const PipeOp& op, double* blocked) {
     wait(p.recv_grad[sc(op.mb, op.chunk)], blocked);
     p.grad_received[sc(op.mb, op.chunk)] = 1;
   }
+  // What a send reads: the model's buffer, or its host copy `stage` when staged.
+  const float* send_source(const float* from, float* stage) {
+    if (!staged()) return from;
+    m.ops->download(stage, from, bytes());
+    return stage;
+  }
   void send_activation(const PipeOp& op) {
+    const float* from = send_source(residual(op.mb, pl().l1[op.chunk]),
+                                    p.act_out.data() + sc(op.mb, op.chunk) * elems());
     p.send_act[sc(op.mb, op.chunk)] = p.comm->send_start(
-        residual(op.mb, pl().l1[op.chunk]), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+        from, bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
         message_tag(pl(), 0, pl().stage[op.chunk] + 1, op.mb));
   }
   void send_gradient(const PipeOp& op) {
-    p.send_grad[static_cast<size_t>(slot(op.mb))] = p.comm->send_start(
-        model_chunk_grad<float>(m, slot(op.mb)), bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
-        message_tag(pl(), 1, pl().stage[op.chunk] - 1, op.mb));
+    const size_t s = static_cast<size_t>(slot(op.mb));
+    const float* from = send_source(model_chunk_grad<float>(m, slot(op.mb)),
+                                    p.grad_out.data() + s * elems());
+    p.send_grad[s] = p.comm->send_start(from, bytes(), p.peer_rank[static_cast<size_t>(op.peer)],
+                                        message_tag(pl(), 1, pl().stage[op.chunk] - 1, op.mb));
   }
   const PipeOp* op_at(int j) const { return j < 0 ? nullptr : &pl().ops[static_cast<size_t>(j)]; }
 
@@ -378,6 +397,7 @@ double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens
                              const int32_t* targets) {
   const PipelinePlan& pl = p.plan;
   const size_t bytes = static_cast<size_t>(p.B * p.T * p.C) * sizeof(float);
+  const bool staged = m.ops->device() != Device::kCpu;  // through host copies, as pipeline_run
   double loss = 0;
   // Stages in order, placed as micro-batch 0 (DualPipe's first direction). Each message goes
   // from stage s to s + 1 and every rank walks the stages in the same order, so blocking
@@ -388,18 +408,26 @@ double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens
     const int c = here.chunk;
     if (s > 0) {
       const int prev = schedule_place(pl.kind, pl.pp, pl.M, s - 1, 0).rank;
-      if (prev != pl.rank)
-        p.comm->recv(model_chunk_residual<float>(m, 0, pl.l0[c], p.B, p.T), bytes,
-                     p.peer_rank[static_cast<size_t>(prev)], message_tag(pl, 0, s, 0));
+      if (prev != pl.rank) {
+        float* in = model_chunk_residual<float>(m, 0, pl.l0[c], p.B, p.T);
+        p.comm->recv(staged ? p.act_in.data() : in, bytes, p.peer_rank[static_cast<size_t>(prev)],
+                     message_tag(pl, 0, s, 0));
+        if (staged) m.ops->upload(in, p.act_in.data(), bytes);
+      }
     }
     const ChunkLoss r = model_chunk_forward<float>(m, 0, pl.l0[c], pl.l1[c], tokens, targets, p.B,
                                                    p.T, false);
     if (pl.l1[c] == m.d.L) loss = r.ce_mean;
     if (s + 1 < pl.S) {
       const int next = schedule_place(pl.kind, pl.pp, pl.M, s + 1, 0).rank;
-      if (next != pl.rank)
-        p.comm->send(model_chunk_residual<float>(m, 0, pl.l1[c], p.B, p.T), bytes,
-                     p.peer_rank[static_cast<size_t>(next)], message_tag(pl, 0, s + 1, 0));
+      if (next != pl.rank) {
+        const float* out = model_chunk_residual<float>(m, 0, pl.l1[c], p.B, p.T);
+        if (staged) {
+          m.ops->download(p.act_out.data(), out, bytes);
+          out = p.act_out.data();
+        }
+        p.comm->send(out, bytes, p.peer_rank[static_cast<size_t>(next)], message_tag(pl, 0, s + 1, 0));
+      }
     }
   }
   return loss;

@@ -86,6 +86,12 @@ struct Pipeline {
   std::vector<CommRequest> send_act;            // (slots, chunks)
   std::vector<CommRequest> send_grad;           // (slots)
   std::vector<int32_t> tokens, targets;         // (B T) scratch for one micro-batch
+  // When the model's memory is a device's (its backend's device() is not kCpu), messages
+  // go through host copies: received activations land in act_in and are uploaded, sent
+  // activations and gradients are downloaded into act_out / grad_out first (each kept until
+  // its send completes). Sized by pipeline_init.
+  std::vector<float> act_in, act_out;           // (slots, chunks, B T C)
+  std::vector<float> grad_out;                  // (slots, B T C)
   PipelineTimes times;
   // F&B pairs interleave their chunks piece by piece (DualPipe); false runs the forward, then
   // the backward, over the same pieces and messages (the benchmark's baseline).

@@ -14,6 +14,7 @@
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/rng.h"
 #include "parallel/grid.h"
+#include "trainer/train_device.h"
 #include "trainer/train_step.h"
 
 namespace moe {
@@ -52,13 +53,21 @@ BatchSource bench_synthetic_batches(const Config& cfg) {
 
 int bench_main(const Config& cfg, const BenchOptions& opt) {
   CHECK(opt.steps >= 1);
-  // The peak is measured before and after the timed steps and the higher one is used, so a
-  // busy moment during one measurement cannot inflate the MFU.
-  double peak = sgemm_peak_flops();
   const ProcessGrid grid = grid_build(cfg);
   grid_check_consistent(grid, cfg);
+  const Device device = train_device_resolve(cfg, grid.is_root());
+  const bool gpu = device == Device::kCuda;
+  std::string device_name = "cpu";
+  if (gpu) device_name = train_device_select();
+  // The peak is measured before and after the timed steps and the higher one is used, so a
+  // busy moment during one measurement cannot inflate the MFU. On a GPU: a large cuBLASLt
+  // GEMM in BF16, or FP8 for FP8 training (the dense peak MFU is taken against).
+  const bool fp8 = cfg.precision.mode == PrecisionMode::kFp8;
+  std::string peak_kind = "sgemm";
+  auto measure_peak = [&] { return gpu ? gpu_peak_flops(fp8, &peak_kind) : sgemm_peak_flops(); };
+  double peak = measure_peak();
   TrainState s;
-  train_state_init(s, cfg, &grid);
+  train_state_init(s, cfg, &grid, device);
   const int64_t T_ = s.model.d.T;
   const BatchSource source = bench_synthetic_batches(cfg);
   train_step(s, 0, source);  // warm-up: first touch of every arena page
@@ -85,6 +94,7 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
       pipe[2] += s.pipe->times.recv_wait;
     }
   }
+  s.model.ops->synchronize();  // a step's last kernels (the update) may still be queued
   const double dt = (now_s() - t0) / opt.steps;
   // Reduction time the step still pays: blocked at the end, plus starting and testing
   // requests during backward (with MPI, communication progresses inside those calls).
@@ -133,7 +143,7 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   const double a2a_min = static_cast<double>(traffic.rows_remote_min) * row_bytes / tok;
   // With several ranks on one machine each measures a share of the cores; the machine's
   // peak is the sum, which is what MFU must be taken against.
-  peak = std::max(peak, sgemm_peak_flops());
+  peak = std::max(peak, measure_peak());
   if (grid.world) grid.world->all_reduce_sum(&peak, 1);
   if (!grid.is_root()) return 0;
   const double tokens = static_cast<double>(cfg.training.global_batch) * static_cast<double>(T_);
@@ -143,7 +153,8 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   const ModelCounts counts = model_counts(s.model.d);
   if (opt.json) {
     std::printf(
-        "{\"config\": \"%s\", \"threads\": %d, \"peak_flops\": %.6g, \"step_s\": %.6g, "
+        "{\"config\": \"%s\", \"device\": \"%s\", \"peak_kind\": \"%s\", \"threads\": %d, "
+        "\"peak_flops\": %.6g, \"step_s\": %.6g, "
         "\"tokens_per_s\": %.6g, \"flops_per_token\": %.6g, \"mfu\": %.6f, "
         "\"params_total\": %lld, \"params_active\": %lld, \"steps\": %d, \"ranks\": %d, "
         "\"dp\": %d, \"ep\": %d, \"reduction_exposed_s\": %.6g, \"reduction_blocking_s\": %.6g, "
@@ -152,15 +163,17 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
         "\"pipe_bubble\": %.4f, \"pipe_recv_wait_s\": %.6g, \"fb_pair_s\": %.6g, "
         "\"fb_pair_sequential_s\": %.6g, \"fb_comm_share\": %.4f, "
         "\"fb_comm_share_sequential\": %.4f, \"fb_comm_hidden\": %.4f}\n",
-        cfg.source.c_str(), omp_get_max_threads(), peak, dt, tps, fpt, mfu,
+        cfg.source.c_str(), device_name.c_str(), peak_kind.c_str(), omp_get_max_threads(), peak,
+        dt, tps, fpt, mfu,
         static_cast<long long>(counts.total), static_cast<long long>(counts.active_matmul),
         opt.steps, grid.world_size, grid.dp, grid.ep, red[0], red[1], hidden, a2a, a2a_min,
         grid.pp, to_string(cfg.parallel.schedule), bubble[0], bubble[1], fb_pair_s[0],
         fb_pair_s[1], fb_comm_share[0], fb_comm_share[1], fb_hidden);
   } else {
-    std::printf("bench %s: %d rank%s x %d threads\n", cfg.source.c_str(), grid.world_size,
-                grid.world_size > 1 ? "s" : "", omp_get_max_threads());
-    std::printf("  sgemm peak (OpenBLAS, measured): %.1f GFLOP/s\n", peak / 1e9);
+    std::printf("bench %s: %d rank%s x %d threads on %s\n", cfg.source.c_str(), grid.world_size,
+                grid.world_size > 1 ? "s" : "", omp_get_max_threads(), device_name.c_str());
+    std::printf("  %s peak (%s, measured): %.1f GFLOP/s\n", peak_kind.c_str(),
+                gpu ? "cuBLASLt" : "OpenBLAS", peak / 1e9);
     std::printf("  step: %.3f s for %.0f tokens -> %.0f tokens/s\n", dt, tokens, tps);
     std::printf("  model FLOPs/token: %.4g (6 x %lld active + attention)\n", fpt,
                 static_cast<long long>(counts.active_matmul));

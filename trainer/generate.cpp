@@ -19,12 +19,14 @@ std::string generate_text(Model<float>& m, const std::string& prompt, int n_toke
   std::string out;
   std::vector<double> p(static_cast<size_t>(d.V));
   std::vector<int64_t> order(static_cast<size_t>(d.V));
+  std::vector<float> row(static_cast<size_t>(d.V));  // the last position's logits, on the host
   const uint64_t stream = rng_stream(RngPurpose::kSample, sample_index);
   for (int i = 0; i < n_tokens; ++i) {
     const int64_t T_ = std::min<int64_t>(static_cast<int64_t>(ctx.size()), d.T);
     model_forward<float>(m, ctx.data() + ctx.size() - static_cast<size_t>(T_), nullptr, 1, T_,
                          false);
-    const float* logits = m.slots[0].logits + (T_ - 1) * d.V;
+    m.ops->download(row.data(), m.slots[0].logits + (T_ - 1) * d.V, row.size() * sizeof(float));
+    const float* logits = row.data();
     // Candidates: the top_k most likely tokens (ties to the lower id), all when top_k = 0.
     for (int64_t v = 0; v < d.V; ++v) order[static_cast<size_t>(v)] = v;
     const int64_t k = top_k > 0 ? std::min<int64_t>(top_k, d.V) : d.V;

@@ -5,6 +5,7 @@
 #include <ctime>
 #include <map>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "io/checkpoint_file.h"
@@ -87,21 +88,55 @@ int64_t dense_span(const LogicalTensor& t) {
   return (rows - 1) * t.ld + t.shape.back();
 }
 
+// The part of this rank's shards of moment k that falls inside tensor t's span, as a host
+// copy: f(host, lo, hi) sees flat elements [lo, hi) of one region's shard at host[i - lo]
+// (float, or BF16 bits). With write_back the copy is uploaded again after f, so elements of
+// other tensors inside the span keep their values. The state is device memory on a GPU run.
+template <typename S, typename F>
+void with_moment_span(S& s, int k, const LogicalTensor& t, bool write_back, F&& f) {
+  Ops<float>& ops = *s.model.ops;
+  const int64_t t_lo = static_cast<int64_t>(t.offset), t_hi = t_lo + dense_span(t);
+  with_moment(s, k, [&](auto* moment) {
+    using Elem = std::remove_const_t<std::remove_pointer_t<decltype(moment)>>;
+    std::vector<Elem> host;
+    for (const ShardRegion& g : s.regions) {
+      const int64_t lo = std::max(t_lo, g.shard_begin), hi = std::min(t_hi, g.shard_begin + g.shard);
+      if (lo >= hi) continue;
+      host.resize(static_cast<size_t>(hi - lo));
+      auto* dev = moment + g.state_offset + (lo - g.shard_begin);
+      const size_t bytes = host.size() * sizeof(Elem);
+      ops.download(host.data(), dev, bytes);
+      f(host.data(), lo, hi);
+      if constexpr (!std::is_const_v<std::remove_pointer_t<decltype(moment)>>)
+        if (write_back) ops.upload(dev, host.data(), bytes);
+    }
+  });
+}
+
+// Tensor t's span of the parameters, read to the host (through the backend: device memory on
+// a GPU run) into `span`.
+void download_span(const Model<float>& m, const LogicalTensor& t, std::vector<float>& span) {
+  span.resize(static_cast<size_t>(dense_span(t)));
+  m.ops->download(span.data(), m.params + t.offset, span.size() * sizeof(float));
+}
+
 // Reads the weights this model holds into m.params and, when s is not null, this rank's
 // shards of both Adam moments (one tensor at a time: never a full-size moment buffer).
 void load_model_tensors(Model<float>& m, const CheckpointReader& r, TrainState* s) {
-  std::vector<float> dense;
+  std::vector<float> dense, span;
   for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) {
-    r.read_f32("/model/" + t.name, t.shape, m.params + t.offset, t.ld);
+    // Through a host copy of the tensor's span: rows ld apart leave other tensors' elements
+    // between them, which the upload must carry back unchanged.
+    download_span(m, t, span);
+    r.read_f32("/model/" + t.name, t.shape, span.data(), t.ld);
+    m.ops->upload(m.params + t.offset, span.data(), span.size() * sizeof(float));
     if (!s) continue;
     dense.resize(static_cast<size_t>(dense_span(t)));
     const char* names[2] = {"/optim/m/", "/optim/v/"};
     for (int k = 0; k < 2; ++k) {
       r.read_f32(names[k] + t.name, t.shape, dense.data(), t.ld);
-      with_moment(*s, k, [&](auto* moment) {
-        for (const ShardRegion& g : s->regions)
-          dense_to_shard(moment + g.state_offset, dense.data(), t, g.shard_begin,
-                         g.shard_begin + g.shard);
+      with_moment_span(*s, k, t, true, [&](auto* host, int64_t lo, int64_t hi) {
+        dense_to_shard(host, dense.data(), t, lo, hi);
       });
     }
   }
@@ -151,7 +186,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
   auto owns = [&](const LogicalTensor& t) {
     return first_copy && (!grid || (t.expert < 0 ? grid->dp_rank == 0 : grid->edp_rank == 0));
   };
-  std::vector<float> mine, total;
+  std::vector<float> mine, total, span;
   // Assembles tensor g on rank 0 from every rank's contribution (fill puts this rank's
   // elements into a zeroed buffer of g's layout; the sum is exact) and writes it there.
   auto assemble_and_write = [&](const std::string& path, const LogicalTensor& g, auto&& fill) {
@@ -169,12 +204,16 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     // expert id < EL), so all ranks agree on which tensors need a reduction.
     const bool root_holds = s.root_part.holds(g.layer) && g.expert < m.d.EL();
     if (!world || root_holds) {
-      if (writer) w->write_f32("/model/" + g.name, g.shape, m.params + t->offset, t->ld);
+      if (writer) {
+        download_span(m, *t, span);
+        w->write_f32("/model/" + g.name, g.shape, span.data(), t->ld);
+      }
     } else {
       assemble_and_write("/model/" + g.name, g, [&](float* dense) {
-        if (t && owns(*t))
-          shard_to_dense(dense, m.params + t->offset, *t, static_cast<int64_t>(t->offset),
-                         static_cast<int64_t>(t->offset) + dense_span(*t));
+        if (!t || !owns(*t)) return;
+        download_span(m, *t, span);
+        shard_to_dense(dense, span.data(), *t, static_cast<int64_t>(t->offset),
+                       static_cast<int64_t>(t->offset) + dense_span(*t));
       });
     }
     // The moments go into the file as FP32 whatever the state's dtype (BF16 widens exactly).
@@ -183,18 +222,11 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
       // Puts this rank's elements of the moment into tensor t's layout (one tensor's worth).
       auto fill = [&](float* dense) {
         if (!t) return;
-        with_moment(s, k, [&](const auto* moment) {
-          for (const ShardRegion& r : s.regions)
-            shard_to_dense(dense, moment + r.state_offset, *t, r.shard_begin,
-                           r.shard_begin + r.shard);
+        with_moment_span(s, k, *t, false, [&](const auto* host, int64_t lo, int64_t hi) {
+          shard_to_dense(dense, host, *t, lo, hi);
         });
       };
-      if (!world && s.adam_m) {  // one rank holds everything: write straight from FP32 state
-        const float* moment = k == 0 ? s.adam_m : s.adam_v;
-        w->write_f32(names[k] + g.name, g.shape, moment + t->offset, t->ld);
-        continue;
-      }
-      if (!world) {  // one rank, BF16 state: widen one tensor at a time
+      if (!world) {  // one rank holds everything, one tensor at a time
         mine.assign(static_cast<size_t>(dense_span(*t)), 0.0f);
         fill(mine.data());
         w->write_f32(names[k] + g.name, g.shape, mine.data(), t->ld);

@@ -20,20 +20,13 @@
 #include "trainer/run_summary.h"
 #include "trainer/stop_signal.h"
 #include "trainer/train_checkpoint.h"
+#include "trainer/train_device.h"
 #include "parallel/grid.h"
 #include "trainer/train_step.h"
 
 namespace moe {
 
 namespace {
-
-// Features whose keys the config already validates but whose implementation lands with a
-// later part of the project: refuse them clearly instead of silently training without them.
-void reject_unsupported(const Config& cfg) {
-  const char* src = cfg.source.c_str();
-  if (cfg.run.device == Device::kCuda)
-    user_error("%s: run.device = \"cuda\" is not supported by this build yet (use \"cpu\" or \"auto\")", src);
-}
 
 void check_shard_vocab(const TokenShard& shard, const Config& cfg, const char* key) {
   if (shard.vocab_size() > static_cast<uint32_t>(cfg.model.vocab_size))
@@ -99,10 +92,21 @@ int train_main(const Config& cfg) {
   const double t_launch = now_s();
   // From the start: a preemption during set-up must not kill the process with nothing saved.
   stop_signals_install();
-  reject_unsupported(cfg);
   const ProcessGrid grid = grid_build(cfg);
   grid_check_consistent(grid, cfg);
   const bool root = grid.is_root();
+  // Every rank resolves the same answer (same config, same build; a machine without a GPU
+  // among GPU machines fails its own "cuda" check, and "auto" must not split the job).
+  const Device device = train_device_resolve(cfg, root);
+  if (grid.world) {
+    double on_gpu[2] = {device == Device::kCuda ? 1.0 : 0.0, device == Device::kCuda ? 0.0 : 1.0};
+    grid.world->all_reduce_max(on_gpu, 2);
+    if (on_gpu[0] > 0 && on_gpu[1] > 0)
+      user_error("%s: run.device = \"auto\" found a GPU on some ranks and none on others; "
+                 "set run.device explicitly", cfg.source.c_str());
+  }
+  std::string device_name = "cpu";
+  if (device == Device::kCuda) device_name = train_device_select();
   // Open and validate the data before any memory is allocated.
   TokenShard train(cfg.data.train);
   check_shard_vocab(train, cfg, "data.train");
@@ -131,8 +135,10 @@ int train_main(const Config& cfg) {
                                 static_cast<long long>(val->size())).c_str() : "");
   }
 
+  if (root) std::printf("device: %s%s\n", device_name.c_str(),
+                        grid.world_size > 1 && device == Device::kCuda ? " (rank 0)" : "");
   TrainState s;
-  train_state_init(s, cfg, &grid);
+  train_state_init(s, cfg, &grid, device);
   RunPosition pos = resume_run(s, cfg, root);
   if (grid.world) {
     // Every rank chose its checkpoint on its own (a node-local folder or a stale pointer could
@@ -146,11 +152,14 @@ int train_main(const Config& cfg) {
   }
   const bool resumed = pos.step > 0;
   // MFU is the job's throughput over the job's peak: the sum of every rank's measured share.
-  double peak = sgemm_peak_flops(true);
+  std::string peak_kind = "sgemm";
+  double peak = device == Device::kCuda
+                    ? gpu_peak_flops(cfg.precision.mode == PrecisionMode::kFp8, &peak_kind)
+                    : sgemm_peak_flops(true);
   if (grid.world) grid.world->all_reduce_sum(&peak, 1);
   const double flops_per_token =
       model_flops_per_token(s.model.d) + model_mtp_flops_per_token(s.model.d);
-  if (root) std::printf("sgemm peak (measured): %.1f GFLOP/s\n", peak / 1e9);
+  if (root) std::printf("%s peak (measured): %.1f GFLOP/s\n", peak_kind.c_str(), peak / 1e9);
   std::fflush(stdout);
 
   const int vocab = cfg.model.vocab_size;

@@ -7,6 +7,10 @@
 #include "model/check.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/model_stages.h"
+#ifdef MOETRAIN_HAVE_CUDA
+#include "model/kernels/cuda/cuda_ops.h"
+#include "optim/optim_ops_cuda.h"
+#endif
 
 namespace moe {
 
@@ -48,9 +52,11 @@ float* region_grad(TrainState& s, const ShardRegion& r) {
 
 }  // namespace
 
-void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid) {
+void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid, Device device) {
+  CHECK(device != Device::kAuto, "resolve run.device before building the training state");
   s.cfg = cfg;
   s.grid = grid;
+  s.device = device;
   ModelDims d = config_model_dims(cfg);
   const int64_t B = cfg.training.micro_batch;
   const int dp = grid ? grid->dp : 1;
@@ -84,9 +90,18 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   }
   model_build<float>(s.model, d, B, param_comm ? param_comm->size() : 1,
                      expert_param_comm ? expert_param_comm->size() : 1, part, n_slots,
-                     split_backward);
+                     split_backward, device);
   model_init<float>(s.model, cfg.run.seed);
   Model<float>& m = s.model;
+  if (device == Device::kCuda) {
+    // The ZeRO-1 groups move device tensors: their NCCL twins take the shards' traffic.
+#ifdef MOETRAIN_HAVE_CUDA
+    device_comms_init(s.dev, param_comm, expert_param_comm, ops_cuda_stream(*m.ops),
+                      cfg.parallel.timeout_s);
+#endif
+    if (s.dev.param) param_comm = s.dev.param.get();
+    if (s.dev.expert_param) expert_param_comm = s.dev.expert_param.get();
+  }
   if (d.ep > 1 && d.n_moe_blocks() > 0) {
     CHECK(grid && grid->ep_comm);
     // One routing plan per (activation slot, MoE block): each micro-batch in flight keeps its own.
@@ -95,6 +110,7 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
                                               d.dispatch_fp8 ? EpWireFormat::kFp8Bf16
                                                              : EpWireFormat::kFloat);
     m.exchange = s.exchange.get();
+    if (device != Device::kCpu) s.exchange->set_staging(m.ops.get());
   }
   s.regions[0] = shard_region(m.replicated, param_comm, 0);
   s.regions[1] = shard_region(m.experts, expert_param_comm, s.regions[0].shard);
@@ -112,7 +128,16 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
       s.adam_v = c.take<float>(n);
     }
     s.grad_shard = any_sharded ? c.take<float>(n) : nullptr;
-  });
+  }, device);
+  const int64_t largest_shard = std::max(s.regions[0].shard, s.regions[1].shard);
+  if (device == Device::kCpu) {
+    s.optim = optim_ops_cpu(largest_shard);
+  } else {
+#ifdef MOETRAIN_HAVE_CUDA
+    s.optim = optim_ops_cuda(ops_cuda_stream(*m.ops), largest_shard);
+#endif
+    CHECK(s.optim, "this build has no CUDA backend");
+  }
   s.decay.clear();
   for (const ParamInfo& p : m.table) s.decay.push_back(p.decay ? 1 : 0);
   // Gradient buckets: each tensor is final once backward passes its stage.
@@ -129,8 +154,6 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid)
   s.window.assign(static_cast<size_t>(B * (d.T + 1)), 0);
   s.inputs.assign(static_cast<size_t>(B * d.T), 0);
   s.targets.assign(static_cast<size_t>(B * d.T), 0);
-  s.norm_partials.assign(
-      static_cast<size_t>(grad_norm_blocks(std::max(s.regions[0].shard, s.regions[1].shard))), 0.0);
   s.lr_plan.kind = cfg.lr.schedule;
   s.lr_plan.peak = cfg.optim.lr;
   s.lr_plan.warmup = cfg.lr.warmup_steps;
@@ -209,7 +232,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   // copies share one group, so they count once).
   double sq = 0;
   for (const ShardRegion& r : s.regions)
-    sq += grad_sum_squares(region_grad(s, r), r.shard, s.norm_partials.data());
+    sq += s.optim->sum_squares(region_grad(s, r), r.shard);
   if (world) world->all_reduce_sum(&sq, 1);
   st.grad_norm = std::sqrt(sq);
   st.lr = lr_at(s.lr_plan, step);
@@ -232,11 +255,11 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
       if (a >= b) continue;
       const int64_t k = r.state_offset + (a - lo);  // element a's index in the moments
       if (s.adam_m_bf16) {
-        adamw_update_bf16(m.params + a, g + (a - lo), s.adam_m_bf16 + k, s.adam_v_bf16 + k,
-                          b - a, as, s.decay[i] != 0);
+        s.optim->adamw_bf16(m.params + a, g + (a - lo), s.adam_m_bf16 + k, s.adam_v_bf16 + k,
+                            b - a, as, s.decay[i] != 0);
       } else {
-        adamw_update(m.params + a, g + (a - lo), s.adam_m + k, s.adam_v + k, b - a, as,
-                     s.decay[i] != 0);
+        s.optim->adamw(m.params + a, g + (a - lo), s.adam_m + k, s.adam_v + k, b - a, as,
+                       s.decay[i] != 0);
       }
     }
     if (r.comm) r.comm->all_gather(m.params + r.begin, nullptr, r.shard);

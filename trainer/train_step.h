@@ -10,10 +10,12 @@
 #include "io/config.h"
 #include "model/model.h"
 #include "optim/adamw.h"
+#include "optim/optim_ops.h"
 #include "parallel/expert_exchange.h"
 #include "parallel/grad_reduce.h"
 #include "parallel/grid.h"
 #include "parallel/pipeline.h"
+#include "trainer/train_device.h"
 
 namespace moe {
 
@@ -36,14 +38,21 @@ struct ShardRegion {
 // dp / ep ranks holding the same experts. A step reduce-scatters the gradients (in buckets,
 // during the last micro-batch's backward), updates the local shards, and all-gathers the
 // parameters. With one process the shards are everything.
+//
+// On a GPU the parameters, gradients and moments are device memory: the step reaches them
+// only through model.ops and optim, and the ZeRO-1 groups through their NCCL twins in
+// `dev`; host values (losses, loads, flags, the norm) go over the grid's MPI groups.
 struct TrainState {
   Config cfg;
   const ProcessGrid* grid = nullptr;  // null or world size 1: single process
+  Device device = Device::kCpu;       // where model, gradients and optimizer state live
+  DeviceComms dev;                    // kCuda with dp > 1 (declared before what uses it)
   Model<float> model;
+  std::unique_ptr<OptimOps> optim;    // AdamW and the norm, on `device`
   std::unique_ptr<EpExchange> exchange;  // ep > 1
   ShardRegion regions[2];   // [0] replicated, [1] routed experts
   int64_t state_size = 0;   // shard elements over both regions
-  Arena opt_arena;          // Adam moments of the shards, and the reduced gradient shards
+  Arena opt_arena;          // Adam moments of the shards, and the reduced gradient shards (device)
   // The Adam moments in cfg.optim.state_dtype: FP32 in adam_m / adam_v, or BF16 bits
   // (model/fp8.h) in adam_m_bf16 / adam_v_bf16; the other pair is null. Zero at start.
   float* adam_m = nullptr;          // (state_size) FP32 state
@@ -56,7 +65,6 @@ struct TrainState {
   std::vector<int32_t> window;   // (micro_batch, seq_len + 1)
   std::vector<int32_t> inputs;   // (micro_batch, seq_len)
   std::vector<int32_t> targets;  // (micro_batch, seq_len)
-  std::vector<double> norm_partials;  // grad_norm_blocks(largest shard)
   LrSchedulePlan lr_plan;
   int64_t micro_batches = 1;     // per step and data-parallel rank
   // Pipeline parallelism (pp > 1): the stages' layer bounds, this rank's executor, and what
@@ -77,8 +85,10 @@ struct StepStats {
 };
 
 // Allocates everything a step needs (nothing is allocated by train_step afterwards).
-// `grid` may be null (single process); it must outlive the state.
-void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid = nullptr);
+// `grid` may be null (single process); it must outlive the state. `device` is resolved
+// (train_device_resolve) and, for kCuda, selected (train_device_select).
+void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid = nullptr,
+                      Device device = Device::kCpu);
 
 // Every rank of the job, or null when running as one process.
 Comm* train_world_comm(const TrainState& s);

@@ -42,9 +42,9 @@ static_assert(sizeof(Handle) <= sizeof(CommRequest::handle));
 
 class NcclComm final : public Comm {
  public:
-  NcclComm(Comm& boot, cuda::Stream stream, double timeout_s)
+  NcclComm(Comm& boot, cuda::Stream stream, double timeout_s, cuda::Stream producer)
       : name_(boot.name()), rank_(boot.rank()), size_(boot.size()), stream_(stream),
-        timeout_s_(timeout_s) {
+        producer_(producer), timeout_s_(timeout_s) {
     NcclBootstrapOps ops;
     ops.make_id = [] {
       ncclUniqueId id;
@@ -61,12 +61,14 @@ class NcclComm final : public Comm {
     nccl_bootstrap(boot, ops);
     // Events for the non-blocking operations, made once: a step never creates one.
     for (cudaEvent_t& e : events_) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&produced_, cudaEventDisableTiming));
     in_use_.fill(false);
     CUDA_CHECK(cudaMalloc(&scratch_, sizeof(float)));
   }
 
   ~NcclComm() override {
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    cudaEventDestroy(produced_);
     cudaFree(scratch_);
     if (comm_) ncclCommDestroy(comm_);
   }
@@ -81,12 +83,14 @@ class NcclComm final : public Comm {
   void all_reduce_max(double* data, int64_t n) override { reduce(data, n, ncclDouble, ncclMax); }
 
   CommRequest all_reduce_sum_start(float* data, int64_t n) override {
+    after_producer();
     NCCL_CHECK(ncclAllReduce(data, data, count(n), ncclFloat, ncclSum, comm_, stream_));
     return record(Op::kAllReduce);
   }
 
   CommRequest reduce_scatter_sum_start(float* recv, const float* send,
                                        const int* recv_counts) override {
+    after_producer();
     // Unequal blocks: one reduce per block, rooted at the block's owner, in one group.
     NCCL_CHECK(ncclGroupStart());
     int64_t off = 0;
@@ -135,16 +139,19 @@ class NcclComm final : public Comm {
   }
 
   void reduce_scatter_sum(float* recv, const float* send, int64_t n) override {
+    after_producer();
     NCCL_CHECK(ncclReduceScatter(send, recv, count(n), ncclFloat, ncclSum, comm_, stream_));
     complete(Op::kReduceScatter);
   }
 
   void reduce_sum(float* recv, const float* send, int64_t n, int root) override {
+    after_producer();
     NCCL_CHECK(ncclReduce(send, recv, count(n), ncclFloat, ncclSum, root, comm_, stream_));
     complete(Op::kAllReduce);
   }
 
   void all_gather(float* recv, const float* send, int64_t n) override {
+    after_producer();
     // In place when send is null: NCCL's in-place form is send == recv + rank * n.
     const float* src = send ? send : recv + static_cast<int64_t>(rank_) * n;
     NCCL_CHECK(ncclAllGather(src, recv, count(n), ncclFloat, comm_, stream_));
@@ -154,6 +161,7 @@ class NcclComm final : public Comm {
   CommRequest all_to_all_v_start(const void* send, const int* send_bytes, const int* send_displs,
                                  void* recv, const int* recv_bytes,
                                  const int* recv_displs) override {
+    after_producer();
     const char* s = static_cast<const char*>(send);
     char* r = static_cast<char*>(recv);
     NCCL_CHECK(ncclGroupStart());
@@ -170,6 +178,7 @@ class NcclComm final : public Comm {
   }
 
   CommRequest all_to_all_start(const int64_t* send, int64_t* recv, int64_t n) override {
+    after_producer();
     NCCL_CHECK(ncclGroupStart());
     for (int p = 0; p < size_; ++p) {
       NCCL_CHECK(ncclSend(send + p * n, count(n), ncclInt64, p, comm_, stream_));
@@ -180,6 +189,7 @@ class NcclComm final : public Comm {
   }
 
   void broadcast(void* data, size_t bytes, int root) override {
+    after_producer();
     NCCL_CHECK(ncclBroadcast(data, data, bytes, ncclChar, root, comm_, stream_));
     complete(Op::kAllReduce);
   }
@@ -187,23 +197,28 @@ class NcclComm final : public Comm {
   // NCCL has no tags: transfers between two ranks match in the order they are issued, which
   // the schedules keep identical on both sides.
   void send(const void* data, size_t bytes, int peer, int) override {
+    after_producer();
     NCCL_CHECK(ncclSend(data, bytes, ncclChar, peer, comm_, stream_));
     complete(Op::kSend);
   }
   void recv(void* data, size_t bytes, int peer, int) override {
+    after_producer();
     NCCL_CHECK(ncclRecv(data, bytes, ncclChar, peer, comm_, stream_));
     complete(Op::kRecv);
   }
   CommRequest send_start(const void* data, size_t bytes, int peer, int) override {
+    after_producer();
     NCCL_CHECK(ncclSend(data, bytes, ncclChar, peer, comm_, stream_));
     return record(Op::kSend);
   }
   CommRequest recv_start(void* data, size_t bytes, int peer, int) override {
+    after_producer();
     NCCL_CHECK(ncclRecv(data, bytes, ncclChar, peer, comm_, stream_));
     return record(Op::kRecv);
   }
 
   void barrier() override {
+    after_producer();
     NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat, ncclSum, comm_, stream_));
     complete(Op::kAllReduce);
   }
@@ -218,8 +233,17 @@ class NcclComm final : public Comm {
 
   template <typename T>
   void reduce(T* data, int64_t n, ncclDataType_t type, ncclRedOp_t op) {
+    after_producer();
     NCCL_CHECK(ncclAllReduce(data, data, count(n), type, op, comm_, stream_));
     complete(Op::kAllReduce);
+  }
+
+  // Every operation starts after the work already queued on the producer (compute) stream,
+  // which wrote the buffers it reads; the host waits in wait() order what comes after.
+  void after_producer() {
+    if (!producer_) return;
+    CUDA_CHECK(cudaEventRecord(produced_, producer_));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, produced_, 0));
   }
 
   // Blocking calls: the same watchdog as a started operation's wait.
@@ -275,6 +299,8 @@ class NcclComm final : public Comm {
   std::string name_;
   int rank_, size_;
   cudaStream_t stream_;
+  cudaStream_t producer_;  // null: none
+  cudaEvent_t produced_ = nullptr;
   double timeout_s_;
   ncclComm_t comm_ = nullptr;
   std::array<cudaEvent_t, kEvents> events_{};
@@ -285,8 +311,9 @@ class NcclComm final : public Comm {
 
 }  // namespace
 
-std::unique_ptr<Comm> comm_nccl_create(Comm& bootstrap, cuda::Stream stream, double timeout_s) {
-  return std::make_unique<NcclComm>(bootstrap, stream, timeout_s);
+std::unique_ptr<Comm> comm_nccl_create(Comm& bootstrap, cuda::Stream stream, double timeout_s,
+                                       cuda::Stream producer) {
+  return std::make_unique<NcclComm>(bootstrap, stream, timeout_s, producer);
 }
 
 }  // namespace moe

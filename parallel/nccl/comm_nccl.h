@@ -22,7 +22,9 @@
 namespace moe {
 
 // Collective over `bootstrap` (every member calls it). The new communicator has the same
-// ranks, order and name.
-std::unique_ptr<Comm> comm_nccl_create(Comm& bootstrap, cuda::Stream stream, double timeout_s);
+// ranks, order and name. With a `producer` stream (the computation's), every operation is
+// ordered after the work queued there when it is called (an event, no host wait).
+std::unique_ptr<Comm> comm_nccl_create(Comm& bootstrap, cuda::Stream stream, double timeout_s,
+                                       cuda::Stream producer = nullptr);
 
 }  // namespace moe
