@@ -5,8 +5,8 @@
 //
 // One ordering rule decides every selection, for experts and for groups: the higher biased
 // score wins, and equal scores go to the lower id. It is a strict total order (for non-NaN
-// scores), which is what lets router_select pick the k-th best as "the best of those worse
-// than the (k-1)-th" without any per-token scratch over E.
+// scores, which rank as -inf), which is what lets router_select pick the k-th best as "the
+// best of those worse than the (k-1)-th" without any per-token scratch over E.
 #pragma once
 
 #include <math.h>
@@ -40,9 +40,20 @@ MOE_HD inline T router_biased(T score, float bias) {
   return score + static_cast<T>(bias);
 }
 
+// A NaN score ranks as -inf (below every number, ties to the lower id), so the order stays
+// total and every token still gets K experts when its activations have gone non-finite: the
+// step then finishes with a non-finite loss for the trainer's guard to drop, instead of
+// stopping inside the router.
+template <typename T>
+MOE_HD inline T router_order_value(T v) {
+  return v != v ? static_cast<T>(-INFINITY) : v;
+}
+
 // True when (va, ia) ranks strictly before (vb, ib).
 template <typename T>
 MOE_HD inline bool router_better(T va, int64_t ia, T vb, int64_t ib) {
+  va = router_order_value(va);
+  vb = router_order_value(vb);
   return va > vb || (va == vb && ia < ib);
 }
 
@@ -74,7 +85,7 @@ MOE_HD inline T router_group_score(const T* scores, const float* bias, int64_t n
 // biased score, ties to the lower id. With G > 1, only experts of the KG best groups are
 // candidates; kept_groups (KG) is caller scratch and receives those groups, best first.
 // Preconditions (checked by the caller once per op): E % G == 0, 1 <= KG <= G,
-// 1 <= K <= KG * (E / G). An id is -1 only if scores hold NaN.
+// 1 <= K <= KG * (E / G). Every id is a valid expert, NaN scores included.
 // Cost O(KG * E + K * KG * E / G) per token, no scratch over E.
 template <typename T>
 MOE_HD inline void router_select(int32_t* ids, int32_t* kept_groups, const T* scores,

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "model/kernels/cpu/moe_ops.h"
+#include "model/router_math.h"
 #include "model/rng.h"
 #include "tests/reference_moe.h"
 
@@ -658,4 +659,19 @@ TEST(MoeDeterminism, OneAndTwoThreadsAgree) {
 }
 
 }  // namespace
+// NaN scores (non-finite activations) rank below every number, ties to the lower id: every
+// token still gets K distinct valid experts, the finite ones first, with and without groups.
+TEST(RouterSelect, NaNScoresRankLast) {
+  const float nan = std::nanf("");
+  const float scores[8] = {0.1f, nan, 0.7f, nan, 0.3f, -INFINITY, nan, 0.2f};
+  const float bias[8] = {};
+  int32_t ids[6], kept[4];
+  moe::router_select(ids, kept, scores, bias, 8, 6, 1, 1);
+  const int32_t want[6] = {2, 4, 7, 0, 1, 3};  // the numbers by score (-inf ties NaN: by id)
+  for (int k = 0; k < 6; ++k) EXPECT_EQ(ids[k], want[k]) << k;
+  const float all_nan[8] = {nan, nan, nan, nan, nan, nan, nan, nan};
+  moe::router_select(ids, kept, all_nan, bias, 8, 4, 4, 2);
+  for (int k = 0; k < 4; ++k) EXPECT_EQ(ids[k], k) << k;  // groups 0 and 1, lower ids first
+}
+
 }  // namespace moe

@@ -50,6 +50,31 @@ float* region_grad(TrainState& s, const ShardRegion& r) {
   return r.comm ? s.grad_shard + r.state_offset : s.model.grads + r.shard_begin;
 }
 
+// The gradient tensor that went bad first in backward order (the latest in model order) with
+// a non-finite element on any rank, or "" when every gradient is finite. Collective over the
+// job; only after a step found a non-finite sum, so its extra passes cost nothing otherwise.
+std::string first_nonfinite_tensor(TrainState& s) {
+  const Model<float>& m = s.model;
+  double worst = -1;  // the largest whole-model table id with a non-finite gradient here
+  for (const ShardRegion& r : s.regions) {
+    const int64_t lo = r.shard_begin, hi = r.shard_begin + r.shard;
+    const float* g = region_grad(s, r);
+    for (const ParamInfo& p : m.table) {
+      const int64_t a = std::max<int64_t>(lo, static_cast<int64_t>(p.offset));
+      const int64_t b = std::min<int64_t>(hi, static_cast<int64_t>(p.offset + p.count));
+      if (a >= b || static_cast<double>(p.id) <= worst) continue;
+      if (!std::isfinite(s.optim->sum_squares(g + (a - lo), b - a)))
+        worst = static_cast<double>(p.id);
+    }
+  }
+  if (Comm* world = train_world_comm(s)) world->all_reduce_max(&worst, 1);
+  if (worst < 0) return "";
+  // The whole model's table, for a name every rank agrees on.
+  for (const ParamInfo& p : model_param_table(m.d.whole_model()))
+    if (static_cast<double>(p.id) == worst) return p.name;
+  return "?";
+}
+
 }  // namespace
 
 void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid, Device device) {
@@ -236,6 +261,18 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   if (world) world->all_reduce_sum(&sq, 1);
   st.grad_norm = std::sqrt(sq);
   st.lr = lr_at(s.lr_plan, step);
+  // The guards. Every value here was summed over the job, so every rank decides alike: a
+  // non-finite loss or gradient (NaN or Inf anywhere makes the sum of squares non-finite:
+  // the check costs nothing beyond the norm), or a loss over the spike limit, drops the
+  // whole update (parameters, moments and router biases stay as they were).
+  st.nonfinite = !std::isfinite(sq) || !std::isfinite(sums[0]) || !std::isfinite(sums[1]) ||
+                 !std::isfinite(sums[2]);
+  st.spike = !st.nonfinite && st.loss > s.loss_limit;
+  if (st.nonfinite || st.spike) {
+    st.applied = false;
+    if (st.nonfinite) st.first_bad = first_nonfinite_tensor(s);
+    return st;
+  }
   AdamWStep as;
   as.lr = static_cast<float>(st.lr);
   as.beta1 = static_cast<float>(s.cfg.optim.beta1);

@@ -2,9 +2,11 @@
 // global-norm clipping, AdamW, and the auxiliary-loss-free router-bias update.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "io/config.h"
@@ -73,6 +75,9 @@ struct TrainState {
   std::unique_ptr<Pipeline> pipe;
   ModelPart root_part;
   bool overlap_reduction = true; // false: reduce after backward (the benchmark's baseline)
+  // A step whose loss exceeds this drops its update (the loss-spike guard; the loop sets it
+  // from the running median). +inf: off.
+  double loss_limit = HUGE_VAL;
 };
 
 struct StepStats {
@@ -82,6 +87,13 @@ struct StepStats {
   double lr = 0;
   double imbalance = 0;  // mean over MoE blocks of max load / mean load
   double mtp_loss = 0;   // mean over the MTP modules of their cross-entropy (0 without)
+  // The guards (the same on every rank): a non-finite loss or gradient, or a loss over
+  // TrainState::loss_limit, drops the step's update (applied = false). first_bad: the
+  // gradient tensor that went bad first in backward order ("" when only the loss did).
+  bool nonfinite = false;
+  bool spike = false;
+  bool applied = true;
+  std::string first_bad;
 };
 
 // Allocates everything a step needs (nothing is allocated by train_step afterwards).

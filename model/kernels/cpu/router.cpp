@@ -70,7 +70,7 @@ void router_forward(T* scores, int32_t* expert_ids, T* weights, const T* logits,
     }
     int32_t kept[kMoeMaxExperts];
     router_select(ids, kept, s, bias, E, K, G, KG);
-    CHECK(ids[K - 1] >= 0, "token %lld: no expert selected (NaN router scores?)", (long long)n);
+    CHECK(ids[K - 1] >= 0, "token %lld: no expert selected", (long long)n);
     if (score == ScoreFn::kSigmoid) {
       double sum = 0.0;
       for (int64_t k = 0; k < K; ++k) sum += static_cast<double>(s[ids[k]]);

@@ -1,0 +1,119 @@
+#include "trainer/run_health.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+
+#include "model/check.h"
+
+namespace moe {
+
+SpikeGuard::SpikeGuard(double factor, int64_t window)
+    : factor_(factor), window_(static_cast<size_t>(std::max<int64_t>(window, 1))) {}
+
+double SpikeGuard::median() const {
+  if (last_.empty()) return NAN;
+  std::vector<double> v = last_;
+  const size_t mid = v.size() / 2;
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid), v.end());
+  if (v.size() % 2 == 1) return v[mid];
+  const double hi = v[mid];
+  return 0.5 * (*std::max_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid)) + hi);
+}
+
+double SpikeGuard::limit() const {
+  if (factor_ <= 0 || last_.size() < window_) return HUGE_VAL;
+  return factor_ * median();
+}
+
+void SpikeGuard::accept(double loss) {
+  if (!std::isfinite(loss)) return;
+  if (last_.size() == window_) last_.erase(last_.begin());
+  last_.push_back(loss);
+}
+
+std::string SpikeGuard::to_string() const {
+  std::string s;
+  char buf[32];
+  for (double x : last_) {
+    std::snprintf(buf, sizeof(buf), "%.17g", x);
+    if (!s.empty()) s += ' ';
+    s += buf;
+  }
+  return s;
+}
+
+bool SpikeGuard::from_string(const std::string& s) {
+  std::vector<double> v;
+  const char* p = s.c_str();
+  while (*p) {
+    char* end = nullptr;
+    const double x = std::strtod(p, &end);
+    if (end == p || !std::isfinite(x)) return false;
+    v.push_back(x);
+    p = end;
+    while (*p == ' ') ++p;
+  }
+  if (v.size() > window_) v.erase(v.begin(), v.end() - static_cast<std::ptrdiff_t>(window_));
+  last_ = std::move(v);
+  return true;
+}
+
+ExpertWatch::ExpertWatch(int64_t n_blocks, int64_t E, int64_t collapse_steps,
+                         double imbalance_warn)
+    : n_blocks_(n_blocks), E_(E), collapse_steps_(collapse_steps),
+      imbalance_warn_(imbalance_warn), idle_(static_cast<size_t>(n_blocks * E), 0) {}
+
+void ExpertWatch::update(const int64_t* load, int64_t step,
+                         const std::vector<std::string>& block_names,
+                         std::vector<std::string>* warnings) {
+  CHECK(static_cast<int64_t>(block_names.size()) == n_blocks_);
+  char buf[256];
+  for (int64_t b = 0; b < n_blocks_; ++b) {
+    const int64_t* l = load + b * E_;
+    int64_t total = 0, mx = 0;
+    for (int64_t e = 0; e < E_; ++e) {
+      total += l[e];
+      mx = std::max(mx, l[e]);
+      int64_t& idle = idle_[static_cast<size_t>(b * E_ + e)];
+      idle = l[e] == 0 ? idle + 1 : 0;
+      if (collapse_steps_ > 0 && idle > 0 && idle % collapse_steps_ == 0) {
+        std::snprintf(buf, sizeof(buf),
+                      "step %lld: expert %lld of %s has received no tokens for %lld steps",
+                      static_cast<long long>(step), static_cast<long long>(e),
+                      block_names[static_cast<size_t>(b)].c_str(), static_cast<long long>(idle));
+        warnings->push_back(buf);
+      }
+    }
+    if (imbalance_warn_ > 0 && total > 0) {
+      const double ratio = static_cast<double>(mx) * static_cast<double>(E_) / static_cast<double>(total);
+      if (ratio > imbalance_warn_) {
+        std::snprintf(buf, sizeof(buf),
+                      "step %lld: %s load imbalance %.2f (max / mean) > moe.imbalance_warn = %.2f",
+                      static_cast<long long>(step), block_names[static_cast<size_t>(b)].c_str(),
+                      ratio, imbalance_warn_);
+        warnings->push_back(buf);
+      }
+    }
+  }
+}
+
+std::string nonfinite_diagnostic(const Config& cfg, int64_t step, int64_t data_batch,
+                                 double loss, double grad_norm, const std::string& first_bad) {
+  std::ostringstream o;
+  o << "moetrain non-finite step diagnostic\n";
+  o << "config: " << cfg.source << "\n";
+  o << "step: " << step << " (1-based; its update was not applied)\n";
+  o << "loss: " << loss << "\n";
+  o << "grad_norm: " << grad_norm << "\n";
+  o << "first non-finite gradient (backward order): "
+    << (first_bad.empty() ? "none (only the loss)" : first_bad) << "\n";
+  o << "data: " << cfg.data.train << ", batch " << data_batch << " of seed " << cfg.run.seed
+    << ": sequences 0.." << cfg.training.global_batch - 1 << " of the global batch, "
+    << cfg.model.seq_len + 1 << " tokens each (io/dataset.h dataset_train_batch)\n";
+  return o.str();
+}
+
+}  // namespace moe

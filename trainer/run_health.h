@@ -1,0 +1,55 @@
+// What the training loop watches between steps (issue: run health): the loss-spike limit
+// from a running median, the consecutive steps the guards dropped, and experts that stop
+// receiving tokens or a load imbalance over a threshold. Pure bookkeeping on host values
+// that are the same on every rank, so every rank decides alike; no communication here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+
+namespace moe {
+
+// The running median of the last `window` losses of applied steps; limit() is factor x
+// median once the window is full (+inf before, or when factor is 0). Saved in checkpoints
+// (to_string / from_string), so a resumed run makes the same decisions bit for bit.
+class SpikeGuard {
+ public:
+  SpikeGuard(double factor, int64_t window);
+  double limit() const;
+  double median() const;
+  void accept(double loss);  // a step whose update was applied
+  std::string to_string() const;
+  // Restores what to_string wrote; "" leaves it empty. Returns false on malformed text.
+  bool from_string(const std::string& s);
+
+ private:
+  double factor_;
+  size_t window_;
+  std::vector<double> last_;  // oldest first, at most window_
+};
+
+// Consecutive steps of each MoE block's experts with no token, and the warnings due.
+class ExpertWatch {
+ public:
+  ExpertWatch(int64_t n_blocks, int64_t E, int64_t collapse_steps, double imbalance_warn);
+  // After a step, from the job's loads (n_blocks x E). Appends one line per warning: an
+  // expert whose streak without tokens reaches collapse_steps (again at every multiple), and
+  // a block whose max / mean load exceeds imbalance_warn. `block_name(b)` names block b.
+  void update(const int64_t* load, int64_t step, const std::vector<std::string>& block_names,
+              std::vector<std::string>* warnings);
+
+ private:
+  int64_t n_blocks_, E_, collapse_steps_;
+  double imbalance_warn_;
+  std::vector<int64_t> idle_;  // (n_blocks, E) steps in a row with no token
+};
+
+// The text of the diagnostic a non-finite step writes before an abort: the step, what went
+// non-finite (the loss, or the first gradient in backward order), and which data it saw.
+std::string nonfinite_diagnostic(const Config& cfg, int64_t step, int64_t data_batch,
+                                 double loss, double grad_norm, const std::string& first_bad);
+
+}  // namespace moe
