@@ -104,6 +104,8 @@ class CheckpointReader {
   int64_t attr_i64(const std::string& group, const std::string& name) const;
   double attr_f64(const std::string& group, const std::string& name) const;
   std::string attr_str(const std::string& group, const std::string& name) const;
+  // Whether the attribute exists (keys added in later versions of the file are optional).
+  bool has_attr(const std::string& group, const std::string& name) const;
 
   // Every dataset in the file, in a stable (sorted) order.
   std::vector<CheckpointDataset> list() const;

@@ -263,6 +263,16 @@ double CheckpointReader::attr_f64(const std::string& group, const std::string& n
 }
 
 // Variable-length (what the writer stores) or fixed-length (other tools) strings.
+bool CheckpointReader::has_attr(const std::string& group, const std::string& name) const {
+  std::string cause;
+  const int ex = link_exists(file_, group, &cause);
+  if (ex < 0) bad_file(path_, group, cause);
+  if (ex == 0) return false;
+  const htri_t has = H5Aexists_by_name(file_, group.c_str(), name.c_str(), H5P_DEFAULT);
+  if (has < 0) bad_file(path_, group + " (attribute " + name + ")", h5_failure_cause());
+  return has > 0;
+}
+
 std::string CheckpointReader::attr_str(const std::string& group, const std::string& name) const {
   Attr a;
   open_attr(a, file_, path_, group, name);

@@ -5,10 +5,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <unistd.h>
 #include <limits>
 #include <vector>
 
 #include "tests/train_fixture.h"
+#include "trainer/train_checkpoint.h"
 
 namespace moe {
 namespace {
@@ -108,6 +111,32 @@ TEST(TrainGuards, LossOverTheSpikeLimitDropsTheUpdate) {
   EXPECT_EQ(0, std::memcmp(m0.data(), s.adam_m_bf16, m0.size() * sizeof(uint16_t)));
   s.loss_limit = HUGE_VAL;
   EXPECT_TRUE(train_step(s, 2, src).applied);
+}
+
+TEST(TrainGuards, DataBatchesMovePastSkippedOnes) {
+  const std::vector<int64_t> none, skip = {5, 6, 9};
+  EXPECT_EQ(data_batch_for_step(7, none), 7);
+  EXPECT_EQ(data_batch_for_step(4, skip), 4);
+  EXPECT_EQ(data_batch_for_step(5, skip), 7);  // 5 and 6 skipped
+  EXPECT_EQ(data_batch_for_step(6, skip), 8);
+  EXPECT_EQ(data_batch_for_step(7, skip), 10);  // 9 skipped too
+}
+
+TEST(TrainGuards, CheckpointsCarryTheRunHealthState) {
+  const Config cfg = train_fixture_config("fp32", "fp32", 0);
+  TrainState s;
+  train_state_init(s, cfg, nullptr);
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("guards_" + std::to_string(getpid()) + ".h5")).string();
+  RunPosition pos;
+  pos.step = 3;
+  pos.spike_history = "2.5 2.25 0.33333333333333331";
+  pos.skipped_batches = {4, 17};
+  checkpoint_save(s, pos, path);
+  const CheckpointInfo info = checkpoint_read_info(path);
+  EXPECT_EQ(info.pos.spike_history, pos.spike_history);
+  EXPECT_EQ(info.pos.skipped_batches, pos.skipped_batches);
+  std::filesystem::remove(path);
 }
 
 }  // namespace

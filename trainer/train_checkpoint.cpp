@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <ctime>
 #include <map>
 #include <memory>
@@ -31,6 +32,22 @@ CheckpointInfo read_info(const CheckpointReader& r) {
   info.pos.val_loss = r.attr_f64("/meta", "val_loss");
   info.config_toml = r.attr_str("/meta", "config_toml");
   info.version = r.attr_str("/meta", "moetrain_version");
+  if (r.has_attr("/data", "spike_history"))
+    info.pos.spike_history = r.attr_str("/data", "spike_history");
+  if (r.has_attr("/data", "skipped_batches")) {
+    const std::string list = r.attr_str("/data", "skipped_batches");
+    const char* p = list.c_str();
+    while (*p) {
+      char* end = nullptr;
+      const long long b = std::strtoll(p, &end, 10);
+      if (end == p || b < 0)
+        user_error("%s: /data skipped_batches is not a list of batch numbers: \"%s\"",
+                   r.path().c_str(), list.c_str());
+      info.pos.skipped_batches.push_back(b);
+      p = end;
+      while (*p == ' ') ++p;
+    }
+  }
   return info;
 }
 
@@ -175,6 +192,13 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     w->attr_f64("/optim", "lr", lr_at(s.lr_plan, pos.step > 0 ? pos.step - 1 : 0));
     w->attr_i64("/data", "seed", static_cast<int64_t>(cfg.run.seed));
     w->attr_i64("/data", "next_step", pos.step);
+    w->attr_str("/data", "spike_history", pos.spike_history);
+    std::string skipped;
+    for (int64_t b : pos.skipped_batches) {
+      if (!skipped.empty()) skipped += ' ';
+      skipped += std::to_string(b);
+    }
+    w->attr_str("/data", "skipped_batches", skipped);
   }
   // The whole model's tensors in one order on every rank; where this rank holds each.
   std::map<std::string, LogicalTensor> held;
@@ -241,6 +265,13 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     w->commit();
   }
   if (world) world->barrier();  // the file is complete before any rank moves on
+}
+
+int64_t data_batch_for_step(int64_t step, const std::vector<int64_t>& skipped_batches) {
+  int64_t b = step;
+  for (int64_t x : skipped_batches)
+    if (x <= b) ++b;
+  return b;
 }
 
 CheckpointInfo checkpoint_read_info(const std::string& path) {

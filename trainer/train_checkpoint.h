@@ -8,11 +8,13 @@
 //   /optim/m/<name>    Adam first moments, same names and shapes
 //   /optim/v/<name>    Adam second moments;  /optim attrs: step (Adam t), lr
 //   /router/layers/<l>/bias   selection bias of MoE layer l (global layer index)
-//   /data              attrs: seed, next_step (the counter the sampler resumes from)
+//   /data              attrs: seed, next_step (the counter the sampler resumes from),
+//                             spike_history, skipped_batches (run health; optional)
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "trainer/train_step.h"
 
@@ -23,7 +25,16 @@ struct RunPosition {
   int64_t tokens_seen = 0;  // training tokens consumed so far
   double loss = 0;          // loss of the last completed step
   double val_loss = -1;     // last validation loss, -1 if none yet
+  // Run health, so a resumed run decides as the uninterrupted one would: the spike guard's
+  // window (SpikeGuard::to_string) and the data batches skipped after loss-spike rollbacks
+  // (training step s reads data batch data_batch_for_step(s, skipped_batches)).
+  std::string spike_history;
+  std::vector<int64_t> skipped_batches;  // ascending
 };
+
+// The data batch training step `step` reads: the step itself, moved past every batch a
+// rollback skipped.
+int64_t data_batch_for_step(int64_t step, const std::vector<int64_t>& skipped_batches);
 
 // Writes the run to `path` atomically (temp file, fsync, rename).
 void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::string& path);
