@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential cmake ninja-build pkg-config git
           libopenblas-openmp-dev libopenmpi-dev openmpi-bin libhdf5-dev
-          libtomlplusplus-dev libcli11-dev libgtest-dev fortunes)
+          libtomlplusplus-dev libcli11-dev libgtest-dev fortunes clang libclang-rt-dev libomp-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
