@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "io/config.h"
 #include "trainer/run_health.h"
 
 namespace moe {
@@ -63,6 +64,71 @@ TEST(ExpertWatch, WarnsAtEveryMultipleOfTheIdleStreakAndOverTheImbalance) {
   w.update(skewed, 6, names, &out);
   ASSERT_EQ(out.size(), 1u);
   EXPECT_EQ(out[0], "step 6: layer 2 load imbalance 3.25 (max / mean) > moe.imbalance_warn = 2.50");
+}
+
+}  // namespace
+}  // namespace moe
+
+namespace moe {
+namespace {
+
+Config health_config(const std::vector<std::string>& overrides) {
+  return config_parse("[run]\nname = \"h\"\n", "h.toml", overrides);
+}
+
+StepStats stats(double loss, bool applied, bool nonfinite = false, std::string bad = "") {
+  StepStats st;
+  st.loss = loss;
+  st.applied = applied;
+  st.nonfinite = nonfinite;
+  st.spike = !applied && !nonfinite;
+  st.first_bad = std::move(bad);
+  return st;
+}
+
+TEST(RunHealth, SpikesWarnSkipOrRollBackAsConfigured) {
+  const int64_t load[4] = {1, 1, 1, 1};
+  for (const char* mode : {"warn", "skip", "rollback"}) {
+    SCOPED_TRACE(mode);
+    RunHealth h(health_config({"training.spike_factor=2.0", "training.spike_window=3",
+                               std::string("training.on_spike=\"") + mode + "\""}),
+                1, 4, {"layer 1"});
+    for (int64_t s = 0; s < 3; ++s)
+      EXPECT_EQ(h.after_step(s, stats(1.0, true), load).action, StepVerdict::Action::kContinue);
+    const bool drops = std::string(mode) != "warn";
+    EXPECT_EQ(h.loss_limit(), drops ? 2.0 : HUGE_VAL);
+    const StepVerdict v = h.after_step(3, stats(5.0, !drops), load);
+    ASSERT_EQ(v.lines.size(), 1u);
+    EXPECT_NE(v.lines[0].find("step 4: loss spike 5.0000 > training.spike_factor 2.00 x running "
+                              "median 1.0000"), std::string::npos) << v.lines[0];
+    EXPECT_EQ(v.action, std::string(mode) == "rollback" ? StepVerdict::Action::kRollback
+                                                         : StepVerdict::Action::kContinue);
+    // A warned (applied) spike enters the window; a dropped one does not.
+    EXPECT_EQ(h.spikes().median(), 1.0);
+  }
+}
+
+TEST(RunHealth, NonFiniteStepsAbortOrSkipUntilTheLimit) {
+  const int64_t load[4] = {1, 1, 1, 1};
+  RunHealth abort(health_config({}), 1, 4, {"layer 1"});
+  const StepVerdict a = abort.after_step(6, stats(NAN, false, true, "layers/2/attn/wo"), load);
+  EXPECT_EQ(a.action, StepVerdict::Action::kAbort);
+  ASSERT_EQ(a.lines.size(), 1u);
+  EXPECT_NE(a.lines[0].find("step 7: non-finite gradients"), std::string::npos);
+  EXPECT_NE(a.lines[0].find("first in backward order: layers/2/attn/wo"), std::string::npos);
+  RunHealth skip(health_config({"training.on_nonfinite=\"skip\"", "training.max_skipped_steps=3"}),
+                 1, 4, {"layer 1"});
+  EXPECT_EQ(skip.after_step(0, stats(NAN, false, true), load).action,
+            StepVerdict::Action::kContinue);
+  EXPECT_EQ(skip.after_step(1, stats(NAN, false, true), load).action,
+            StepVerdict::Action::kContinue);
+  EXPECT_EQ(skip.after_step(2, stats(1.0, true), load).action, StepVerdict::Action::kContinue);
+  for (int64_t s = 3; s < 5; ++s)
+    EXPECT_EQ(skip.after_step(s, stats(NAN, false, true), load).action,
+              StepVerdict::Action::kContinue);
+  const StepVerdict stop = skip.after_step(5, stats(NAN, false, true), load);
+  EXPECT_EQ(stop.action, StepVerdict::Action::kStop);  // 3 in a row
+  EXPECT_NE(stop.lines.back().find("3 steps in a row dropped their update"), std::string::npos);
 }
 
 }  // namespace

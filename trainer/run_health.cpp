@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
+#include <utility>
 
 #include "model/check.h"
 
@@ -98,6 +99,59 @@ void ExpertWatch::update(const int64_t* load, int64_t step,
       }
     }
   }
+}
+
+RunHealth::RunHealth(const Config& cfg, int64_t n_blocks, int64_t E,
+                     std::vector<std::string> block_names)
+    : cfg_(cfg), spike_(cfg.training.spike_factor, cfg.training.spike_window),
+      experts_(n_blocks, E, cfg.moe.collapse_steps, cfg.moe.imbalance_warn),
+      block_names_(std::move(block_names)) {}
+
+double RunHealth::loss_limit() const {
+  return cfg_.training.on_spike == SpikeAction::kWarn ? HUGE_VAL : spike_.limit();
+}
+
+StepVerdict RunHealth::after_step(int64_t step, const StepStats& st, const int64_t* expert_load) {
+  StepVerdict v;
+  char buf[512];
+  const long long n = static_cast<long long>(step + 1);
+  const double limit = spike_.limit();
+  if (st.nonfinite) {
+    std::snprintf(buf, sizeof(buf), "step %lld: non-finite %s (loss %g, grad norm %g)%s%s", n,
+                  st.first_bad.empty() ? "loss" : "gradients", st.loss, st.grad_norm,
+                  st.first_bad.empty() ? "" : ", first in backward order: ",
+                  st.first_bad.c_str());
+    v.lines.push_back(buf);
+    if (cfg_.training.on_nonfinite == NonfiniteAction::kAbort) {
+      v.action = StepVerdict::Action::kAbort;
+      return v;
+    }
+  } else if (st.loss > limit) {
+    const bool dropped = !st.applied;
+    std::snprintf(buf, sizeof(buf),
+                  "step %lld: loss spike %.4f > training.spike_factor %.2f x running median "
+                  "%.4f%s", n, st.loss, cfg_.training.spike_factor, spike_.median(),
+                  !dropped ? "" : cfg_.training.on_spike == SpikeAction::kRollback
+                                      ? ": update dropped, rolling back to the last checkpoint"
+                                      : ": update dropped");
+    v.lines.push_back(buf);
+    if (dropped && cfg_.training.on_spike == SpikeAction::kRollback)
+      v.action = StepVerdict::Action::kRollback;
+  }
+  if (st.applied) {
+    dropped_in_row_ = 0;
+    spike_.accept(st.loss);
+  } else if (++dropped_in_row_ >= cfg_.training.max_skipped_steps &&
+             v.action == StepVerdict::Action::kContinue) {
+    std::snprintf(buf, sizeof(buf),
+                  "%lld steps in a row dropped their update (training.max_skipped_steps = %lld)",
+                  static_cast<long long>(dropped_in_row_),
+                  static_cast<long long>(cfg_.training.max_skipped_steps));
+    v.lines.push_back(buf);
+    v.action = StepVerdict::Action::kStop;
+  }
+  if (!block_names_.empty()) experts_.update(expert_load, step + 1, block_names_, &v.lines);
+  return v;
 }
 
 std::string nonfinite_diagnostic(const Config& cfg, int64_t step, int64_t data_batch,

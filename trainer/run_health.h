@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "io/config.h"
+#include "trainer/train_step.h"
 
 namespace moe {
 
@@ -45,6 +46,41 @@ class ExpertWatch {
   int64_t n_blocks_, E_, collapse_steps_;
   double imbalance_warn_;
   std::vector<int64_t> idle_;  // (n_blocks, E) steps in a row with no token
+};
+
+// The loop's verdict on one step, the same on every rank (its inputs are job-wide).
+struct StepVerdict {
+  enum class Action {
+    kContinue,  // go on (the update may have been dropped: StepStats::applied)
+    kAbort,     // a non-finite step with training.on_nonfinite = "abort": write `diagnostic`
+    kStop,      // training.max_skipped_steps consecutive steps dropped
+    kRollback,  // a loss spike with training.on_spike = "rollback": reload the last checkpoint
+  };
+  Action action = Action::kContinue;
+  std::vector<std::string> lines;  // warnings for the log, one per line, without "warning: "
+};
+
+// The run-health state of a training loop: the spike guard, the dropped-step streak and the
+// expert watch, with the decisions training.on_nonfinite / on_spike / max_skipped_steps and
+// moe.collapse_steps / imbalance_warn call for.
+class RunHealth {
+ public:
+  // n_blocks MoE blocks of E experts (their names for warnings: "layer 3", "MTP module 0").
+  RunHealth(const Config& cfg, int64_t n_blocks, int64_t E, std::vector<std::string> block_names);
+  // The loss over which train_step drops the update (TrainState::loss_limit): the spike limit
+  // when on_spike skips or rolls back, +inf when it only warns.
+  double loss_limit() const;
+  // After train_step of 0-based `step` (job-wide stats and loads).
+  StepVerdict after_step(int64_t step, const StepStats& st, const int64_t* expert_load);
+  const SpikeGuard& spikes() const { return spike_; }
+  SpikeGuard& spikes() { return spike_; }
+
+ private:
+  Config cfg_;
+  SpikeGuard spike_;
+  ExpertWatch experts_;
+  std::vector<std::string> block_names_;
+  int64_t dropped_in_row_ = 0;
 };
 
 // The text of the diagnostic a non-finite step writes before an abort: the step, what went
