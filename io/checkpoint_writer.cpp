@@ -9,6 +9,7 @@
 // still pending, written by the next call or commit(). The writer made every object in its
 // file, so it keeps their paths and shapes instead of asking HDF5. Reads go through H5Dread,
 // so HDF5's filter verifies every chunk, ours included.
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -124,6 +125,28 @@ hid_t create_dataset(hid_t file, const std::string& temp, const std::string& pat
   return dset;
 }
 
+// Closes a file abandoned after a failed write (it is deleted next). The close still writes
+// HDF5's metadata and extends the file to its allocated size; when that fails too, HDF5 1.10
+// keeps the half-closed file in its tables and crashes on it at exit (H5F__close_cb), i.e.
+// a failed save would end the process with SIGSEGV. So the close is given the room it
+// needs: the contents, garbage now, are dropped first (a full disk or quota gets its blocks
+// back), and a soft RLIMIT_FSIZE that the file crossed (EFBIG) is lifted to the hard limit
+// for the duration of the close only.
+void close_abandoned(hid_t file) {
+  void* handle = nullptr;
+  if (H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) >= 0 && handle)
+    (void)!::ftruncate(*static_cast<int*>(handle), 0);  // the sec2 driver's descriptor
+  rlimit limit{};
+  const bool lift = ::getrlimit(RLIMIT_FSIZE, &limit) == 0 && limit.rlim_cur != limit.rlim_max;
+  if (lift) {
+    rlimit up = limit;
+    up.rlim_cur = limit.rlim_max;
+    (void)::setrlimit(RLIMIT_FSIZE, &up);
+  }
+  (void)H5Fclose(file);  // abandoned: a failing close changes nothing more
+  if (lift) (void)::setrlimit(RLIMIT_FSIZE, &limit);
+}
+
 }  // namespace
 
 CheckpointWriter::CheckpointWriter(const std::string& final_path)
@@ -151,7 +174,7 @@ CheckpointWriter::CheckpointWriter(const std::string& final_path)
     state_ = std::make_unique<WriterState>(temp_path_);
     attr_i64("/meta", "format_version", kCheckpointFormatVersion);
   } catch (...) {
-    (void)H5Fclose(file_);
+    close_abandoned(file_);
     ::unlink(temp_path_.c_str());
     throw;
   }
@@ -159,7 +182,7 @@ CheckpointWriter::CheckpointWriter(const std::string& final_path)
 
 CheckpointWriter::~CheckpointWriter() {
   state_.reset();  // joins the pipeline's threads, drops a pending chunk before the file closes
-  if (file_ >= 0) (void)H5Fclose(file_);  // abandoned: a failing close changes nothing
+  if (file_ >= 0) close_abandoned(file_);
   if (!committed_) ::unlink(temp_path_.c_str());
 }
 
@@ -255,9 +278,12 @@ void CheckpointWriter::commit() {
   CHECK(file_ >= 0 && !committed_, "%s: commit twice", final_path_.c_str());
   state_->pipeline.flush();
   errno = 0;
-  const herr_t flushed = H5Fflush(file_, H5F_SCOPE_GLOBAL);
-  const herr_t closed = H5Fclose(std::exchange(file_, -1));
-  if (flushed < 0 || closed < 0)
+  if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) {
+    const std::string cause = errno_text();
+    close_abandoned(std::exchange(file_, -1));
+    user_error("%s: cannot write %s (%s)", final_path_.c_str(), temp_path_.c_str(), cause.c_str());
+  }
+  if (H5Fclose(std::exchange(file_, -1)) < 0)
     user_error("%s: cannot write %s (%s)", final_path_.c_str(), temp_path_.c_str(),
                errno_text().c_str());
   durable_rename(temp_path_, final_path_);

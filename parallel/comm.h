@@ -13,6 +13,8 @@
 
 namespace moe {
 
+class Watchdog;  // parallel/watchdog.h
+
 // A started non-blocking operation; wait() completes it. The implementation's request
 // handle lives inside (no allocation per operation).
 struct CommRequest {
@@ -65,6 +67,10 @@ class Comm {
   virtual CommRequest send_start(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual CommRequest recv_start(void* data, size_t bytes, int peer, int tag) = 0;
   virtual void barrier() = 0;
+  // Reports every blocking call and wait() to `watchdog` (null: none), which names the one
+  // that does not complete in time (parallel/watchdog.h). Groups split from this one after
+  // the call inherit it. Communicators without blocking host waits ignore it.
+  virtual void set_watchdog(Watchdog* watchdog) { (void)watchdog; }
 };
 
 // MPI: the world communicator, and subgroups of it by color (ranks with the same color form

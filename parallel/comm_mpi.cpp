@@ -1,4 +1,9 @@
 // The MPI communicator. Large messages are split so every count fits MPI's int.
+//
+// Every blocking MPI call and every wait() is bracketed for the hang watchdog
+// (parallel/watchdog.h) when one is attached: two relaxed stores on entry, one on exit.
+// A non-blocking request remembers the operation and peer that started it, so a stuck
+// wait() is reported as, e.g., "wait(recv_start) ... with peer 2".
 #include <mpi.h>
 
 #include <algorithm>
@@ -7,12 +12,38 @@
 
 #include "model/check.h"
 #include "parallel/comm.h"
+#include "parallel/watchdog.h"
 
 namespace moe {
 
 namespace {
 
 constexpr int64_t kMaxCount = INT_MAX / 2;  // per MPI call, in elements
+
+// What a CommRequest's handle holds: the MPI request, and what started it (for the watchdog).
+struct MpiRequest {
+  MPI_Request req;
+  int32_t peer;  // rank in the group, -1 for collectives
+  CommOp op;
+};
+static_assert(sizeof(MpiRequest) <= sizeof(CommRequest::handle));
+static_assert(alignof(MpiRequest) <= alignof(CommRequest));
+
+// Brackets one blocking call for the watchdog (nothing when none is attached).
+class WaitScope {
+ public:
+  WaitScope(Watchdog* wd, const Comm* comm, CommOp op, int peer = -1, bool wait = false) : wd_(wd) {
+    if (wd_) wd_->wait_begin(comm, op, peer, wait);
+  }
+  ~WaitScope() {
+    if (wd_) wd_->wait_end();
+  }
+  WaitScope(const WaitScope&) = delete;
+  WaitScope& operator=(const WaitScope&) = delete;
+
+ private:
+  Watchdog* wd_;
+};
 
 class MpiComm final : public Comm {
  public:
@@ -24,12 +55,15 @@ class MpiComm final : public Comm {
     if (owned_ && mpi_started()) MPI_Comm_free(&comm_);
   }
   MPI_Comm raw() const { return comm_; }
+  Watchdog* watchdog() const { return wd_; }
+  void set_watchdog(Watchdog* watchdog) override { wd_ = watchdog; }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
 
   template <typename T>
   void reduce(T* data, int64_t n, MPI_Datatype type, MPI_Op op) {
+    const WaitScope ws(wd_, this, op == MPI_MAX ? CommOp::kAllReduceMax : CommOp::kAllReduceSum);
     for (int64_t off = 0; off < n; off += kMaxCount) {
       const int c = static_cast<int>(std::min(kMaxCount, n - off));
       MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, c, type, op, comm_));
@@ -40,23 +74,28 @@ class MpiComm final : public Comm {
   void all_reduce_sum(int64_t* d, int64_t n) override { reduce(d, n, MPI_INT64_T, MPI_SUM); }
   void all_reduce_max(double* d, int64_t n) override { reduce(d, n, MPI_DOUBLE, MPI_MAX); }
 
-  static MPI_Request* request(CommRequest& r) {
-    static_assert(sizeof(MPI_Request) <= sizeof(CommRequest::handle));
-    return reinterpret_cast<MPI_Request*>(r.handle);
+  // A new active request started by `op` (with `peer`); its MPI_Request is filled by the
+  // caller through request().
+  static CommRequest started(CommOp op, int peer = -1) {
+    CommRequest r;
+    slot(r)->op = op;
+    slot(r)->peer = peer;
+    r.active = true;
+    return r;
   }
+  static MpiRequest* slot(CommRequest& r) { return reinterpret_cast<MpiRequest*>(r.handle); }
+  static MPI_Request* request(CommRequest& r) { return &slot(r)->req; }
   CommRequest all_reduce_sum_start(float* data, int64_t n) override {
     CHECK(n <= kMaxCount, "bucket of %lld floats is too large for one request", (long long)n);
-    CommRequest r;
+    CommRequest r = started(CommOp::kAllReduceSumStart);
     MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_,
                              request(r)));
-    r.active = true;
     return r;
   }
   CommRequest reduce_scatter_sum_start(float* recv, const float* send,
                                        const int* recv_counts) override {
-    CommRequest r;
+    CommRequest r = started(CommOp::kReduceScatterSumStart);
     MPI_CHECK(MPI_Ireduce_scatter(send, recv, recv_counts, MPI_FLOAT, MPI_SUM, comm_, request(r)));
-    r.active = true;
     return r;
   }
   bool test(CommRequest& r) override {
@@ -68,14 +107,17 @@ class MpiComm final : public Comm {
   }
   void wait(CommRequest& r) override {
     if (!r.active) return;
+    const WaitScope ws(wd_, this, slot(r)->op, slot(r)->peer, true);
     MPI_CHECK(MPI_Wait(request(r), MPI_STATUS_IGNORE));
     r = CommRequest{};
   }
   void reduce_scatter_sum(float* recv, const float* send, int64_t n) override {
     CHECK(n <= kMaxCount);
+    const WaitScope ws(wd_, this, CommOp::kReduceScatterSum);
     MPI_CHECK(MPI_Reduce_scatter_block(send, recv, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_));
   }
   void reduce_sum(float* recv, const float* send, int64_t n, int root) override {
+    const WaitScope ws(wd_, this, CommOp::kReduceSum);
     for (int64_t off = 0; off < n; off += kMaxCount) {
       const int c = static_cast<int>(std::min(kMaxCount, n - off));
       MPI_CHECK(MPI_Reduce(send + off, rank_ == root ? recv + off : nullptr, c, MPI_FLOAT, MPI_SUM,
@@ -84,56 +126,60 @@ class MpiComm final : public Comm {
   }
   void all_gather(float* recv, const float* send, int64_t n) override {
     CHECK(n <= kMaxCount);
+    const WaitScope ws(wd_, this, CommOp::kAllGather);
     MPI_CHECK(MPI_Allgather(send ? send : MPI_IN_PLACE, send ? static_cast<int>(n) : 0, MPI_FLOAT,
                             recv, static_cast<int>(n), MPI_FLOAT, comm_));
   }
   CommRequest all_to_all_v_start(const void* send, const int* sb, const int* sd, void* recv,
                                  const int* rb, const int* rd) override {
-    CommRequest r;
+    CommRequest r = started(CommOp::kAllToAllVStart);
     MPI_CHECK(MPI_Ialltoallv(send, sb, sd, MPI_BYTE, recv, rb, rd, MPI_BYTE, comm_, request(r)));
-    r.active = true;
     return r;
   }
   CommRequest all_to_all_start(const int64_t* send, int64_t* recv, int64_t n) override {
-    CommRequest r;
+    CommRequest r = started(CommOp::kAllToAllStart);
     MPI_CHECK(MPI_Ialltoall(send, static_cast<int>(n), MPI_INT64_T, recv, static_cast<int>(n),
                             MPI_INT64_T, comm_, request(r)));
-    r.active = true;
     return r;
   }
   void broadcast(void* data, size_t bytes, int root) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    const WaitScope ws(wd_, this, CommOp::kBroadcast);
     MPI_CHECK(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, comm_));
   }
   void send(const void* data, size_t bytes, int peer, int tag) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    const WaitScope ws(wd_, this, CommOp::kSend, peer);
     MPI_CHECK(MPI_Send(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_));
   }
   void recv(void* data, size_t bytes, int peer, int tag) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
+    const WaitScope ws(wd_, this, CommOp::kRecv, peer);
     MPI_CHECK(MPI_Recv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, MPI_STATUS_IGNORE));
   }
   CommRequest send_start(const void* data, size_t bytes, int peer, int tag) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
-    CommRequest r;
+    CommRequest r = started(CommOp::kSendStart, peer);
     MPI_CHECK(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, request(r)));
-    r.active = true;
     return r;
   }
   CommRequest recv_start(void* data, size_t bytes, int peer, int tag) override {
     CHECK(bytes <= static_cast<size_t>(INT_MAX));
-    CommRequest r;
+    CommRequest r = started(CommOp::kRecvStart, peer);
     MPI_CHECK(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, request(r)));
-    r.active = true;
     return r;
   }
-  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+  void barrier() override {
+    const WaitScope ws(wd_, this, CommOp::kBarrier);
+    MPI_CHECK(MPI_Barrier(comm_));
+  }
 
  private:
   MPI_Comm comm_;
   std::string name_;
   bool owned_;
   int rank_ = 0, size_ = 1;
+  Watchdog* wd_ = nullptr;  // not owned; outlives every call that uses it
 };
 
 }  // namespace
@@ -188,9 +234,14 @@ std::unique_ptr<Comm> comm_mpi_world() {
 std::unique_ptr<Comm> comm_mpi_split(const Comm& parent, int color, int key, const std::string& name) {
   const auto& p = dynamic_cast<const MpiComm&>(parent);
   MPI_Comm out;
-  MPI_CHECK(MPI_Comm_split(p.raw(), color, key, &out));
+  {
+    const WaitScope ws(p.watchdog(), &p, CommOp::kSplit);
+    MPI_CHECK(MPI_Comm_split(p.raw(), color, key, &out));
+  }
   MPI_CHECK(MPI_Comm_set_errhandler(out, MPI_ERRORS_RETURN));
-  return std::make_unique<MpiComm>(out, name, true);
+  auto c = std::make_unique<MpiComm>(out, name, true);
+  c->set_watchdog(p.watchdog());
+  return c;
 }
 
 }  // namespace moe

@@ -1,5 +1,7 @@
 #include "trainer/train_loop.h"
 
+#include <unistd.h>
+
 #include <csignal>
 #include <chrono>
 #include <filesystem>
@@ -7,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 
 #include "io/checkpoint_file.h"
 #include "io/config_model.h"
@@ -22,6 +25,7 @@
 #include "trainer/train_checkpoint.h"
 #include "trainer/train_device.h"
 #include "parallel/grid.h"
+#include "parallel/watchdog.h"
 #include "trainer/train_step.h"
 
 namespace moe {
@@ -86,13 +90,62 @@ int64_t injected_fault_step(int world_rank) {
   return step;
 }
 
+// Fault injection for the watchdog test: MOETRAIN_TEST_SLEEP_AT="<world rank>:<step>:<seconds>"
+// makes that rank sleep inside that step, before its first collective, so the other ranks
+// wait for it. Read once at start; step 0 when unset or meant for another rank.
+struct InjectedSleep {
+  int64_t step = 0;
+  double seconds = 0;
+};
+InjectedSleep injected_sleep(int world_rank) {
+  const char* v = std::getenv("MOETRAIN_TEST_SLEEP_AT");
+  int rank = -1;
+  long long step = 0;
+  double seconds = 0;
+  if (!v || std::sscanf(v, "%d:%lld:%lf", &rank, &step, &seconds) != 3 || rank != world_rank)
+    return {};
+  return {step, seconds};
+}
+
+// The heartbeat's output (rank 0, from the watchdog's thread): one write per line, so it
+// never splits another line; on a terminal the progress bar is cleared first (the next step
+// redraws it).
+void print_heartbeat(const std::string& line) {
+  const std::string text = (isatty(STDOUT_FILENO) == 1 ? "\r\033[2K" : "") + line + "\n";
+  std::fputs(text.c_str(), stdout);
+  std::fflush(stdout);
+}
+
+// Hands the watchdog to every communicator of the grid.
+void grid_watch(const ProcessGrid& g, Watchdog* wd) {
+  for (Comm* c : {g.world.get(), g.dp_comm.get(), g.ep_comm.get(), g.edp_comm.get(),
+                  g.param_comm.get(), g.expert_param_comm.get()})
+    if (c) c->set_watchdog(wd);
+}
+
 }  // namespace
 
 int train_main(const Config& cfg) {
   const double t_launch = now_s();
   // From the start: a preemption during set-up must not kill the process with nothing saved.
   stop_signals_install();
+  // A file-size limit (ulimit -f) must fail the write that crosses it (EFBIG, reported like
+  // a full disk) instead of killing the process with SIGXFSZ in the middle of a save.
+  std::signal(SIGXFSZ, SIG_IGN);
+  // Run health (parallel/watchdog.h): under MPI a communication wait longer than
+  // parallel.timeout_s stops the job naming it; rank 0 prints a heartbeat when stdout has
+  // been quiet for log.heartbeat_s. Declared before the grid: it outlives the communicators
+  // that point to it.
+  WatchdogOptions wopt;
+  wopt.rank = mpi_world_rank();
+  wopt.timeout_s = mpi_world_size() > 1 ? cfg.parallel.timeout_s : 0;
+  if (wopt.rank == 0 && cfg.log.heartbeat_s > 0) {
+    wopt.heartbeat_s = cfg.log.heartbeat_s;
+    wopt.heartbeat = print_heartbeat;
+  }
+  Watchdog watchdog(std::move(wopt));
   const ProcessGrid grid = grid_build(cfg);
+  grid_watch(grid, &watchdog);
   grid_check_consistent(grid, cfg);
   const bool root = grid.is_root();
   // Every rank resolves the same answer (same config, same build; a machine without a GPU
@@ -176,16 +229,73 @@ int train_main(const Config& cfg) {
   if (resumed && root) metrics_truncate_after(cfg.log.metrics_file, pos.step);
   MetricsFile metrics(root ? cfg.log.metrics_file : std::string(), resumed);
   const CheckpointDir ckdir{cfg.checkpoint.dir};
-  auto save = [&](const char* why) {
+  // A save that fails (disk full, quota, file-size limit, I/O error) leaves the previous
+  // checkpoint the newest valid one (the temporary file is removed, `latest` is not moved).
+  // checkpoint.on_save_error decides what follows: "stop" ends the run non-zero with one
+  // line, "continue" prints a warning and trains on (a later save may succeed). A save on
+  // the way out (`leaving`: end of training, exit_at_step, exit_after_minutes, a signal)
+  // fails the run either way: nothing after it would save the work.
+  //
+  // NOTE (several ranks): checkpoint_save is collective and only rank 0 writes. When rank
+  // 0's write fails inside it, the other ranks are still in the save's collectives, which
+  // rank 0 cannot rejoin from here, so rank 0 stops the job (main's mpi_abort_job) whatever
+  // on_save_error says. A failure after the collectives (publishing `latest`) is decided
+  // alike on every rank: the outcome is all-reduced after every save.
+  auto save = [&](const char* why, bool leaving) {
+    watchdog.set_phase("saving checkpoint");
     const double t0 = now_s();
     const std::string path = ckdir.path_for_step(pos.step);
-    checkpoint_save(s, pos, path);  // collective: every rank takes part, rank 0 writes
+    std::string failure;
+    bool in_collective = true;
+    try {
+      checkpoint_save(s, pos, path);  // collective: every rank takes part, rank 0 writes
+      in_collective = false;
+      if (root) ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
+    } catch (const UserError& e) {
+      failure = e.what();
+    }
+    const bool cont = !leaving && cfg.checkpoint.on_save_error == SaveErrorAction::kContinue;
+    auto newest = [&] {
+      const std::string latest = ckdir.latest();
+      return latest.empty() ? std::string("no checkpoint was saved yet")
+                            : "the newest checkpoint is " + (std::filesystem::path(ckdir.dir) / latest).string();
+    };
+    const long long at = static_cast<long long>(pos.step);
+    if (!failure.empty() && in_collective && grid.world)
+      user_error("checkpoint at step %lld not saved: %s; stopping: the other ranks are inside the "
+                 "save%s; %s", at, failure.c_str(),
+                 cont ? " (checkpoint.on_save_error = \"continue\" cannot resume them)" : "",
+                 newest().c_str());
+    if (grid.world) {
+      double failed = failure.empty() ? 0.0 : 1.0;
+      grid.world->all_reduce_max(&failed, 1);
+      if (failed > 0 && !root && !cont) {
+        // Rank 0 reports the failure and takes the job down (main: mpi_abort_job): one line,
+        // not one per rank. The watchdog bounds this wait should that not happen.
+        grid.world->barrier();
+        user_error("checkpoint at step %lld not saved (rank 0 says why)", at);
+      }
+      if (failed > 0 && failure.empty()) failure = "rank 0 could not save it";
+    }
+    watchdog.set_phase("training step");
+    if (!failure.empty()) {
+      if (!cont)
+        user_error("checkpoint at step %lld not saved: %s; stopping (%s); %s", at, failure.c_str(),
+                   leaving ? why : "checkpoint.on_save_error = \"stop\"", newest().c_str());
+      if (root) {
+        std::fprintf(stderr, "warning: checkpoint at step %lld not saved: %s; training continues "
+                     "(checkpoint.on_save_error = \"continue\"); %s\n", at, failure.c_str(),
+                     newest().c_str());
+        std::fflush(stderr);
+      }
+      return;
+    }
     if (!root) return;
-    ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
     std::printf("checkpoint: step %lld -> %s (%.1f MB in %.2f s; %s)\n",
                 static_cast<long long>(pos.step), path.c_str(),
                 static_cast<double>(std::filesystem::file_size(path)) / 1e6, now_s() - t0, why);
     std::fflush(stdout);
+    watchdog.note_output();
   };
 
   const int64_t steps = cfg.training.steps;
@@ -203,10 +313,17 @@ int train_main(const Config& cfg) {
   const double t_start = now_s();
   double last_val = pos.val_loss >= 0 ? pos.val_loss : NAN;
   const int64_t throw_at = injected_fault_step(grid.world_rank);
+  const InjectedSleep sleep_at = injected_sleep(grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
+    watchdog.set_step(step + 1);
+    watchdog.set_phase("training step");
     if (step + 1 == throw_at)
       user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
+    if (step + 1 == sleep_at.step)
+      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_at.seconds));
     const double t0 = now_s();
+    // NOTE: the micro-batch and the pipeline op in progress are not reported yet: train_step
+    // and the pipeline executor would call watchdog.set_micro_batch / set_schedule_op.
     const StepStats st = train_step(s, step, train_source);
     const double dt = now_s() - t0;
     if (!std::isfinite(st.loss))
@@ -222,7 +339,9 @@ int train_main(const Config& cfg) {
     const bool eval_now = val && cfg.log.eval_every > 0 &&
                           ((step + 1) % cfg.log.eval_every == 0 || step + 1 == steps);
     if (eval_now) {
+      watchdog.set_phase("evaluating");
       last_val = eval_loss(s, cfg.log.eval_batches, val_source);
+      watchdog.set_phase("training step");
       rec.add("val_loss", last_val);
     }
     metrics.write(rec);
@@ -239,6 +358,7 @@ int train_main(const Config& cfg) {
                   st.lr, st.grad_norm, tps, 100.0 * mfu, st.imbalance,
                   eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
       std::fflush(stdout);
+      watchdog.note_output();
     }
     // Save, and possibly stop, between steps: never with a half-applied update. Ranks see
     // signals and clocks at different moments, so they agree on the decision first.
@@ -263,7 +383,7 @@ int train_main(const Config& cfg) {
     }
     if (reason) {
       bar.clear();
-      save(reason);
+      save(reason, stop || pos.step == steps);
     }
     if (stop) {
       if (root) std::printf("stopped at step %lld of %lld (%s); continue with --resume\n",
@@ -292,6 +412,7 @@ int train_main(const Config& cfg) {
                   "on the final checkpoint\n");
     return 0;
   }
+  watchdog.set_phase("generating samples");
   static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
   for (int i = 0; i < cfg.log.samples; ++i) {
     const std::string prompt = kPrompts[i % 5];
