@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <chrono>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include "trainer/run_summary.h"
 #include "trainer/stop_signal.h"
 #include "trainer/train_checkpoint.h"
+#include "trainer/run_health.h"
 #include "trainer/train_device.h"
 #include "parallel/grid.h"
 #include "parallel/watchdog.h"
@@ -105,6 +107,24 @@ InjectedSleep injected_sleep(int world_rank) {
   if (!v || std::sscanf(v, "%d:%lld:%lf", &rank, &step, &seconds) != 3 || rank != world_rank)
     return {};
   return {step, seconds};
+}
+
+// Fault injection for the numerical guards' tests: MOETRAIN_TEST_POISON_AT="<world rank>:
+// <step>:<value>" makes that rank write `value` (e.g. nan, or 1e6 for a loss spike) into one
+// weight of the final RMSNorm (which scales every logit) as it starts that step, once.
+// step 0: unset or another rank's.
+struct InjectedPoison {
+  int64_t step = 0;
+  double value = 0;
+};
+InjectedPoison injected_poison(int world_rank) {
+  const char* v = std::getenv("MOETRAIN_TEST_POISON_AT");
+  int rank = -1;
+  long long step = 0;
+  double value = 0;
+  if (!v || std::sscanf(v, "%d:%lld:%lf", &rank, &step, &value) != 3 || rank != world_rank)
+    return {};
+  return {step, value};
 }
 
 // The heartbeat's output (rank 0, from the watchdog's thread): one write per line, so it
@@ -217,8 +237,10 @@ int train_main(const Config& cfg) {
 
   const int vocab = cfg.model.vocab_size;
   const uint64_t seed = cfg.run.seed;
+  // Step s reads data batch s, moved past the batches loss-spike rollbacks skipped.
   BatchSource train_source = [&](int32_t* out, int64_t step, int64_t first, int64_t n) {
-    dataset_train_batch(train, out, seed, step, first, n, T_, vocab);
+    dataset_train_batch(train, out, seed, data_batch_for_step(step, pos.skipped_batches), first,
+                        n, T_, vocab);
   };
   const int64_t B = cfg.training.micro_batch;
   const int64_t val_windows = static_cast<int64_t>(cfg.log.eval_batches) * B;
@@ -312,8 +334,20 @@ int train_main(const Config& cfg) {
   ProgressBar bar(pos.step, steps, root);
   const double t_start = now_s();
   double last_val = pos.val_loss >= 0 ? pos.val_loss : NAN;
+  // Run health (trainer/run_health.h): the guards' verdicts, the same on every rank.
+  const ModelDims& md = s.model.d;
+  std::vector<std::string> block_names;
+  for (int64_t b = 0; b < md.n_moe_blocks(); ++b)
+    block_names.push_back(b < md.n_moe_layers()
+                              ? "layer " + std::to_string(md.dense_layers + b)
+                              : "MTP module " + std::to_string(b - md.n_moe_layers()));
+  RunHealth health(cfg, md.n_moe_blocks(), md.E, block_names);
+  if (!health.spikes().from_string(pos.spike_history) && root)
+    std::fprintf(stderr, "warning: the checkpoint's spike history is unreadable; starting it "
+                 "afresh\n");
   const int64_t throw_at = injected_fault_step(grid.world_rank);
   const InjectedSleep sleep_at = injected_sleep(grid.world_rank);
+  InjectedPoison poison_at = injected_poison(grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
     watchdog.set_step(step + 1);
     watchdog.set_phase("training step");
@@ -321,14 +355,82 @@ int train_main(const Config& cfg) {
       user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
     if (step + 1 == sleep_at.step)
       std::this_thread::sleep_for(std::chrono::duration<double>(sleep_at.seconds));
+    if (step + 1 == poison_at.step && s.model.part.head) {
+      const float v = static_cast<float>(poison_at.value);
+      for (const ParamInfo& p : s.model.table)
+        if (p.name == "final_norm")
+          s.model.ops->upload(s.model.params + p.offset + p.count / 2, &v, sizeof(float));
+      poison_at.step = 0;
+    }
     const double t0 = now_s();
     // NOTE: the micro-batch and the pipeline op in progress are not reported yet: train_step
     // and the pipeline executor would call watchdog.set_micro_batch / set_schedule_op.
+    s.loss_limit = health.loss_limit();
+    const double spike_limit = health.spikes().limit();
     const StepStats st = train_step(s, step, train_source);
     const double dt = now_s() - t0;
-    if (!std::isfinite(st.loss))
-      user_error("%s: training diverged: non-finite loss at step %lld (try a lower optim.lr)",
-                 cfg.source.c_str(), static_cast<long long>(step + 1));
+    const StepVerdict verdict = health.after_step(step, st, s.model.expert_load);
+    if (root && !verdict.lines.empty()) {
+      bar.clear();
+      for (const std::string& line : verdict.lines) std::fprintf(stderr, "warning: %s\n", line.c_str());
+      std::fflush(stderr);
+      watchdog.note_output();
+    }
+    const long long step1 = static_cast<long long>(step + 1);
+    if (verdict.action == StepVerdict::Action::kAbort) {
+      // The diagnostic is on disk before any rank stops (a stopping rank takes the job down).
+      const std::string diag = (std::filesystem::path(cfg.checkpoint.dir) /
+                                strprintf("nonfinite-step-%08lld.txt", step1)).string();
+      if (root) {
+        std::filesystem::create_directories(cfg.checkpoint.dir);
+        std::FILE* f = std::fopen(diag.c_str(), "w");
+        if (f) {
+          const std::string text = nonfinite_diagnostic(
+              cfg, step1, data_batch_for_step(step, pos.skipped_batches), st.loss, st.grad_norm,
+              st.first_bad);
+          std::fputs(text.c_str(), f);
+          std::fclose(f);
+        }
+      }
+      if (grid.world) grid.world->barrier();
+      user_error("%s: non-finite %s at step %lld, update not applied; diagnostic in %s "
+                 "(training.on_nonfinite = \"abort\"; \"skip\" drops such steps and goes on)",
+                 cfg.source.c_str(), st.first_bad.empty() ? "loss" : "gradients", step1,
+                 diag.c_str());
+    }
+    if (verdict.action == StepVerdict::Action::kStop)
+      user_error("%s: %s; the newest checkpoint is in %s", cfg.source.c_str(),
+                 verdict.lines.back().c_str(), cfg.checkpoint.dir.c_str());
+    if (verdict.action == StepVerdict::Action::kRollback) {
+      // Back to the newest checkpoint, with this step's batch skipped from now on (saved in
+      // every later checkpoint, so a resume reads the same data).
+      const std::string latest = ckdir.latest();
+      const int64_t bad_batch = data_batch_for_step(step, pos.skipped_batches);
+      if (!latest.empty()) {
+        std::vector<int64_t> skipped = pos.skipped_batches;
+        skipped.insert(std::upper_bound(skipped.begin(), skipped.end(), bad_batch), bad_batch);
+        const std::string path = (std::filesystem::path(ckdir.dir) / latest).string();
+        const CheckpointInfo info = checkpoint_load(s, path);
+        pos = info.pos;
+        pos.skipped_batches = skipped;
+        health.spikes().from_string(pos.spike_history);
+        MetricsRecord rb;
+        rb.add_int("step", step + 1).add_int("rollback_to", pos.step).add_int("skipped_batch", bad_batch);
+        metrics.write(rb);
+        if (root) {
+          std::printf("rollback: step %lld -> %s (step %lld); data batch %lld skipped\n", step1,
+                      path.c_str(), static_cast<long long>(pos.step),
+                      static_cast<long long>(bad_batch));
+          std::fflush(stdout);
+        }
+        step = pos.step - 1;  // the loop's ++step continues at the checkpoint's step
+        continue;
+      }
+      if (root)
+        std::fprintf(stderr, "warning: step %lld: no checkpoint to roll back to yet; the update "
+                     "is dropped and the run goes on\n", step1);
+    }
+    pos.spike_history = health.spikes().to_string();
     const double tps = tokens_per_step / dt;
     const double mfu = tps * flops_per_token / peak;
     MetricsRecord rec;
@@ -336,6 +438,9 @@ int train_main(const Config& cfg) {
         .add("grad_norm", st.grad_norm).add("tokens_per_s", tps).add("mfu", mfu)
         .add("imbalance", st.imbalance).add("aux_loss", st.aux_loss);
     if (cfg.model.mtp_depth > 0) rec.add("mtp_loss", st.mtp_loss);
+    if (!st.applied) rec.add_int("skipped", 1);
+    if (st.nonfinite) rec.add_int("nonfinite", 1);
+    if (!st.nonfinite && st.loss > spike_limit) rec.add_int("spike", 1);
     const bool eval_now = val && cfg.log.eval_every > 0 &&
                           ((step + 1) % cfg.log.eval_every == 0 || step + 1 == steps);
     if (eval_now) {
@@ -352,11 +457,12 @@ int train_main(const Config& cfg) {
     if (root && ((step + 1) % cfg.log.every == 0 || step == 0 || eval_now || step + 1 == steps)) {
       bar.clear();
       std::printf("step %5lld/%lld | loss %.4f%s | lr %.2e | grad norm %.3f | %.0f tok/s | "
-                  "MFU %.1f%% | imbalance %.2f%s\n",
+                  "MFU %.1f%% | imbalance %.2f%s%s\n",
                   static_cast<long long>(step + 1), static_cast<long long>(steps), st.loss,
                   cfg.model.mtp_depth > 0 ? strprintf(" (mtp %.4f)", st.mtp_loss).c_str() : "",
                   st.lr, st.grad_norm, tps, 100.0 * mfu, st.imbalance,
-                  eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "");
+                  eval_now ? strprintf(" | val loss %.4f", last_val).c_str() : "",
+                  st.applied ? "" : " | update dropped");
       std::fflush(stdout);
       watchdog.note_output();
     }

@@ -50,28 +50,32 @@ float* region_grad(TrainState& s, const ShardRegion& r) {
   return r.comm ? s.grad_shard + r.state_offset : s.model.grads + r.shard_begin;
 }
 
-// The gradient tensor that went bad first in backward order (the latest in model order) with
-// a non-finite element on any rank, or "" when every gradient is finite. Collective over the
+// The gradient tensor that went bad first in backward order with a non-finite element on any
+// rank, or "" when every gradient is finite: the one of the highest layer (backward starts at
+// the head, MTP modules before it), the latest in the table within it. Collective over the
 // job; only after a step found a non-finite sum, so its extra passes cost nothing otherwise.
 std::string first_nonfinite_tensor(TrainState& s) {
   const Model<float>& m = s.model;
-  double worst = -1;  // the largest whole-model table id with a non-finite gradient here
+  // (layer + 1) * 2^24 + id orders tensors by layer, then table position; exact in a double.
+  auto key = [](const ParamInfo& p) {
+    return static_cast<double>(p.layer + 1) * 16777216.0 + static_cast<double>(p.id);
+  };
+  double worst = -1;
   for (const ShardRegion& r : s.regions) {
     const int64_t lo = r.shard_begin, hi = r.shard_begin + r.shard;
     const float* g = region_grad(s, r);
     for (const ParamInfo& p : m.table) {
       const int64_t a = std::max<int64_t>(lo, static_cast<int64_t>(p.offset));
       const int64_t b = std::min<int64_t>(hi, static_cast<int64_t>(p.offset + p.count));
-      if (a >= b || static_cast<double>(p.id) <= worst) continue;
-      if (!std::isfinite(s.optim->sum_squares(g + (a - lo), b - a)))
-        worst = static_cast<double>(p.id);
+      if (a >= b || key(p) <= worst) continue;
+      if (!std::isfinite(s.optim->sum_squares(g + (a - lo), b - a))) worst = key(p);
     }
   }
   if (Comm* world = train_world_comm(s)) world->all_reduce_max(&worst, 1);
   if (worst < 0) return "";
   // The whole model's table, for a name every rank agrees on.
   for (const ParamInfo& p : model_param_table(m.d.whole_model()))
-    if (static_cast<double>(p.id) == worst) return p.name;
+    if (key(p) == worst) return p.name;
   return "?";
 }
 
