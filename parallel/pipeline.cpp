@@ -1,5 +1,7 @@
 #include "parallel/pipeline.h"
 
+#include "parallel/watchdog.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -157,6 +159,22 @@ void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> 
 }
 
 namespace {
+
+// The op's short name, as the schedule printer writes it (static: the watchdog keeps it).
+const char* op_kind_name(PipeOpKind k) {
+  switch (k) {
+    case PipeOpKind::kForward: return "F";
+    case PipeOpKind::kBackward: return "B";
+    case PipeOpKind::kBackwardInput: return "Bx";
+    case PipeOpKind::kBackwardWeight: return "W";
+    case PipeOpKind::kForwardBackward: return "F&B";
+    case PipeOpKind::kSendActivation: return "send activation";
+    case PipeOpKind::kRecvActivation: return "recv activation";
+    case PipeOpKind::kSendGradient: return "send gradient";
+    case PipeOpKind::kRecvGradient: return "recv gradient";
+  }
+  return "?";
+}
 
 struct Runner {
   Pipeline& p;
@@ -346,6 +364,10 @@ struct Runner {
       for (int mb : pl().acquire_at[static_cast<size_t>(i)]) acquire(mb);
       const PipeOp& op = pl().ops[static_cast<size_t>(i)];
       const bool final_op = i == pl().last_backward_op;
+      if (p.watchdog) {
+        p.watchdog->set_schedule_op(i, op_kind_name(op.kind));
+        p.watchdog->set_micro_batch(op.mb);
+      }
       if (pl().fb_of[static_cast<size_t>(i)] >= 0) continue;  // its F&B pair runs it
       switch (op.kind) {
         case PipeOpKind::kRecvActivation: recv_activation(op, &p.times.recv_wait); break;
@@ -370,6 +392,10 @@ struct Runner {
           if (final_op && on_final) on_final(false);
           break;
       }
+    }
+    if (p.watchdog) {
+      p.watchdog->set_schedule_op(-1, nullptr);
+      p.watchdog->set_micro_batch(-1);
     }
     // Nothing may stay in flight past the step: the next step reuses every buffer.
     for (CommRequest& r : p.send_act) wait(r, nullptr);

@@ -34,6 +34,8 @@
 
 namespace moe {
 
+class Watchdog;
+
 struct PipelinePlan {
   PipeSchedule kind = PipeSchedule::k1F1B;
   int pp = 1, rank = 0, M = 1, S = 1;
@@ -96,6 +98,8 @@ struct Pipeline {
   // F&B pairs interleave their chunks piece by piece (DualPipe); false runs the forward, then
   // the backward, over the same pieces and messages (the benchmark's baseline).
   bool overlap_fb = true;
+  // Told which op and micro-batch run, for its timeout message; null: none.
+  Watchdog* watchdog = nullptr;
 };
 
 // Everything is allocated here; pipeline_run allocates nothing.

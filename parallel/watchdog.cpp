@@ -104,13 +104,13 @@ void Watchdog::note_output() {
 
 namespace {
 
-// "at step 3 (training step; micro-batch 2, schedule op 14 F)"; the parts not tracked by
-// the caller say so.
+// "at step 3 (training step; micro-batch 2, schedule op 14 F)"; outside a micro-batch (the
+// step's reductions, evaluation, a save) it says so.
 std::string context_text(int64_t step, const char* phase, int mb, int op_index, const char* op_kind) {
   std::string where = step > 0 ? strprintf("at step %lld (%s; ", static_cast<long long>(step), phase)
                                : strprintf("before the first step (%s; ", phase);
-  if (mb < 0 && op_index < 0) return where + "micro-batch/schedule position: see step)";
-  where += mb >= 0 ? strprintf("micro-batch %d", mb) : std::string("micro-batch: see step");
+  if (mb < 0 && op_index < 0) return where + "outside any micro-batch)";
+  where += mb >= 0 ? strprintf("micro-batch %d", mb) : std::string("no micro-batch");
   if (op_index >= 0) where += strprintf(", schedule op %d %s", op_index, op_kind ? op_kind : "?");
   return where + ")";
 }

@@ -120,8 +120,8 @@ TEST(Watchdog, FiresOnceAfterTimeoutNamingTheWait) {
   const std::string& line = sink.fired[0];
   EXPECT_EQ(line,
             "error: rank 1: watchdog: all_reduce_sum on group \"dp\" (rank 1 of 4) not complete "
-            "after 3.0 s (parallel.timeout_s = 3) at step 7 (training step; micro-batch/schedule "
-            "position: see step); a rank is stuck or gone: stopping the job");
+            "after 3.0 s (parallel.timeout_s = 3) at step 7 (training step; outside any "
+            "micro-batch); a rank is stuck or gone: stopping the job");
   EXPECT_EQ(line.find('\n'), std::string::npos);
   wd.tick(10.0);  // once only
   EXPECT_EQ(sink.n_fired(), 1u);

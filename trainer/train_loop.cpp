@@ -212,6 +212,7 @@ int train_main(const Config& cfg) {
                         grid.world_size > 1 && device == Device::kCuda ? " (rank 0)" : "");
   TrainState s;
   train_state_init(s, cfg, &grid, device);
+  train_state_set_watchdog(s, &watchdog);
   RunPosition pos = resume_run(s, cfg, root);
   if (grid.world) {
     // Every rank chose its checkpoint on its own (a node-local folder or a stale pointer could
@@ -363,8 +364,6 @@ int train_main(const Config& cfg) {
       poison_at.step = 0;
     }
     const double t0 = now_s();
-    // NOTE: the micro-batch and the pipeline op in progress are not reported yet: train_step
-    // and the pipeline executor would call watchdog.set_micro_batch / set_schedule_op.
     s.loss_limit = health.loss_limit();
     const double spike_limit = health.spikes().limit();
     const StepStats st = train_step(s, step, train_source);

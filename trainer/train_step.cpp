@@ -7,6 +7,7 @@
 #include "model/check.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/model_stages.h"
+#include "parallel/watchdog.h"
 #ifdef MOETRAIN_HAVE_CUDA
 #include "model/kernels/cuda/cuda_ops.h"
 #include "optim/optim_ops_cuda.h"
@@ -22,6 +23,11 @@ void windows_split(int32_t* inputs, int32_t* targets, const int32_t* windows, in
       targets[b * T_ + t] = w[t + 1];
     }
   }
+}
+
+void train_state_set_watchdog(TrainState& s, Watchdog* w) {
+  s.watchdog = w;
+  if (s.pipe) s.pipe->watchdog = w;
 }
 
 Comm* train_world_comm(const TrainState& s) {
@@ -233,6 +239,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
   } else {
     for (int64_t i = 0; i < s.micro_batches; ++i) {
       const int64_t mb = dp_rank * s.micro_batches + i;
+      if (s.watchdog) s.watchdog->set_micro_batch(static_cast<int>(i));
       source(s.window.data(), step, mb * B, B);
       windows_split(s.inputs.data(), s.targets.data(), s.window.data(), B, T_);
       const ChunkLoss r =
@@ -246,6 +253,7 @@ StepStats train_step(TrainState& s, int64_t step, const BatchSource& source) {
       if (last) watch_final(false);
     }
   }
+  if (s.watchdog) s.watchdog->set_micro_batch(-1);
   grad_reducer_finish(s.reducer);
   // Each micro-batch's loss is computed on one rank and each MoE layer's load counted where
   // the layer runs, so sums over the whole job give the global batch's.

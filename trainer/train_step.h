@@ -21,6 +21,8 @@
 
 namespace moe {
 
+class Watchdog;
+
 // Fills `out` (n_seqs, seq_len + 1) with sequences [first_seq, first_seq + n_seqs) of `step`.
 using BatchSource = std::function<void(int32_t* out, int64_t step, int64_t first_seq, int64_t n_seqs)>;
 
@@ -78,6 +80,9 @@ struct TrainState {
   // A step whose loss exceeds this drops its update (the loss-spike guard; the loop sets it
   // from the running median). +inf: off.
   double loss_limit = HUGE_VAL;
+  // Told the micro-batch (and, through the pipeline, the schedule op) in progress, for its
+  // timeout message; null: none. Set with train_state_set_watchdog.
+  Watchdog* watchdog = nullptr;
 };
 
 struct StepStats {
@@ -101,6 +106,9 @@ struct StepStats {
 // (train_device_resolve) and, for kCuda, selected (train_device_select).
 void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid = nullptr,
                       Device device = Device::kCpu);
+
+// Reports the step's micro-batch and pipeline op to `w` (may be null) from now on.
+void train_state_set_watchdog(TrainState& s, Watchdog* w);
 
 // Every rank of the job, or null when running as one process.
 Comm* train_world_comm(const TrainState& s);
