@@ -160,22 +160,6 @@ void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> 
 
 namespace {
 
-// The op's short name, as the schedule printer writes it (static: the watchdog keeps it).
-const char* op_kind_name(PipeOpKind k) {
-  switch (k) {
-    case PipeOpKind::kForward: return "F";
-    case PipeOpKind::kBackward: return "B";
-    case PipeOpKind::kBackwardInput: return "Bx";
-    case PipeOpKind::kBackwardWeight: return "W";
-    case PipeOpKind::kForwardBackward: return "F&B";
-    case PipeOpKind::kSendActivation: return "send activation";
-    case PipeOpKind::kRecvActivation: return "recv activation";
-    case PipeOpKind::kSendGradient: return "send gradient";
-    case PipeOpKind::kRecvGradient: return "recv gradient";
-  }
-  return "?";
-}
-
 struct Runner {
   Pipeline& p;
   Model<float>& m;
@@ -365,7 +349,7 @@ struct Runner {
       const PipeOp& op = pl().ops[static_cast<size_t>(i)];
       const bool final_op = i == pl().last_backward_op;
       if (p.watchdog) {
-        p.watchdog->set_schedule_op(i, op_kind_name(op.kind));
+        p.watchdog->set_schedule_op(i, pipe_op_kind_name(op.kind));
         p.watchdog->set_micro_batch(op.mb);
       }
       if (pl().fb_of[static_cast<size_t>(i)] >= 0) continue;  // its F&B pair runs it

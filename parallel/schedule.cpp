@@ -71,6 +71,21 @@ PipePlace schedule_place(PipeSchedule kind, int pp, int M, int stage, int mb) {
   return {};
 }
 
+const char* pipe_op_kind_name(PipeOpKind k) {
+  switch (k) {
+    case PipeOpKind::kForward: return "F";
+    case PipeOpKind::kBackward: return "B";
+    case PipeOpKind::kBackwardInput: return "Bx";
+    case PipeOpKind::kBackwardWeight: return "W";
+    case PipeOpKind::kForwardBackward: return "F&B";
+    case PipeOpKind::kSendActivation: return "send_act";
+    case PipeOpKind::kRecvActivation: return "recv_act";
+    case PipeOpKind::kSendGradient: return "send_grad";
+    case PipeOpKind::kRecvGradient: return "recv_grad";
+  }
+  return "?";
+}
+
 std::string pipe_op_to_string(const PipeOp& op) {
   switch (op.kind) {
     case PipeOpKind::kForward: return strprintf("F%d.%d", op.chunk, op.mb);

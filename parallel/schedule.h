@@ -128,6 +128,9 @@ std::vector<std::vector<PipeOp>> schedule_all_ops(PipeSchedule kind, int pp, int
 // "F0.3", "B1.2", "Bx0.1", "W0.1", "F0.3&B1.1", "a>1" / "g>1" (send activation / gradient
 // to rank 1), "a<0" / "g<2" (receive from a rank); ops of a list separated by spaces.
 std::string pipe_op_to_string(const PipeOp& op);
+// The op kind alone: "F", "B", "Bx", "W", "F&B", "send_act", "recv_act", "send_grad",
+// "recv_grad" (static strings).
+const char* pipe_op_kind_name(PipeOpKind k);
 std::string schedule_to_string(const std::vector<PipeOp>& ops);
 
 // Runs every rank's list (ranks[r]) and checks, op by op, that its inputs exist: an F has

@@ -93,11 +93,15 @@ TEST(RunHealth, SpikesWarnSkipOrRollBackAsConfigured) {
     RunHealth h(health_config({"training.spike_factor=2.0", "training.spike_window=3",
                                std::string("training.on_spike=\"") + mode + "\""}),
                 1, 4, {"layer 1"});
-    for (int64_t s = 0; s < 3; ++s)
-      EXPECT_EQ(h.after_step(s, stats(1.0, true), load).action, StepVerdict::Action::kContinue);
+    for (int64_t s = 0; s < 3; ++s) {
+      const StepVerdict ok = h.after_step(s, stats(1.0, true), load);
+      EXPECT_EQ(ok.action, StepVerdict::Action::kContinue);
+      EXPECT_FALSE(ok.spike);
+    }
     const bool drops = std::string(mode) != "warn";
     EXPECT_EQ(h.loss_limit(), drops ? 2.0 : HUGE_VAL);
     const StepVerdict v = h.after_step(3, stats(5.0, !drops), load);
+    EXPECT_TRUE(v.spike);
     ASSERT_EQ(v.lines.size(), 1u);
     EXPECT_NE(v.lines[0].find("step 4: loss spike 5.0000 > training.spike_factor 2.00 x running "
                               "median 1.0000"), std::string::npos) << v.lines[0];

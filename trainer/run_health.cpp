@@ -127,6 +127,7 @@ StepVerdict RunHealth::after_step(int64_t step, const StepStats& st, const int64
       return v;
     }
   } else if (st.loss > limit) {
+    v.spike = true;
     const bool dropped = !st.applied;
     std::snprintf(buf, sizeof(buf),
                   "step %lld: loss spike %.4f > training.spike_factor %.2f x running median "

@@ -57,6 +57,7 @@ struct StepVerdict {
     kRollback,  // a loss spike with training.on_spike = "rollback": reload the last checkpoint
   };
   Action action = Action::kContinue;
+  bool spike = false;  // the loss exceeded the spike limit (whatever on_spike did about it)
   std::vector<std::string> lines;  // warnings for the log, one per line, without "warning: "
 };
 

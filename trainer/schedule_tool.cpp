@@ -20,24 +20,9 @@ PipeSchedule parse_kind(const std::string& s) {
              s.c_str());
 }
 
-const char* op_json_name(PipeOpKind k) {
-  switch (k) {
-    case PipeOpKind::kForward: return "F";
-    case PipeOpKind::kBackward: return "B";
-    case PipeOpKind::kBackwardInput: return "Bx";
-    case PipeOpKind::kBackwardWeight: return "W";
-    case PipeOpKind::kForwardBackward: return "F&B";
-    case PipeOpKind::kSendActivation: return "send_act";
-    case PipeOpKind::kRecvActivation: return "recv_act";
-    case PipeOpKind::kSendGradient: return "send_grad";
-    case PipeOpKind::kRecvGradient: return "recv_grad";
-  }
-  return "?";
-}
-
 std::string op_json(const PipeOp& op) {
   std::string s = strprintf("{\"op\": \"%s\", \"chunk\": %d, \"mb\": %d",
-                            op_json_name(op.kind), op.chunk, op.mb);
+                            pipe_op_kind_name(op.kind), op.chunk, op.mb);
   if (op.kind == PipeOpKind::kForwardBackward)
     s += strprintf(", \"chunk2\": %d, \"mb2\": %d", op.chunk2, op.mb2);
   if (op.peer >= 0) s += strprintf(", \"peer\": %d", op.peer);

@@ -92,33 +92,19 @@ int64_t injected_fault_step(int world_rank) {
   return step;
 }
 
-// Fault injection for the watchdog test: MOETRAIN_TEST_SLEEP_AT="<world rank>:<step>:<seconds>"
-// makes that rank sleep inside that step, before its first collective, so the other ranks
-// wait for it. Read once at start; step 0 when unset or meant for another rank.
-struct InjectedSleep {
-  int64_t step = 0;
-  double seconds = 0;
-};
-InjectedSleep injected_sleep(int world_rank) {
-  const char* v = std::getenv("MOETRAIN_TEST_SLEEP_AT");
-  int rank = -1;
-  long long step = 0;
-  double seconds = 0;
-  if (!v || std::sscanf(v, "%d:%lld:%lf", &rank, &step, &seconds) != 3 || rank != world_rank)
-    return {};
-  return {step, seconds};
-}
-
-// Fault injection for the numerical guards' tests: MOETRAIN_TEST_POISON_AT="<world rank>:
-// <step>:<value>" makes that rank write `value` (e.g. nan, or 1e6 for a loss spike) into one
-// weight of the final RMSNorm (which scales every logit) as it starts that step, once.
-// step 0: unset or another rank's.
-struct InjectedPoison {
+// Fault injection with a value: `var`="<world rank>:<step>:<value>". Read once at start;
+// step 0 when unset or meant for another rank.
+//   MOETRAIN_TEST_SLEEP_AT: that rank sleeps `value` seconds inside that step, before its
+//     first collective, so the other ranks wait for it (the watchdog test).
+//   MOETRAIN_TEST_POISON_AT: that rank writes `value` (e.g. nan, or 1e6 for a loss spike)
+//     into one weight of the final RMSNorm (which scales every logit) as it starts that
+//     step, once (the numerical guards' tests).
+struct Injected {
   int64_t step = 0;
   double value = 0;
 };
-InjectedPoison injected_poison(int world_rank) {
-  const char* v = std::getenv("MOETRAIN_TEST_POISON_AT");
+Injected injected_at(const char* var, int world_rank) {
+  const char* v = std::getenv(var);
   int rank = -1;
   long long step = 0;
   double value = 0;
@@ -347,15 +333,15 @@ int train_main(const Config& cfg) {
     std::fprintf(stderr, "warning: the checkpoint's spike history is unreadable; starting it "
                  "afresh\n");
   const int64_t throw_at = injected_fault_step(grid.world_rank);
-  const InjectedSleep sleep_at = injected_sleep(grid.world_rank);
-  InjectedPoison poison_at = injected_poison(grid.world_rank);
+  const Injected sleep_at = injected_at("MOETRAIN_TEST_SLEEP_AT", grid.world_rank);
+  Injected poison_at = injected_at("MOETRAIN_TEST_POISON_AT", grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
     watchdog.set_step(step + 1);
     watchdog.set_phase("training step");
     if (step + 1 == throw_at)
       user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
     if (step + 1 == sleep_at.step)
-      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_at.seconds));
+      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_at.value));
     if (step + 1 == poison_at.step && s.model.part.head) {
       const float v = static_cast<float>(poison_at.value);
       for (const ParamInfo& p : s.model.table)
@@ -365,7 +351,6 @@ int train_main(const Config& cfg) {
     }
     const double t0 = now_s();
     s.loss_limit = health.loss_limit();
-    const double spike_limit = health.spikes().limit();
     const StepStats st = train_step(s, step, train_source);
     const double dt = now_s() - t0;
     const StepVerdict verdict = health.after_step(step, st, s.model.expert_load);
@@ -439,7 +424,7 @@ int train_main(const Config& cfg) {
     if (cfg.model.mtp_depth > 0) rec.add("mtp_loss", st.mtp_loss);
     if (!st.applied) rec.add_int("skipped", 1);
     if (st.nonfinite) rec.add_int("nonfinite", 1);
-    if (!st.nonfinite && st.loss > spike_limit) rec.add_int("spike", 1);
+    if (verdict.spike) rec.add_int("spike", 1);
     const bool eval_now = val && cfg.log.eval_every > 0 &&
                           ((step + 1) % cfg.log.eval_every == 0 || step + 1 == steps);
     if (eval_now) {
