@@ -9,6 +9,7 @@
 #include <set>
 
 #include "io/dataset.h"
+#include "tests/temp_dir_test.h"
 #include "model/check.h"
 
 namespace moe {
@@ -16,28 +17,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class DatasetTest : public ::testing::Test {
+class DatasetTest : public TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           ("moetrain_dataset_" + std::string(info->name()) + "_" + std::to_string(::getpid()));
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  DatasetTest() : TempDirTest("moetrain_dataset_") {}
 
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
-  static void write_bytes(const std::string& p, const std::string& bytes) {
-    fs::create_directories(fs::path(p).parent_path());
-    std::ofstream out(p, std::ios::binary);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  }
-  static std::string read_bytes(const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
 
   // Our header with chosen fields, followed by `token_bytes` bytes of 1s.
   static std::string our_file(uint32_t version, uint32_t dtype, uint64_t count, size_t token_bytes) {
@@ -81,7 +64,6 @@ class DatasetTest : public ::testing::Test {
     return p;
   }
 
-  fs::path dir_;
 };
 
 // Expects a one-line message that starts with the path and contains `reason`.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "io/dataset.h"
+#include "tests/temp_dir_test.h"
 #include "model/check.h"
 #include "tests/run_binary.h"
 
@@ -21,27 +22,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class ShardCorruption : public ::testing::Test {
+class ShardCorruption : public TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           ("moetrain_shard_" + std::string(info->name()) + "_" + std::to_string(::getpid()));
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
+  ShardCorruption() : TempDirTest("moetrain_shard_") {}
 
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
-  static std::string read_bytes(const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  }
-  static void write_bytes(const std::string& p, const std::string& bytes) {
-    std::ofstream out(p, std::ios::binary);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  }
 
   // A byte-token shard of n tokens spanning several checksum blocks: token i = (7 i) % 251.
   std::string good_shard(const std::string& name, size_t n) {
@@ -62,7 +46,6 @@ class ShardCorruption : public ::testing::Test {
     return "";
   }
 
-  fs::path dir_;
 };
 
 // One line that starts with the path and contains every one of `parts`.

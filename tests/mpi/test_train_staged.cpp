@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "parallel/grid.h"
-#include "tests/guarded_ops.h"
+#include "tests/guarded_train.h"
 #include "tests/train_fixture.h"
 #include "trainer/train_step.h"
 
@@ -80,45 +80,31 @@ class GuardedComm final : public Comm {
   PageGuard& g_;
 };
 
-struct RunOut {
-  std::vector<StepStats> stats;
-  std::vector<float> params;
-  double val = 0;
-};
-
 // Two steps and an eval; with `guarded`, the state is turned into a device-memory one after
 // init: guarded backends, the exchange staging through the guarded backend, and the ZeRO-1
 // groups behind guarded communicators (the reduction after backward, so no MPI request on
 // guarded memory is in flight while another group's call progresses it).
-RunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
+TrainRunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
   TrainState s;
   train_state_init(s, cfg, &grid);
-  PageGuard pages;
-  std::vector<std::unique_ptr<GuardedComm>> comms;
   s.overlap_reduction = false;
+  std::unique_ptr<StateGuard> g;
+  std::vector<std::unique_ptr<GuardedComm>> comms;  // after g: they go first
   if (guarded) {
-    Model<float>& m = s.model;
-    for (const Arena* a : {&m.param_arena, &m.grad_arena, &m.act_arena, &m.work_arena,
-                           &m.gemm_arena, &s.opt_arena})
-      pages.guard(*a);
-    m.ops = std::make_unique<GuardedOps<float>>(std::move(m.ops), pages);
-    s.optim = std::make_unique<GuardedOptimOps>(std::move(s.optim), pages);
-    if (s.exchange) s.exchange->set_staging(m.ops.get());
+    g = std::make_unique<StateGuard>(s);
     for (int k = 0; k < 2; ++k) {
       if (!s.regions[k].comm) continue;
-      comms.push_back(std::make_unique<GuardedComm>(*s.regions[k].comm, pages));
+      comms.push_back(std::make_unique<GuardedComm>(*s.regions[k].comm, g->pages));
       s.regions[k].comm = comms.back().get();
       s.reducer.regions[static_cast<size_t>(k)].comm = comms.back().get();
     }
-    pages.arm();
+    g->pages.arm();
   }
   const BatchSource src = train_fixture_batches(s.model.d.T, s.model.d.V);
-  RunOut o;
+  TrainRunOut o;
   for (int64_t step = 0; step < 2; ++step) o.stats.push_back(train_step(s, step, src));
   o.val = eval_loss(s, 2, src);
-  o.params.resize(s.model.n_alloc);
-  s.model.ops->download(o.params.data(), s.model.params, o.params.size() * sizeof(float));
-  pages.disarm();
+  train_run_download_params(s, o);
   return o;
 }
 
@@ -137,17 +123,9 @@ TEST(TrainStaged, ExpertAndPipelineParallelRunThroughDeviceStaging) {
     SCOPED_TRACE(name);
     const Config cfg = train_fixture_config("fp8", "fp32", 0, layout);
     const ProcessGrid grid = grid_build(cfg);
-    const RunOut plain = run(cfg, grid, false);
-    const RunOut guarded = run(cfg, grid, true);
-    for (size_t i = 0; i < plain.stats.size(); ++i) {
-      EXPECT_EQ(plain.stats[i].loss, guarded.stats[i].loss) << "step " << i;
-      EXPECT_EQ(plain.stats[i].grad_norm, guarded.stats[i].grad_norm) << "step " << i;
-    }
-    EXPECT_EQ(plain.val, guarded.val);
-    ASSERT_EQ(plain.params.size(), guarded.params.size());
-    EXPECT_EQ(0, std::memcmp(plain.params.data(), guarded.params.data(),
-                             plain.params.size() * sizeof(float)));
-    EXPECT_GT(plain.stats[0].grad_norm, 0.0);
+    const TrainRunOut plain = run(cfg, grid, false);
+    const TrainRunOut guarded = run(cfg, grid, true);
+    expect_same_run(plain, guarded);
   }
 }
 
