@@ -1,9 +1,10 @@
 // Fault injection through the real binary under mpirun (CTest label 'fault'; not 'unit': no
 // sanitizer run). docs/RELIABILITY.md lists what each test proves.
-//  - A random rank of a 2- or 4-rank job is SIGKILLed at a random moment, 20 times in all
-//    (during start-up, steps and their collectives, evaluations and checkpoint saves): each
-//    time the job ends within 10 s, every published checkpoint verifies, and resuming ends
-//    with the uninterrupted run's per-step losses and final checkpoint, bit for bit.
+//  - A random rank of a 2- or 4-rank job is SIGKILLed 20 times in all: in turn at a random
+//    moment, while the other ranks wait inside a step's collective for one that sleeps there,
+//    and as soon as a checkpoint save has begun: each time the job ends
+//    within 10 s, every published checkpoint verifies, and resuming ends with the
+//    uninterrupted run's per-step losses and final checkpoint, bit for bit.
 //  - The disk fills up during a save (a soft RLIMIT_FSIZE on the writing process: writes past
 //    it fail with EFBIG): one clear line, the previous checkpoint stays valid, and the run
 //    stops non-zero or continues as checkpoint.on_save_error says.
@@ -71,11 +72,17 @@ int count_lines(const std::string& s) { return static_cast<int>(std::count(s.beg
 
 int64_t steps_done(const fs::path& d) { return static_cast<int64_t>(losses(d / "metrics.jsonl").size()); }
 
+// The step of the checkpoint `latest` names; 0 before the first.
+int64_t latest_step(const fs::path& d) {
+  const std::string latest = slurp(d / "ckpt" / "latest");  // "step-00000012.h5\n"
+  return latest.size() > 5 ? std::stoll(latest.substr(5)) : 0;
+}
+
 // Polls until `pred` holds or `timeout_s` passes; returns pred().
 template <typename Pred>
-bool wait_until(Pred pred, double timeout_s) {
+bool wait_until(Pred pred, double timeout_s, Clock::duration poll = std::chrono::milliseconds(5)) {
   const auto t0 = Clock::now();
-  while (!pred() && seconds_since(t0) < timeout_s) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (!pred() && seconds_since(t0) < timeout_s) std::this_thread::sleep_for(poll);
   return pred();
 }
 
@@ -114,18 +121,27 @@ Proc spawn_sleeping(const fs::path& d, const std::string& args, const std::strin
   return p;
 }
 
+// When a kill comes: 0.1-1.5 s after launch, wherever the job is; while the other ranks wait
+// in a step's collective for one that sleeps there; as soon as a save has begun.
+enum class Aim { kAnywhere, kStep, kSave };
+
 struct KillCounts {
   // Where the kills landed: before this launch's first step, while a save's temporary file
   // existed, or in training (steps, evaluations and their collectives). saves_cut: jobs that
   // left a temporary file (the survivors of a kill start their SIGTERM save, which cannot
   // finish without the dead rank).
   int kills = 0, in_startup = 0, in_save = 0, in_steps = 0, saves_cut = 0, by_rank[4] = {};
+  // Kills aimed at a step (a rank sleeps in it) or a save, and how many landed there.
+  int aimed_at_step = 0, aimed_in_steps = 0, aimed_at_save = 0, aimed_in_saves = 0;
   double slowest_end_s = 0;
 };
 
-// `kills` times: launch (or resume) the job, SIGKILL a random rank 0.1-1.5 s after launch,
-// check it ends within 10 s and that every published checkpoint is intact. Then finish the
-// run and compare it with an uninterrupted one.
+// `kills` times: launch (or resume) the job and SIGKILL a random rank at the moment `Aim`
+// picks in turn (timing alone put too few kills in steps on a loaded machine); check the job
+// ends within 10 s and that every published checkpoint verifies. A kill aimed at a step sets
+// a random rank to sleep 4 s in the second step after the resumed checkpoint and comes once
+// the first step's checkpoint is published. Then finish the run and compare it with an
+// uninterrupted one.
 void kill_and_resume(const std::string& name, int np, const std::string& args, int kills,
                      uint64_t stream, KillCounts& c) {
   SCOPED_TRACE(name);
@@ -137,13 +153,27 @@ void kill_and_resume(const std::string& name, int np, const std::string& args, i
   const fs::path d = make_run("fault_" + name);
   int done = 0;
   for (int attempt = 0; done < kills && attempt < 3 * kills; ++attempt) {
-    const int64_t before = steps_done(d);
+    const int64_t resumed_at = latest_step(d), lines_before = steps_done(d);
     const std::vector<std::string> stale = temp_files(d);  // from the job before: not a save now
+    const auto saving_now = [&] {
+      for (const std::string& t : temp_files(d))
+        if (std::find(stale.begin(), stale.end(), t) == stale.end()) return true;
+      return false;
+    };
     const auto launch = Clock::now();
-    Proc p = spawn(d, args + " --resume", np);
-    const double delay = 0.1 + 1.4 * moe::rng_uniform(2024, stream, static_cast<uint64_t>(attempt));
-    std::this_thread::sleep_until(launch + std::chrono::duration_cast<Clock::duration>(
-                                               std::chrono::duration<double>(delay)));
+    const Aim aim = static_cast<Aim>(attempt % 3);
+    const int sleeper = static_cast<int>(moe::rng_u64(2024, stream + 2, static_cast<uint64_t>(attempt)) % np);
+    Proc p = aim == Aim::kStep ? spawn_sleeping(d, args + " --resume",
+                                  std::to_string(sleeper) + ":" + std::to_string(resumed_at + 2) + ":4", np)
+                 : spawn(d, args + " --resume", np);
+    if (aim == Aim::kStep) {
+      wait_until([&] { return latest_step(d) > resumed_at && !saving_now(); }, 20.0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    } else if (aim == Aim::kAnywhere) {
+      const double delay = 0.1 + 1.4 * moe::rng_uniform(2024, stream, static_cast<uint64_t>(attempt));
+      std::this_thread::sleep_until(launch + std::chrono::duration_cast<Clock::duration>(
+                                                 std::chrono::duration<double>(delay)));
+    }
     // mpirun starts its ranks within a fraction of a second; a kill time before that waits.
     std::vector<pid_t> ranks;
     wait_until([&] { return (ranks = rank_pids(p.pid)).size() == static_cast<size_t>(np); }, 10.0);
@@ -152,11 +182,11 @@ void kill_and_resume(const std::string& name, int np, const std::string& args, i
       ASSERT_EQ(code, 0) << slurp(d / "err.txt");
       break;
     }
+    // Aimed at a save: the kill follows the sight of this job's temporary file by microseconds.
+    if (aim == Aim::kSave) wait_until(saving_now, 20.0, std::chrono::microseconds(200));
     const pid_t victim = ranks[moe::rng_u64(2024, stream + 1, static_cast<uint64_t>(attempt)) % ranks.size()];
     const int victim_rank = world_rank_of(victim);
-    bool saving = false;  // a temporary file this job made exists: a save is in progress
-    for (const std::string& t : temp_files(d))
-      saving = saving || std::find(stale.begin(), stale.end(), t) == stale.end();
+    const bool saving = saving_now();  // a temporary file this job made exists
     kill(victim, SIGKILL);
     const auto t_kill = Clock::now();
     const int code = wait_exit(p);
@@ -168,9 +198,20 @@ void kill_and_resume(const std::string& name, int np, const std::string& args, i
     c.slowest_end_s = std::max(c.slowest_end_s, took);
     if (victim_rank >= 0 && victim_rank < 4) ++c.by_rank[victim_rank];
     c.saves_cut += temp_file_left(d);
+    // This job finished a step: it published a checkpoint, or wrote more metrics lines than
+    // the job before left.
+    const bool stepped = latest_step(d) > resumed_at || steps_done(d) > lines_before;
     if (saving) ++c.in_save;
-    else if (steps_done(d) <= before) ++c.in_startup;
+    else if (!stepped) ++c.in_startup;
     else ++c.in_steps;
+    if (aim == Aim::kStep) {
+      ++c.aimed_at_step;
+      if (!saving && stepped) ++c.aimed_in_steps;
+    }
+    if (aim == Aim::kSave) {
+      ++c.aimed_at_save;
+      c.aimed_in_saves += saving;
+    }
     verify_published(d);
   }
   c.kills += done;
@@ -197,12 +238,16 @@ TEST(FaultInjection, KillRandomRankTwentyTimesResumesBitExact) {
   kill_and_resume("pp2_dp2_ep2", 4, common + " --set parallel.pp=2 --set training.steps=400", 10, 20, c);
   std::printf("kills %d: %d during start-up, %d during a save, %d during training steps; "
               "%d jobs left a save unfinished; by rank %d/%d/%d/%d; slowest job end %.1f s "
-              "after its kill\n",
+              "after its kill; aimed at a step %d, in one %d; at a save %d, in one %d\n",
               c.kills, c.in_startup, c.in_save, c.in_steps, c.saves_cut, c.by_rank[0],
-              c.by_rank[1], c.by_rank[2], c.by_rank[3], c.slowest_end_s);
+              c.by_rank[1], c.by_rank[2], c.by_rank[3], c.slowest_end_s, c.aimed_at_step, c.aimed_in_steps, c.aimed_at_save,
+              c.aimed_in_saves);
   EXPECT_EQ(c.kills, 20);
   EXPECT_GE(c.in_save, 1) << "no kill landed inside a save; the test proved less";
-  EXPECT_GE(c.in_steps, 5);
+  EXPECT_EQ(c.aimed_at_step, 6);
+  EXPECT_EQ(c.aimed_in_steps, c.aimed_at_step) << "a kill aimed at a step landed elsewhere";
+  EXPECT_EQ(c.aimed_at_save, 6);
+  EXPECT_GE(c.aimed_in_saves, 1) << "no kill aimed at a save landed in one";
 }
 
 // One process, checkpoint.on_save_error = "continue": the save at step 10 hits the file-size
