@@ -300,25 +300,63 @@ TEST(FaultInjection, DiskFullStopEndsWithOneLineAndKeepsPrevious) {
   EXPECT_NE(slurp(d / "log.txt").find("resume: ckpt/step-00000005.h5 at step 5"), std::string::npos);
 }
 
-// Two ranks: rank 0 (the writer) hits the limit inside the collective save. Even with
-// "continue" the job stops (the other rank is inside the save's collectives), within
-// seconds, with one line from rank 0; the previous checkpoint stays valid.
-TEST(FaultInjection, DiskFullUnderMpiStopsEveryRankWithOneLine) {
-  const std::string args = "train --config c.toml --set checkpoint.every=5 --set training.micro_batch=2 "
-                           "--set parallel.dp=2";
-  const fs::path d = make_run("diskfull_mpi");
-  ASSERT_EQ(run(d, args + " --set training.exit_at_step=5", 2), 0) << slurp(d / "err.txt");
-  // Rank 0 sleeps in step 7 so the limit is set (after MPI's start-up, whose shared-memory
-  // files it would refuse) before the save at step 10.
-  Proc p = spawn_sleeping(d, args + " --resume --set checkpoint.on_save_error=continue", "0:7:2", 2);
-  ASSERT_TRUE(wait_until([&] { return steps_done(d) >= 6; }, 20.0)) << slurp(d / "err.txt");
+// Two ranks, rank 0 (the writer) hits the file-size limit inside the collective save at step
+// 10. Rank 0 sleeps in step 7 so the limit is set after MPI's start-up (whose shared-memory
+// files it would refuse) and before that save. Returns the running job and rank 0's pid.
+struct MpiDiskFull {
+  Proc p;
   pid_t rank0 = -1;
-  for (pid_t r : rank_pids(p.pid))
-    if (world_rank_of(r) == 0) rank0 = r;
-  ASSERT_GT(rank0, 0);
-  limit_file_size(rank0, 64 << 10);
+};
+MpiDiskFull start_mpi_disk_full(const fs::path& d, const std::string& args, const std::string& sleeps) {
+  MpiDiskFull j;
+  EXPECT_EQ(run(d, args + " --set training.exit_at_step=5", 2), 0) << slurp(d / "err.txt");
+  j.p = spawn_sleeping(d, args + " --resume", sleeps, 2);
+  EXPECT_TRUE(wait_until([&] { return steps_done(d) >= 6; }, 20.0)) << slurp(d / "err.txt");
+  for (pid_t r : rank_pids(j.p.pid))
+    if (world_rank_of(r) == 0) j.rank0 = r;
+  EXPECT_GT(j.rank0, 0);
+  if (j.rank0 > 0) limit_file_size(j.rank0, 64 << 10);
+  return j;
+}
+
+const char* kMpiDiskFullArgs = "train --config c.toml --set checkpoint.every=5 --set training.micro_batch=2 "
+                               "--set parallel.dp=2";
+
+// "continue" with two ranks: the failed save leaves both ranks outside its collectives, so the
+// job warns once and trains on; the limit is lifted while rank 0 sleeps in step 12, and the
+// later saves succeed. The losses and the final checkpoint are the straight run's.
+TEST(FaultInjection, DiskFullUnderMpiContinueWarnsAndTrainsOn) {
+  const std::string args = kMpiDiskFullArgs;
+  const fs::path ref = make_run("diskfull_mpi_ref");
+  ASSERT_EQ(run(ref, args, 2), 0) << slurp(ref / "err.txt");
+  const fs::path d = make_run("diskfull_mpi_continue");
+  MpiDiskFull j = start_mpi_disk_full(d, args + " --set checkpoint.on_save_error=continue", "0:7:2,0:12:2");
+  ASSERT_GT(j.rank0, 0);
+  const bool warned = wait_until([&] { return slurp(d / "err.txt").find("warning: checkpoint at step 10") != std::string::npos; }, 20.0);
+  unlimit_file_size(j.rank0);
+  ASSERT_EQ(wait_exit(j.p), 0) << slurp(d / "err.txt");
+  ASSERT_TRUE(warned);
+  const std::string err = slurp(d / "err.txt");
+  EXPECT_EQ(count_lines(err), 1) << err;
+  EXPECT_EQ(err.rfind("warning: checkpoint at step 10 not saved: ckpt/step-00000010.h5.tmp.", 0), 0u) << err;
+  EXPECT_NE(err.find("(File too large); training continues (checkpoint.on_save_error = \"continue\"); "
+                     "the newest checkpoint is ckpt/step-00000005.h5\n"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(d / "ckpt" / "step-00000010.h5"));
+  EXPECT_FALSE(temp_file_left(d));
+  EXPECT_EQ(verify_published(d), 2);  // keep_last = 2: steps 20 and 24
+  EXPECT_EQ(slurp(d / "ckpt" / "latest"), "step-00000024.h5\n");
+  EXPECT_EQ(losses(d / "metrics.jsonl"), losses(ref / "metrics.jsonl"));
+  expect_same_checkpoint(ref / "ckpt" / "step-00000024.h5", d / "ckpt" / "step-00000024.h5");
+}
+
+// The default "stop" with two ranks: the job ends within seconds, non-zero, with one line from
+// rank 0 naming the cause; the previous checkpoint stays valid.
+TEST(FaultInjection, DiskFullUnderMpiStopEndsEveryRankWithOneLine) {
+  const fs::path d = make_run("diskfull_mpi");
+  MpiDiskFull j = start_mpi_disk_full(d, kMpiDiskFullArgs, "0:7:2");
+  ASSERT_GT(j.rank0, 0);
   const auto t0 = Clock::now();
-  const int code = wait_exit(p);
+  const int code = wait_exit(j.p);
   const double took = seconds_since(t0);
   EXPECT_NE(code, 0);
   EXPECT_NE(code, 124) << "hung";
@@ -329,9 +367,9 @@ TEST(FaultInjection, DiskFullUnderMpiStopsEveryRankWithOneLine) {
   EXPECT_EQ(lines, 1u) << err;
   EXPECT_NE(err.find("error: rank 0: checkpoint at step 10 not saved: ckpt/step-00000010.h5.tmp."),
             std::string::npos) << err;
-  EXPECT_NE(err.find("(File too large); stopping: the other ranks are inside the save "
-                     "(checkpoint.on_save_error = \"continue\" cannot resume them); the newest "
+  EXPECT_NE(err.find("(File too large); stopping (checkpoint.on_save_error = \"stop\"); the newest "
                      "checkpoint is ckpt/step-00000005.h5"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(d / "ckpt" / "step-00000010.h5"));
   EXPECT_EQ(verify_published(d), 1);
 }
 

@@ -173,33 +173,54 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
   // rank zeros (exact), one tensor at a time.
   Comm* world = train_world_comm(s);
   const bool writer = !world || s.grid->is_root();
+  // A write that fails on rank 0 (disk full, quota, I/O error) must not leave the other ranks
+  // inside this save's reductions: rank 0 keeps the first error, drops the file (the writer
+  // removes its temporary file) and goes on taking part in every reduction without writing.
+  // The outcome is agreed at the end, so every rank returns or throws alike and the caller
+  // may train on (checkpoint.on_save_error = "continue").
   std::unique_ptr<CheckpointWriter> w;
-  if (writer) w = std::make_unique<CheckpointWriter>(path);
+  std::string write_error;
+  auto write = [&](auto&& f) {
+    if (!w) return;
+    try {
+      f(*w);
+    } catch (const UserError& e) {
+      write_error = e.what();
+      w.reset();
+    }
+  };
   if (writer) {
-    w->attr_i64("/meta", "format_version", kCheckpointFormatVersion);
-    w->attr_str("/meta", "moetrain_version", MOETRAIN_VERSION);
-    w->attr_i64("/meta", "step", pos.step);
-    w->attr_i64("/meta", "tokens_seen", pos.tokens_seen);
-    w->attr_f64("/meta", "loss", pos.loss);
-    w->attr_f64("/meta", "val_loss", pos.val_loss);
-    w->attr_str("/meta", "config_toml", config_to_toml(cfg));
-    w->attr_i64("/meta", "dp", cfg.parallel.dp);
-    w->attr_i64("/meta", "ep", cfg.parallel.ep);
-    w->attr_i64("/meta", "pp", cfg.parallel.pp);
-    w->attr_str("/meta", "schedule", to_string(cfg.parallel.schedule));
-    w->attr_i64("/meta", "created_unix", static_cast<int64_t>(std::time(nullptr)));
-    w->attr_i64("/optim", "step", pos.step);
-    w->attr_f64("/optim", "lr", lr_at(s.lr_plan, pos.step > 0 ? pos.step - 1 : 0));
-    w->attr_i64("/data", "seed", static_cast<int64_t>(cfg.run.seed));
-    w->attr_i64("/data", "next_step", pos.step);
-    w->attr_str("/data", "spike_history", pos.spike_history);
+    try {
+      w = std::make_unique<CheckpointWriter>(path);
+    } catch (const UserError& e) {
+      write_error = e.what();
+    }
+  }
+  write([&](CheckpointWriter& out) {
+    out.attr_i64("/meta", "format_version", kCheckpointFormatVersion);
+    out.attr_str("/meta", "moetrain_version", MOETRAIN_VERSION);
+    out.attr_i64("/meta", "step", pos.step);
+    out.attr_i64("/meta", "tokens_seen", pos.tokens_seen);
+    out.attr_f64("/meta", "loss", pos.loss);
+    out.attr_f64("/meta", "val_loss", pos.val_loss);
+    out.attr_str("/meta", "config_toml", config_to_toml(cfg));
+    out.attr_i64("/meta", "dp", cfg.parallel.dp);
+    out.attr_i64("/meta", "ep", cfg.parallel.ep);
+    out.attr_i64("/meta", "pp", cfg.parallel.pp);
+    out.attr_str("/meta", "schedule", to_string(cfg.parallel.schedule));
+    out.attr_i64("/meta", "created_unix", static_cast<int64_t>(std::time(nullptr)));
+    out.attr_i64("/optim", "step", pos.step);
+    out.attr_f64("/optim", "lr", lr_at(s.lr_plan, pos.step > 0 ? pos.step - 1 : 0));
+    out.attr_i64("/data", "seed", static_cast<int64_t>(cfg.run.seed));
+    out.attr_i64("/data", "next_step", pos.step);
+    out.attr_str("/data", "spike_history", pos.spike_history);
     std::string skipped;
     for (int64_t b : pos.skipped_batches) {
       if (!skipped.empty()) skipped += ' ';
       skipped += std::to_string(b);
     }
-    w->attr_str("/data", "skipped_batches", skipped);
-  }
+    out.attr_str("/data", "skipped_batches", skipped);
+  });
   // The whole model's tensors in one order on every rank; where this rank holds each.
   std::map<std::string, LogicalTensor> held;
   for (const LogicalTensor& t : model_logical_tensors(m.d, m.table)) held.emplace(t.name, t);
@@ -218,7 +239,7 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     total.resize(mine.size());
     fill(mine.data());
     world->reduce_sum(total.data(), mine.data(), static_cast<int64_t>(mine.size()), 0);
-    if (writer) w->write_f32(path, g.shape, total.data(), g.ld);
+    write([&](CheckpointWriter& out) { out.write_f32(path, g.shape, total.data(), g.ld); });
   };
   for (const LogicalTensor& g : model_logical_tensors(m.d.whole_model())) {
     const auto it = held.find(g.name);
@@ -228,10 +249,10 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
     // expert id < EL), so all ranks agree on which tensors need a reduction.
     const bool root_holds = s.root_part.holds(g.layer) && g.expert < m.d.EL();
     if (!world || root_holds) {
-      if (writer) {
+      write([&](CheckpointWriter& out) {
         download_span(m, *t, span);
-        w->write_f32("/model/" + g.name, g.shape, span.data(), t->ld);
-      }
+        out.write_f32("/model/" + g.name, g.shape, span.data(), t->ld);
+      });
     } else {
       assemble_and_write("/model/" + g.name, g, [&](float* dense) {
         if (!t || !owns(*t)) return;
@@ -251,20 +272,28 @@ void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::str
         });
       };
       if (!world) {  // one rank holds everything, one tensor at a time
-        mine.assign(static_cast<size_t>(dense_span(*t)), 0.0f);
-        fill(mine.data());
-        w->write_f32(names[k] + g.name, g.shape, mine.data(), t->ld);
+        write([&](CheckpointWriter& out) {
+          mine.assign(static_cast<size_t>(dense_span(*t)), 0.0f);
+          fill(mine.data());
+          out.write_f32(names[k] + g.name, g.shape, mine.data(), t->ld);
+        });
         continue;
       }
       assemble_and_write(names[k] + g.name, g, fill);
     }
   }
-  if (writer) {
+  write([&](CheckpointWriter& out) {
     for (int64_t l = 0; l < m.d.n_moe_blocks(); ++l)
-      w->write_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
-    w->commit();
+      out.write_f32(bias_path(m.d, l), {m.d.E}, m.router_bias + l * m.d.E, m.d.E);
+    out.commit();
+  });
+  // The file is complete (or abandoned) before any rank moves on, and every rank knows which.
+  double failed = write_error.empty() ? 0.0 : 1.0;
+  if (world) world->all_reduce_max(&failed, 1);
+  if (failed > 0) {
+    if (!write_error.empty()) throw UserError(write_error);
+    user_error("rank 0 could not write it");
   }
-  if (world) world->barrier();  // the file is complete before any rank moves on
 }
 
 int64_t data_batch_for_step(int64_t step, const std::vector<int64_t>& skipped_batches) {

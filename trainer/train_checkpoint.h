@@ -36,7 +36,10 @@ struct RunPosition {
 // rollback skipped.
 int64_t data_batch_for_step(int64_t step, const std::vector<int64_t>& skipped_batches);
 
-// Writes the run to `path` atomically (temp file, fsync, rename).
+// Writes the run to `path` atomically (temp file, fsync, rename). Collective over the job;
+// rank 0 writes. A write that fails throws UserError on every rank alike (rank 0 with the
+// cause, the others saying rank 0 failed), after every rank has left the save's collectives:
+// the job may carry on. No file is left under `path` or its temporary name.
 void checkpoint_save(const TrainState& s, const RunPosition& pos, const std::string& path);
 
 struct CheckpointInfo {

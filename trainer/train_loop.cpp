@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "io/checkpoint_file.h"
 #include "io/config_model.h"
@@ -92,10 +93,10 @@ int64_t injected_fault_step(int world_rank) {
   return step;
 }
 
-// Fault injection with a value: `var`="<world rank>:<step>:<value>". Read once at start;
-// step 0 when unset or meant for another rank.
+// Fault injection with a value: `var`="<world rank>:<step>:<value>", or several such entries
+// separated by commas. Read once at start; the entries meant for this rank.
 //   MOETRAIN_TEST_SLEEP_AT: that rank sleeps `value` seconds inside that step, before its
-//     first collective, so the other ranks wait for it (the watchdog test).
+//     first collective, so the other ranks wait for it (the watchdog and fault tests).
 //   MOETRAIN_TEST_POISON_AT: that rank writes `value` (e.g. nan, or 1e6 for a loss spike)
 //     into one weight of the final RMSNorm (which scales every logit) as it starts that
 //     step, once (the numerical guards' tests).
@@ -103,14 +104,18 @@ struct Injected {
   int64_t step = 0;
   double value = 0;
 };
-Injected injected_at(const char* var, int world_rank) {
-  const char* v = std::getenv(var);
-  int rank = -1;
-  long long step = 0;
-  double value = 0;
-  if (!v || std::sscanf(v, "%d:%lld:%lf", &rank, &step, &value) != 3 || rank != world_rank)
-    return {};
-  return {step, value};
+std::vector<Injected> injected_at(const char* var, int world_rank) {
+  std::vector<Injected> out;
+  for (const char* v = std::getenv(var); v && *v;) {
+    int rank = -1, used = 0;
+    long long step = 0;
+    double value = 0;
+    if (std::sscanf(v, "%d:%lld:%lf%n", &rank, &step, &value, &used) != 3) break;
+    if (rank == world_rank) out.push_back({step, value});
+    v += used;
+    if (*v == ',') ++v;
+  }
+  return out;
 }
 
 // The heartbeat's output (rank 0, from the watchdog's thread): one write per line, so it
@@ -245,20 +250,17 @@ int train_main(const Config& cfg) {
   // the way out (`leaving`: end of training, exit_at_step, exit_after_minutes, a signal)
   // fails the run either way: nothing after it would save the work.
   //
-  // NOTE (several ranks): checkpoint_save is collective and only rank 0 writes. When rank
-  // 0's write fails inside it, the other ranks are still in the save's collectives, which
-  // rank 0 cannot rejoin from here, so rank 0 stops the job (main's mpi_abort_job) whatever
-  // on_save_error says. A failure after the collectives (publishing `latest`) is decided
-  // alike on every rank: the outcome is all-reduced after every save.
+  // With several ranks checkpoint_save is collective and only rank 0 writes; a failed write
+  // throws on every rank once all have left the save's collectives. Publishing `latest`
+  // (rank 0 alone) may fail too, so the outcome is all-reduced after every save and every
+  // rank decides alike.
   auto save = [&](const char* why, bool leaving) {
     watchdog.set_phase("saving checkpoint");
     const double t0 = now_s();
     const std::string path = ckdir.path_for_step(pos.step);
     std::string failure;
-    bool in_collective = true;
     try {
       checkpoint_save(s, pos, path);  // collective: every rank takes part, rank 0 writes
-      in_collective = false;
       if (root) ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
     } catch (const UserError& e) {
       failure = e.what();
@@ -270,11 +272,6 @@ int train_main(const Config& cfg) {
                             : "the newest checkpoint is " + (std::filesystem::path(ckdir.dir) / latest).string();
     };
     const long long at = static_cast<long long>(pos.step);
-    if (!failure.empty() && in_collective && grid.world)
-      user_error("checkpoint at step %lld not saved: %s; stopping: the other ranks are inside the "
-                 "save%s; %s", at, failure.c_str(),
-                 cont ? " (checkpoint.on_save_error = \"continue\" cannot resume them)" : "",
-                 newest().c_str());
     if (grid.world) {
       double failed = failure.empty() ? 0.0 : 1.0;
       grid.world->all_reduce_max(&failed, 1);
@@ -333,21 +330,22 @@ int train_main(const Config& cfg) {
     std::fprintf(stderr, "warning: the checkpoint's spike history is unreadable; starting it "
                  "afresh\n");
   const int64_t throw_at = injected_fault_step(grid.world_rank);
-  const Injected sleep_at = injected_at("MOETRAIN_TEST_SLEEP_AT", grid.world_rank);
-  Injected poison_at = injected_at("MOETRAIN_TEST_POISON_AT", grid.world_rank);
+  const std::vector<Injected> sleeps = injected_at("MOETRAIN_TEST_SLEEP_AT", grid.world_rank);
+  std::vector<Injected> poisons = injected_at("MOETRAIN_TEST_POISON_AT", grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
     watchdog.set_step(step + 1);
     watchdog.set_phase("training step");
     if (step + 1 == throw_at)
       user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
-    if (step + 1 == sleep_at.step)
-      std::this_thread::sleep_for(std::chrono::duration<double>(sleep_at.value));
-    if (step + 1 == poison_at.step && s.model.part.head) {
-      const float v = static_cast<float>(poison_at.value);
+    for (const Injected& z : sleeps)
+      if (step + 1 == z.step) std::this_thread::sleep_for(std::chrono::duration<double>(z.value));
+    for (Injected& z : poisons) {
+      if (step + 1 != z.step || !s.model.part.head) continue;
+      const float v = static_cast<float>(z.value);
       for (const ParamInfo& p : s.model.table)
         if (p.name == "final_norm")
           s.model.ops->upload(s.model.params + p.offset + p.count / 2, &v, sizeof(float));
-      poison_at.step = 0;
+      z.step = 0;  // once: a rollback replays this step unpoisoned
     }
     const double t0 = now_s();
     s.loss_limit = health.loss_limit();
