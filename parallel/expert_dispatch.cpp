@@ -143,11 +143,7 @@ EpWire ep_wire_create(int ep) {
   return EpWire{std::vector<int>(n), std::vector<int>(n), std::vector<int>(n), std::vector<int>(n)};
 }
 
-namespace {
-
-// Rows to bytes as MPI ints: every per-peer message and offset must stay under 2 GiB.
-// row: bytes of one row on the wire.
-void wire_fill(EpWire& w, const EpPlan& plan, int64_t row) {
+void ep_wire_fill(EpWire& w, const EpPlan& plan, int64_t row) {
   CHECK(static_cast<int>(w.send_bytes.size()) == plan.ep, "wire for ep=%zu used with ep=%d",
         w.send_bytes.size(), plan.ep);
   auto bytes = [&](int64_t rows) {
@@ -163,12 +159,10 @@ void wire_fill(EpWire& w, const EpPlan& plan, int64_t row) {
   }
 }
 
-}  // namespace
-
 CommRequest ep_dispatch_start(float* scratch, const float* xp, const EpPlan& plan, int64_t C,
                               EpWire& wire, Comm& comm) {
   check_call(plan, C, comm);
-  wire_fill(wire, plan, ep_dispatch_row_bytes(EpWireFormat::kFloat, C));
+  ep_wire_fill(wire, plan, ep_dispatch_row_bytes(EpWireFormat::kFloat, C));
   return comm.all_to_all_v_start(xp, wire.send_bytes.data(), wire.send_displs.data(), scratch,
                                  wire.recv_bytes.data(), wire.recv_displs.data());
 }
@@ -183,7 +177,7 @@ CommRequest ep_combine_start(float* yp, float* scratch, const float* y_grouped,
   check_call(plan, C, comm);
   copy_blocks(scratch, plan.block_wire_off.data(), y_grouped, plan.block_grouped_off.data(),
               plan.recv_expert_counts.data(), plan.ep * plan.EL, C);
-  wire_fill(wire, plan, ep_combine_row_bytes(EpWireFormat::kFloat, C));
+  ep_wire_fill(wire, plan, ep_combine_row_bytes(EpWireFormat::kFloat, C));
   // The dispatch's all_to_all_v with the sides swapped.
   return comm.all_to_all_v_start(scratch, wire.recv_bytes.data(), wire.recv_displs.data(), yp,
                                  wire.send_bytes.data(), wire.send_displs.data());
@@ -312,7 +306,7 @@ CommRequest ep_dispatch_fp8_start(uint8_t* recv_wire, uint8_t* send_wire, float*
     fp8_quantize_ld(send_wire, rb, scales, xp, C, plan.rows_sent, C, kTileAct);
     scales_to_wire(send_wire, scales, plan.rows_sent, C);
   }
-  wire_fill(wire, plan, rb);
+  ep_wire_fill(wire, plan, rb);
   return comm.all_to_all_v_start(send_wire, wire.send_bytes.data(), wire.send_displs.data(),
                                  recv_wire, wire.recv_bytes.data(), wire.recv_displs.data());
 }
@@ -349,7 +343,7 @@ CommRequest ep_combine_bf16_start(uint8_t* recv_wire, uint8_t* send_wire,
     bf16_encode(send_wire + plan.block_wire_off[i] * rb, y_grouped + plan.block_grouped_off[i] * C,
                 n * C);
   }
-  wire_fill(wire, plan, rb);
+  ep_wire_fill(wire, plan, rb);
   // The dispatch's all_to_all_v with the sides swapped.
   return comm.all_to_all_v_start(send_wire, wire.recv_bytes.data(), wire.recv_displs.data(),
                                  recv_wire, wire.send_bytes.data(), wire.send_displs.data());

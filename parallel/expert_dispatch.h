@@ -119,6 +119,10 @@ struct EpWire {
   std::vector<int> send_bytes, send_displs, recv_bytes, recv_displs;  // (ep)
 };
 EpWire ep_wire_create(int ep);
+// The byte counts and displacements of the plan's all_to_all_v with `row` bytes a row, the
+// sender's side in send_*, the receiver's in recv_* (a combine swaps them). Every per-peer
+// message and offset must stay under 2 GiB (MPI's ints).
+void ep_wire_fill(EpWire& w, const EpPlan& plan, int64_t row);
 CommRequest ep_plan_start(EpPlan& plan, const int64_t* local_counts, Comm& comm);
 void ep_plan_finish(EpPlan& plan, const int64_t* local_counts, Comm& comm);
 CommRequest ep_dispatch_start(float* scratch, const float* xp, const EpPlan& plan, int64_t C,

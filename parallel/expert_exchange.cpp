@@ -9,7 +9,7 @@ namespace moe {
 
 EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
                        int n_lanes, EpWireFormat format)
-    : comm_(comm), staging_(nullptr), rows_capacity_(rows_capacity), C_max_(C), format_(format) {
+    : comm_(comm), rows_capacity_(rows_capacity), C_max_(C), format_(format) {
   CHECK(n_keys >= 0 && C >= 1 && n_lanes >= 1);
   for (int64_t k = 0; k < n_keys; ++k)
     plans_.push_back(ep_plan_create(comm.size(), E, rows_capacity));
@@ -27,30 +27,23 @@ EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capac
   }
 }
 
-void EpExchange::set_staging(Ops<float>* ops) {
-  staging_ = ops;
-  const size_t rows = ops ? static_cast<size_t>(rows_capacity_) : 0;
+void EpExchange::set_device(Ops<float>& ops, Comm& device_comm, Device arena_device) {
+  CHECK(device_comm.size() == comm_.size() && device_comm.rank() == comm_.rank(),
+        "device communicator '%s' is not a twin of '%s'", device_comm.name().c_str(),
+        comm_.name().c_str());
+  ops_ = &ops;
+  device_comm_ = &device_comm;
+  device_arena_ = arena_build("expert exchange", [&](Carver& c) {
+    for (Lane& ln : lanes_) ep_device_buffers_carve(ln.dev, c, format_, rows_capacity_, C_max_);
+  }, arena_device);
   for (Lane& ln : lanes_) {
-    ln.stage_in.assign(rows * static_cast<size_t>(C_max_), 0.0f);
-    ln.stage_out.assign(rows * static_cast<size_t>(C_max_), 0.0f);
-    ln.ids_host.assign(rows, 0);
+    // The host path's buffers are not used any more.
+    ln.scratch = std::vector<float>();
+    ln.send_wire = ln.recv_wire = std::vector<uint8_t>();
+    ln.scales = std::vector<float>();
+    ln.dev_wire = ep_device_wire_create(comm_.size());
+    ln.ids_host.assign(static_cast<size_t>(rows_capacity_), 0);
   }
-}
-
-// With staging: rows (n, C) of the backend's memory copied into the lane's stage_in, and the
-// lane's output redirected to stage_out (uploaded to `out` by finish). Returns the rows to
-// send from; without staging, `in` itself.
-const float* EpExchange::stage_rows(Lane& ln, const float* in, int64_t n_in, float*& out,
-                                    int64_t n_out, int64_t C) {
-  if (!staging_) return in;
-  CHECK(static_cast<size_t>(std::max(n_in, n_out) * C) <= ln.stage_in.size(),
-        "%lld / %lld rows of %lld over the exchange's staging capacity", (long long)n_in,
-        (long long)n_out, (long long)C);
-  staging_->download(ln.stage_in.data(), in, static_cast<size_t>(n_in * C) * sizeof(float));
-  ln.dev_out = out;
-  ln.out_rows = n_out;
-  out = ln.stage_out.data();
-  return ln.stage_in.data();
 }
 
 EpExchange::Lane& EpExchange::lane_at(int lane) {
@@ -78,9 +71,9 @@ void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
   ln.expert_ids = expert_ids;
   ln.N = N;
   ln.K = K;
-  if (staging_) {  // the routing is the backend's memory; the traffic count reads it here
+  if (ops_) {  // the routing is the backend's memory; the traffic count reads it here
     CHECK(static_cast<size_t>(N * K) <= ln.ids_host.size());
-    staging_->download(ln.ids_host.data(), expert_ids, static_cast<size_t>(N * K) * sizeof(int32_t));
+    ops_->download(ln.ids_host.data(), expert_ids, static_cast<size_t>(N * K) * sizeof(int32_t));
     ln.expert_ids = ln.ids_host.data();
   }
   ln.req = ep_plan_start(plans_[static_cast<size_t>(key)], counts, comm_);
@@ -127,9 +120,10 @@ void EpExchange::dispatch_start(int lane, int64_t key, float* x_grouped, const f
   ln.op = Op::kDispatch;
   ln.C = C;
   const EpPlan& p = plans_[static_cast<size_t>(key)];
-  xp = stage_rows(ln, xp, p.rows_sent, x_grouped, p.rows_recv, C);
   ln.out = x_grouped;
-  if (format_ == EpWireFormat::kFloat)
+  if (ops_)
+    ep_dispatch_device_start(ln.req, ln.req_scales, ln.dev, xp, p, C, format_, ln.dev_wire, *ops_, *device_comm_);
+  else if (format_ == EpWireFormat::kFloat)
     ln.req = ep_dispatch_start(ln.scratch.data(), xp, p, C, ln.wire, comm_);
   else
     ln.req = ep_dispatch_fp8_start(ln.recv_wire.data(), ln.send_wire.data(), ln.scales.data(), xp,
@@ -144,9 +138,11 @@ void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_
   ln.op = Op::kCombine;
   ln.C = C;
   const EpPlan& p = plans_[static_cast<size_t>(key)];
-  y_grouped = stage_rows(ln, y_grouped, p.rows_recv, yp, p.rows_sent, C);
   ln.out = yp;
-  if (format_ == EpWireFormat::kFloat)
+  if (ops_)
+    ep_combine_device_start(ln.req, ln.req_scales, yp, ln.dev, y_grouped, p, C, format_, ln.dev_wire, *ops_,
+                            *device_comm_);
+  else if (format_ == EpWireFormat::kFloat)
     ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, p, C, ln.wire, comm_);
   else
     ln.req = ep_combine_bf16_start(ln.recv_wire.data(), ln.send_wire.data(), y_grouped, p, C,
@@ -159,24 +155,33 @@ void EpExchange::finish(int lane) {
   CHECK(ln.op == Op::kDispatch || ln.op == Op::kCombine, "lane %d: finish without a start",
         lane);
   const double t = now_s();
-  comm_.wait(ln.req);
+  Comm& c = ops_ ? *device_comm_ : comm_;
+  c.wait(ln.req);
+  c.wait(ln.req_scales);
   blocked_s_ += now_s() - t;
   const EpPlan& p = plans_[static_cast<size_t>(ln.key)];
-  if (format_ == EpWireFormat::kFloat) {
+  if (ops_) {
+    if (ln.op == Op::kDispatch)
+      ep_dispatch_device_finish(ln.out, ln.dev, p, ln.C, format_, *ops_);
+    else
+      ep_combine_device_finish(ln.out, ln.dev, p, ln.C, format_, *ops_);
+  } else if (format_ == EpWireFormat::kFloat) {
     if (ln.op == Op::kDispatch) ep_dispatch_finish(ln.out, ln.scratch.data(), p, ln.C);
   } else if (ln.op == Op::kDispatch) {
     ep_dispatch_fp8_finish(ln.out, ln.scales.data(), ln.recv_wire.data(), p, ln.C);
   } else {
     ep_combine_bf16_finish(ln.out, ln.recv_wire.data(), p, ln.C);
   }
-  if (staging_)
-    staging_->upload(ln.dev_out, ln.out, static_cast<size_t>(ln.out_rows * ln.C) * sizeof(float));
   ln.op = Op::kNone;
 }
 
 void EpExchange::progress() {
-  for (Lane& ln : lanes_)
-    if (ln.req.active) comm_.test(ln.req);
+  for (Lane& ln : lanes_) {
+    // A plan's request is the host communicator's; a device path's exchange its twin's.
+    Comm& c = ops_ && ln.op != Op::kPlan ? *device_comm_ : comm_;
+    if (ln.req.active) c.test(ln.req);
+    if (ln.req_scales.active) c.test(ln.req_scales);
+  }
 }
 
 }  // namespace moe

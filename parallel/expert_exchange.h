@@ -10,7 +10,9 @@
 
 #include "model/expert_exchange.h"
 #include "model/ops.h"
+#include "model/arena.h"
 #include "parallel/expert_dispatch.h"
+#include "parallel/expert_dispatch_device.h"
 
 namespace moe {
 
@@ -36,10 +38,12 @@ class EpExchange final : public ExpertExchange {
   EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
              int n_lanes = 1, EpWireFormat format = EpWireFormat::kFloat);
 
-  // The model's rows and routing are memory of `ops` (a GPU's) rather than the host's: every
-  // exchange then copies its rows through host buffers of its lane (allocated here) and back,
-  // and the exchange itself runs over the host communicator (MPI). Null: host memory.
-  void set_staging(Ops<float>* ops);
+  // The model's rows are memory of `ops` (a GPU's) rather than the host's: every exchange then
+  // runs parallel/expert_dispatch_device.h over `device_comm` (the EP group's NCCL twin; same
+  // ranks and order as `comm`), with its lanes' wire buffers in one arena of `arena_device`
+  // allocated here. The plans' token counts stay on `comm` (host values). Before any plan.
+  void set_device(Ops<float>& ops, Comm& device_comm, Device arena_device);
+  const Arena& device_arena() const { return device_arena_; }
 
   int lanes() const { return static_cast<int>(lanes_.size()); }
   EpWireFormat format() const { return format_; }
@@ -65,7 +69,7 @@ class EpExchange final : public ExpertExchange {
   struct Lane {
     Op op = Op::kNone;
     int64_t key = 0, C = 0;
-    CommRequest req;
+    CommRequest req, req_scales;  // req_scales: the device path's FP8 scales
     EpWire wire;
     // kFloat: scratch (rows_capacity, C) floats, the wire layout.
     // kFp8Bf16: send_wire / recv_wire, ep_wire_bytes(format, rows_capacity, C) bytes each;
@@ -74,25 +78,23 @@ class EpExchange final : public ExpertExchange {
     std::vector<uint8_t> send_wire, recv_wire;
     std::vector<float> scales;
     float* out = nullptr;  // where finish unpacks: x_grouped (dispatch), yp (combine, compact)
-    // With staging: host copies of the rows sent (stage_in) and received (stage_out), each
-    // (rows_capacity, C), and of the routing (rows_capacity); `dev_out` is where finish
-    // uploads stage_out (out_rows rows).
-    std::vector<float> stage_in, stage_out;
+    // The device path: its wire buffers and byte tables, and a host copy of the routing
+    // (rows_capacity) for the traffic count.
+    EpDeviceBuffers dev;
+    EpDeviceWire dev_wire;
     std::vector<int32_t> ids_host;
-    float* dev_out = nullptr;
-    int64_t out_rows = 0;
     const int64_t* counts = nullptr;
     const int32_t* expert_ids = nullptr;
     int64_t N = 0, K = 0;
   };
   Lane& lane_at(int lane);
   Lane& lane_idle(int lane, int64_t key);
-  const float* stage_rows(Lane& ln, const float* in, int64_t n_in, float*& out, int64_t n_out,
-                          int64_t C);
   void count_traffic(const EpPlan& p, const Lane& ln);
 
   Comm& comm_;
-  Ops<float>* staging_;
+  Ops<float>* ops_ = nullptr;      // the device path: the backend and its communicator
+  Comm* device_comm_ = nullptr;
+  Arena device_arena_;
   int64_t rows_capacity_;
   int64_t C_max_;
   EpWireFormat format_;

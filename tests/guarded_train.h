@@ -10,6 +10,8 @@
 #include <memory>
 #include <vector>
 
+#include "parallel/grid.h"
+#include "tests/guarded_comm.h"
 #include "tests/guarded_ops.h"
 #include "trainer/train_step.h"
 
@@ -17,8 +19,9 @@ namespace moe {
 
 // Puts every device arena of a built state under one guard: the model's backend and the
 // optimizer's forward to the CPU ones with the pages open only during their calls, and the
-// expert exchange stages its rows through the guarded backend. Declared after the state, so
-// it opens the pages before the state frees them.
+// expert exchange takes its device path (parallel/expert_dispatch_device.h) through the
+// guarded backend and a guarded twin of the EP group, its own buffers guarded too. Declared
+// after the state, so it opens the pages before the state frees them.
 struct StateGuard {
   explicit StateGuard(TrainState& s) {
     Model<float>& m = s.model;
@@ -27,7 +30,11 @@ struct StateGuard {
       pages.guard(*a);
     m.ops = std::make_unique<GuardedOps<float>>(std::move(m.ops), pages);
     s.optim = std::make_unique<GuardedOptimOps>(std::move(s.optim), pages);
-    if (s.exchange) s.exchange->set_staging(m.ops.get());
+    if (s.exchange) {
+      ep = std::make_unique<GuardedComm>(*s.grid->ep_comm, pages, true);
+      s.exchange->set_device(*m.ops, *ep, Device::kCpu);
+      pages.guard(s.exchange->device_arena());
+    }
     // Nearly all of the device memory is under guard (the test is not vacuous).
     const size_t total = m.param_arena.bytes() + m.grad_arena.bytes() + m.act_arena.bytes() +
                          m.work_arena.bytes() + m.gemm_arena.bytes() + s.opt_arena.bytes();
@@ -35,6 +42,7 @@ struct StateGuard {
   }
   ~StateGuard() { pages.disarm(); }
   PageGuard pages;
+  std::unique_ptr<GuardedComm> ep;  // the EP group's stand-in device twin
 };
 
 // What a run produced: per-step stats, the final parameters (downloaded) and an eval loss.

@@ -1,8 +1,8 @@
 // Where a rank trains: run.device resolved against this build and this machine, one GPU per
 // rank chosen from the launcher's local rank, and what a GPU run adds to the data-parallel
-// groups (NCCL twins of the ZeRO-1 groups on a stream of their own). The expert exchange and
-// the pipeline's messages stage device rows through host buffers over MPI
-// (EpExchange::set_staging, Pipeline::act_in).
+// groups and the expert-parallel group (NCCL twins on a stream of their own: the ZeRO-1
+// shards' traffic and the expert exchange's rows). The pipeline's messages still stage device
+// rows through host buffers over MPI (Pipeline::act_in).
 #pragma once
 
 #include <memory>
@@ -29,19 +29,20 @@ std::string train_device_select();
 double gpu_peak_flops(bool fp8, std::string* what);
 
 // The NCCL side of a GPU rank: a communication stream, ordered after the computation stream
-// by events, and a device twin of each ZeRO-1 group that has more than one rank. The MPI
-// groups stay for host values (loss sums, expert loads, flags).
+// by events, and a device twin of each ZeRO-1 group that has more than one rank and of the
+// expert-parallel group. The MPI groups stay for host values (loss sums, expert loads, token
+// counts, flags).
 struct DeviceComms {
   DeviceComms() = default;
   DeviceComms(const DeviceComms&) = delete;
   DeviceComms& operator=(const DeviceComms&) = delete;
   ~DeviceComms();
   cuda::Stream stream = nullptr;
-  std::unique_ptr<Comm> param, expert_param;
+  std::unique_ptr<Comm> param, expert_param, ep;
 };
 
 // Collective over each non-null group. `compute` is the model's stream.
-void device_comms_init(DeviceComms& dc, Comm* param_comm, Comm* expert_param_comm,
+void device_comms_init(DeviceComms& dc, Comm* param_comm, Comm* expert_param_comm, Comm* ep_comm,
                        cuda::Stream compute, double timeout_s);
 
 }  // namespace moe

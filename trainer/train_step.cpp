@@ -128,16 +128,18 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid,
                      split_backward, device);
   model_init<float>(s.model, cfg.run.seed);
   Model<float>& m = s.model;
+  const bool has_exchange = d.ep > 1 && d.n_moe_blocks() > 0;
   if (device == Device::kCuda) {
-    // The ZeRO-1 groups move device tensors: their NCCL twins take the shards' traffic.
+    // The ZeRO-1 groups and the expert exchange move device tensors: their NCCL twins take
+    // that traffic.
 #ifdef MOETRAIN_HAVE_CUDA
-    device_comms_init(s.dev, param_comm, expert_param_comm, ops_cuda_stream(*m.ops),
-                      cfg.parallel.timeout_s);
+    device_comms_init(s.dev, param_comm, expert_param_comm, has_exchange ? grid->ep_comm.get() : nullptr,
+                      ops_cuda_stream(*m.ops), cfg.parallel.timeout_s);
 #endif
     if (s.dev.param) param_comm = s.dev.param.get();
     if (s.dev.expert_param) expert_param_comm = s.dev.expert_param.get();
   }
-  if (d.ep > 1 && d.n_moe_blocks() > 0) {
+  if (has_exchange) {
     CHECK(grid && grid->ep_comm);
     // One routing plan per (activation slot, MoE block): each micro-batch in flight keeps its own.
     s.exchange = std::make_unique<EpExchange>(*grid->ep_comm, d.E, n_slots * d.n_moe_blocks(),
@@ -145,7 +147,10 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid,
                                               d.dispatch_fp8 ? EpWireFormat::kFp8Bf16
                                                              : EpWireFormat::kFloat);
     m.exchange = s.exchange.get();
-    if (device != Device::kCpu) s.exchange->set_staging(m.ops.get());
+    if (device == Device::kCuda) {
+      CHECK(s.dev.ep, "the expert exchange on a GPU needs NCCL");
+      s.exchange->set_device(*m.ops, *s.dev.ep, Device::kCuda);
+    }
   }
   s.regions[0] = shard_region(m.replicated, param_comm, 0);
   s.regions[1] = shard_region(m.experts, expert_param_comm, s.regions[0].shard);

@@ -10,48 +10,16 @@
 #include "tests/gpu/gpu_test_util.h"
 
 #ifdef MOETRAIN_HAVE_NCCL
-#include "model/check.h"
 #include "parallel/nccl/comm_nccl.h"
+#include "tests/loopback_comm.h"
 
 namespace {
 
 using moe_gpu_test::DeviceVec;
 
-// A bootstrap group of one process: broadcast from rank 0 to itself is nothing.
-class SelfComm final : public moe::Comm {
- public:
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-  const std::string& name() const override { return name_; }
-  void broadcast(void*, size_t, int) override {}
-  void all_reduce_sum(float*, int64_t) override { unused(); }
-  void all_reduce_sum(double*, int64_t) override { unused(); }
-  void all_reduce_sum(int64_t*, int64_t) override { unused(); }
-  void all_reduce_max(double*, int64_t) override { unused(); }
-  moe::CommRequest all_reduce_sum_start(float*, int64_t) override { unused(); }
-  moe::CommRequest reduce_scatter_sum_start(float*, const float*, const int*) override { unused(); }
-  bool test(moe::CommRequest&) override { unused(); }
-  void wait(moe::CommRequest&) override { unused(); }
-  void reduce_scatter_sum(float*, const float*, int64_t) override { unused(); }
-  void reduce_sum(float*, const float*, int64_t, int) override { unused(); }
-  void all_gather(float*, const float*, int64_t) override { unused(); }
-  moe::CommRequest all_to_all_v_start(const void*, const int*, const int*, void*, const int*,
-                                      const int*) override { unused(); }
-  moe::CommRequest all_to_all_start(const int64_t*, int64_t*, int64_t) override { unused(); }
-  void send(const void*, size_t, int, int) override { unused(); }
-  void recv(void*, size_t, int, int) override { unused(); }
-  moe::CommRequest send_start(const void*, size_t, int, int) override { unused(); }
-  moe::CommRequest recv_start(void*, size_t, int, int) override { unused(); }
-  void barrier() override {}
-
- private:
-  [[noreturn]] static void unused() { CHECK(false, "the bootstrap only broadcasts"); __builtin_unreachable(); }
-  std::string name_ = "self";
-};
-
 TEST(NcclComm, GroupOfOneMovesTheBytes) {
   SKIP_WITHOUT_GPU();
-  SelfComm boot;
+  moe::LoopbackComm boot;  // broadcast from rank 0 to itself is nothing
   moe::cuda::Stream stream = moe::cuda::stream_create();
   {
     std::unique_ptr<moe::Comm> c = moe::comm_nccl_create(boot, stream, 60.0);

@@ -1,8 +1,11 @@
 // The trainer with expert and pipeline parallelism when the model's memory is a device's, proven
 // on the CPU under mpirun: every device arena is guarded (tests/guarded_ops.h), so the expert
-// exchange and the pipeline must move rows through their host staging buffers and the ZeRO-1
-// groups must touch parameters and gradients only inside their (here: guarded MPI) calls, as
-// NCCL does on a GPU. Two steps and an eval run bit-identical to the unguarded trainer.
+// exchange must run its device path (rows touched only by the backend and the EP group's
+// device twin, here a guarded MPI communicator), the pipeline must move rows through its host
+// staging buffers, and the ZeRO-1 groups must touch parameters and gradients only inside
+// their (guarded) calls, as NCCL does on a GPU. Two steps and an eval run bit-identical to the
+// unguarded trainer, whose exchange takes the host path: the device path gives the same bits,
+// in the float wire and in FP8 dispatch / BF16 combine.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -11,6 +14,7 @@
 #include <vector>
 
 #include "parallel/grid.h"
+#include "tests/guarded_comm.h"
 #include "tests/guarded_train.h"
 #include "tests/train_fixture.h"
 #include "trainer/train_step.h"
@@ -18,72 +22,10 @@
 namespace moe {
 namespace {
 
-// A communicator whose calls run with the guard's pages open: the stand-in for a device
-// communicator (NCCL), the only other code that may touch device memory.
-class GuardedComm final : public Comm {
- public:
-  GuardedComm(Comm& inner, PageGuard& g) : in_(inner), g_(g) {}
-  int rank() const override { return in_.rank(); }
-  int size() const override { return in_.size(); }
-  const std::string& name() const override { return in_.name(); }
-  void all_reduce_sum(float* d, int64_t n) override { g_.run([&] { in_.all_reduce_sum(d, n); }); }
-  void all_reduce_sum(double* d, int64_t n) override { g_.run([&] { in_.all_reduce_sum(d, n); }); }
-  void all_reduce_sum(int64_t* d, int64_t n) override { g_.run([&] { in_.all_reduce_sum(d, n); }); }
-  void all_reduce_max(double* d, int64_t n) override { g_.run([&] { in_.all_reduce_max(d, n); }); }
-  CommRequest all_reduce_sum_start(float* d, int64_t n) override {
-    return ret([&] { return in_.all_reduce_sum_start(d, n); });
-  }
-  CommRequest reduce_scatter_sum_start(float* r, const float* s, const int* c) override {
-    return ret([&] { return in_.reduce_scatter_sum_start(r, s, c); });
-  }
-  bool test(CommRequest& q) override {
-    bool b = false;
-    g_.run([&] { b = in_.test(q); });
-    return b;
-  }
-  void wait(CommRequest& q) override { g_.run([&] { in_.wait(q); }); }
-  void reduce_scatter_sum(float* r, const float* s, int64_t n) override {
-    g_.run([&] { in_.reduce_scatter_sum(r, s, n); });
-  }
-  void reduce_sum(float* r, const float* s, int64_t n, int root) override {
-    g_.run([&] { in_.reduce_sum(r, s, n, root); });
-  }
-  void all_gather(float* r, const float* s, int64_t n) override {
-    g_.run([&] { in_.all_gather(r, s, n); });
-  }
-  CommRequest all_to_all_v_start(const void* s, const int* sb, const int* sd, void* r,
-                                 const int* rb, const int* rd) override {
-    return ret([&] { return in_.all_to_all_v_start(s, sb, sd, r, rb, rd); });
-  }
-  CommRequest all_to_all_start(const int64_t* s, int64_t* r, int64_t n) override {
-    return ret([&] { return in_.all_to_all_start(s, r, n); });
-  }
-  void broadcast(void* d, size_t b, int root) override { g_.run([&] { in_.broadcast(d, b, root); }); }
-  void send(const void* d, size_t b, int p, int t) override { g_.run([&] { in_.send(d, b, p, t); }); }
-  void recv(void* d, size_t b, int p, int t) override { g_.run([&] { in_.recv(d, b, p, t); }); }
-  CommRequest send_start(const void* d, size_t b, int p, int t) override {
-    return ret([&] { return in_.send_start(d, b, p, t); });
-  }
-  CommRequest recv_start(void* d, size_t b, int p, int t) override {
-    return ret([&] { return in_.recv_start(d, b, p, t); });
-  }
-  void barrier() override { g_.run([&] { in_.barrier(); }); }
-
- private:
-  template <typename F>
-  CommRequest ret(const F& f) {
-    CommRequest q;
-    g_.run([&] { q = f(); });
-    return q;
-  }
-  Comm& in_;
-  PageGuard& g_;
-};
-
 // Two steps and an eval; with `guarded`, the state is turned into a device-memory one after
-// init: guarded backends, the exchange staging through the guarded backend, and the ZeRO-1
-// groups behind guarded communicators (the reduction after backward, so no MPI request on
-// guarded memory is in flight while another group's call progresses it).
+// init: guarded backends, the exchange on its device path (StateGuard), and the ZeRO-1 groups
+// behind guarded communicators (the reduction after backward, so no MPI request on guarded
+// memory is in flight while another group's call progresses it).
 TrainRunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
   TrainState s;
   train_state_init(s, cfg, &grid);
@@ -108,14 +50,15 @@ TrainRunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
   return o;
 }
 
-TEST(TrainStaged, ExpertAndPipelineParallelRunThroughDeviceStaging) {
+TEST(TrainStaged, ExpertAndPipelineParallelOnDeviceMemory) {
   ASSERT_EQ(mpi_world_size(), 4) << "run under mpirun -np 4";
   const std::vector<std::vector<std::string>> layouts = {
       {"parallel.dp=4", "parallel.ep=2", "training.global_batch=8", "training.micro_batch=2"},
       {"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"1f1b\"",
        "model.n_layers=4", "training.global_batch=8", "training.micro_batch=1"},
       {"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"dualpipe\"",
-       "model.n_layers=4", "training.global_batch=8", "training.micro_batch=1"},
+       "model.n_layers=4", "training.global_batch=8", "training.micro_batch=1",
+       "precision.dispatch_fp8=true"},
   };
   for (const std::vector<std::string>& layout : layouts) {
     std::string name;
