@@ -24,14 +24,28 @@ namespace {
 constexpr hsize_t kVerifyBytes = hsize_t(64) << 20;  // verify_all reads at most this at once
 
 // HDF5's signature at offset 0 tells "HDF5, but damaged" from "not HDF5 at all".
-bool has_hdf5_signature(const std::string& path) {
+// Where the HDF5 signature is (HDF5 looks at offset 0, then 512, 1024, 2048, ...: after a
+// user block) and the superblock version byte after it; at = -1 when there is none.
+struct Hdf5Start {
+  int64_t at = -1;
+  int version = -1;
+};
+Hdf5Start hdf5_start(const std::string& path, int64_t size) {
   static const char kSignature[8] = {'\x89', 'H', 'D', 'F', '\r', '\n', '\x1a', '\n'};
-  char buf[8] = {};
+  Hdf5Start h;
   std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) return false;
-  const size_t n = std::fread(buf, 1, sizeof(buf), f);
+  if (!f) return h;
+  for (int64_t at = 0; at + 9 <= size; at = at == 0 ? 512 : 2 * at) {
+    char buf[9] = {};
+    if (std::fseek(f, static_cast<long>(at), SEEK_SET) != 0 || std::fread(buf, 1, 9, f) != 9) break;
+    if (std::memcmp(buf, kSignature, sizeof(kSignature)) == 0) {
+      h.at = at;
+      h.version = static_cast<unsigned char>(buf[8]);
+      break;
+    }
+  }
   std::fclose(f);
-  return n == sizeof(buf) && std::memcmp(buf, kSignature, sizeof(buf)) == 0;
+  return h;
 }
 
 // A reader's failure: the file's fault.
@@ -149,13 +163,23 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
   if (st.st_size == 0) user_error("%s: not a moetrain checkpoint (empty file)", path.c_str());
   if (::access(path.c_str(), R_OK) != 0)
     user_error("%s: cannot open (%s)", path.c_str(), std::strerror(errno));
+  // moetrain writes superblock version 3 at offset 0 (the 1.10 format), whose metadata all
+  // carry checksums that HDF5 verifies before decoding them. The older formats carry none,
+  // and HDF5 1.10 decodes them without enough bounds checks (a damaged file overflowed its
+  // heap under fuzzing: docs/FUZZING.md), so they are refused before HDF5 sees them.
+  const Hdf5Start start = hdf5_start(path, static_cast<int64_t>(st.st_size));
+  if (start.at > 0)
+    user_error("%s: not a moetrain checkpoint (HDF5 after a %lld-byte user block; moetrain "
+               "writes none)", path.c_str(), static_cast<long long>(start.at));
+  if (start.at == 0 && start.version < 2)
+    user_error("%s: not a moetrain checkpoint (HDF5 superblock version %d; moetrain writes "
+               "version 3, whose metadata carry checksums)", path.c_str(), start.version);
   H5Id fapl;
   fapl.reset(make_file_access());
   file_ = H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl.get());
   if (file_ < 0) {
     const std::string cause = h5_failure_cause();
-    if (has_hdf5_signature(path))
-      user_error("%s: cannot open as HDF5: %s", path.c_str(), cause.c_str());
+    if (start.at == 0) user_error("%s: cannot open as HDF5: %s", path.c_str(), cause.c_str());
     user_error("%s: not a moetrain checkpoint (cannot open as HDF5)", path.c_str());
   }
   try {

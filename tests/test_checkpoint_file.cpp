@@ -524,12 +524,32 @@ TEST_F(CheckpointTest, NotACheckpointAtAll) {
             path("missing.h5") + ": cannot open (No such file or directory)");
   EXPECT_EQ(error_of([&] { CheckpointReader r(path("folder.h5")); }),
             path("folder.h5") + ": not a moetrain checkpoint (a folder)");
-  // An HDF5 file from elsewhere: no /meta format_version.
+  // An HDF5 file from elsewhere in the default (oldest) format: refused before HDF5 decodes
+  // its unchecksummed metadata; in the 1.10 format: no /meta format_version.
   hid_t f = H5Fcreate(path("plain.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
   ASSERT_GE(f, 0);
   H5Fclose(f);
   EXPECT_EQ(error_of([&] { CheckpointReader r(path("plain.h5")); }),
-            path("plain.h5") + ": not a moetrain checkpoint (no /meta format_version)");
+            path("plain.h5") + ": not a moetrain checkpoint (HDF5 superblock version 0; moetrain "
+                               "writes version 3, whose metadata carry checksums)");
+  hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+  ASSERT_GE(H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110), 0);
+  f = H5Fcreate(path("plain110.h5").c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+  ASSERT_GE(f, 0);
+  H5Fclose(f);
+  H5Pclose(fapl);
+  EXPECT_EQ(error_of([&] { CheckpointReader r(path("plain110.h5")); }),
+            path("plain110.h5") + ": not a moetrain checkpoint (no /meta format_version)");
+  // A user block before the HDF5 file (HDF5 would find it at 512).
+  hid_t fcpl = H5Pcreate(H5P_FILE_CREATE);
+  ASSERT_GE(H5Pset_userblock(fcpl, 512), 0);
+  f = H5Fcreate(path("userblock.h5").c_str(), H5F_ACC_TRUNC, fcpl, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  H5Fclose(f);
+  H5Pclose(fcpl);
+  EXPECT_EQ(error_of([&] { CheckpointReader r(path("userblock.h5")); }),
+            path("userblock.h5") + ": not a moetrain checkpoint (HDF5 after a 512-byte user "
+                                   "block; moetrain writes none)");
   EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
 }
 
