@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <vector>
 
 #include "model/check.h"
@@ -63,6 +64,16 @@ std::string printable_line(const std::string& s) {
     else out += static_cast<char>(c);
   }
   return out;
+}
+
+void print_samples(Model<float>& m, int samples, int sample_tokens, uint64_t seed, bool print) {
+  static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
+  for (int i = 0; i < samples; ++i) {
+    const std::string prompt = kPrompts[i % 5];
+    const std::string text =
+        generate_text(m, prompt, sample_tokens, 0.8, 0, seed, static_cast<uint64_t>(i));
+    if (print) std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
+  }
 }
 
 }  // namespace moe

@@ -18,4 +18,10 @@ std::string generate_text(Model<float>& m, const std::string& prompt, int n_toke
 // Non-printable bytes shown as '.', newlines as " / ", for one-line display.
 std::string printable_line(const std::string& s);
 
+// The end of a training run: log.samples continuations (log.sample_tokens bytes each, at
+// temperature 0.8, run.seed) of a few fixed prompts, printed one per line when `print`.
+// Every forward with expert parallelism is collective over the EP group, so all its ranks
+// call this in lockstep.
+void print_samples(Model<float>& m, int samples, int sample_tokens, uint64_t seed, bool print);
+
 }  // namespace moe

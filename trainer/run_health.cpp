@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <sstream>
 #include <utility>
 
@@ -169,6 +170,28 @@ std::string nonfinite_diagnostic(const Config& cfg, int64_t step, int64_t data_b
     << ": sequences 0.." << cfg.training.global_batch - 1 << " of the global batch, "
     << cfg.model.seq_len + 1 << " tokens each (io/dataset.h dataset_train_batch)\n";
   return o.str();
+}
+
+void nonfinite_abort(const Config& cfg, const ProcessGrid& grid, int64_t step, int64_t data_batch,
+                     const StepStats& st) {
+  const std::string diag = (std::filesystem::path(cfg.checkpoint.dir) /
+                            strprintf("nonfinite-step-%08lld.txt", static_cast<long long>(step)))
+                               .string();
+  if (grid.is_root()) {
+    std::filesystem::create_directories(cfg.checkpoint.dir);
+    std::FILE* f = std::fopen(diag.c_str(), "w");
+    if (f) {
+      const std::string text =
+          nonfinite_diagnostic(cfg, step, data_batch, st.loss, st.grad_norm, st.first_bad);
+      std::fputs(text.c_str(), f);
+      std::fclose(f);
+    }
+  }
+  if (grid.world) grid.world->barrier();
+  user_error("%s: non-finite %s at step %lld, update not applied; diagnostic in %s "
+             "(training.on_nonfinite = \"abort\"; \"skip\" drops such steps and goes on)",
+             cfg.source.c_str(), st.first_bad.empty() ? "loss" : "gradients",
+             static_cast<long long>(step), diag.c_str());
 }
 
 }  // namespace moe

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "io/config.h"
+#include "parallel/grid.h"
 #include "trainer/train_step.h"
 
 namespace moe {
@@ -88,5 +89,11 @@ class RunHealth {
 // non-finite (the loss, or the first gradient in backward order), and which data it saw.
 std::string nonfinite_diagnostic(const Config& cfg, int64_t step, int64_t data_batch,
                                  double loss, double grad_norm, const std::string& first_bad);
+
+// training.on_nonfinite = "abort": rank 0 writes the diagnostic to
+// <checkpoint.dir>/nonfinite-step-<step>.txt, every rank waits for it to be on disk (a
+// stopping rank takes the job down), then throws the one-line error naming the file.
+[[noreturn]] void nonfinite_abort(const Config& cfg, const ProcessGrid& grid, int64_t step,
+                                  int64_t data_batch, const StepStats& st);
 
 }  // namespace moe

@@ -3,14 +3,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <csignal>
-#include <chrono>
-#include <filesystem>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
-#include <cstdlib>
+#include <filesystem>
 #include <memory>
-#include <thread>
+#include <string>
 #include <vector>
 
 #include "io/checkpoint_file.h"
@@ -18,17 +16,19 @@
 #include "io/dataset.h"
 #include "io/metrics.h"
 #include "model/check.h"
+#include "parallel/grid.h"
+#include "parallel/watchdog.h"
 #include "trainer/bench.h"
 #include "trainer/generate.h"
 #include "trainer/progress.h"
 #include "trainer/resume.h"
+#include "trainer/run_health.h"
 #include "trainer/run_summary.h"
 #include "trainer/stop_signal.h"
+#include "trainer/test_injection.h"
 #include "trainer/train_checkpoint.h"
-#include "trainer/run_health.h"
 #include "trainer/train_device.h"
-#include "parallel/grid.h"
-#include "parallel/watchdog.h"
+#include "trainer/train_save.h"
 #include "trainer/train_step.h"
 
 namespace moe {
@@ -80,42 +80,6 @@ RunPosition resume_run(TrainState& s, const Config& cfg, bool root) {
   user_error("%s: no valid checkpoint among %zu tried (newest: %s); set checkpoint.resume = "
              "\"none\" and another checkpoint.dir to start fresh",
              cfg.checkpoint.dir.c_str(), candidates.size(), first_failure.c_str());
-}
-
-// Fault injection for the tests that prove a failing rank stops the job:
-// MOETRAIN_TEST_THROW_AT="<world rank>:<step>" makes that rank fail as it starts that step.
-// Read once at start; 0 when unset or meant for another rank.
-int64_t injected_fault_step(int world_rank) {
-  const char* v = std::getenv("MOETRAIN_TEST_THROW_AT");
-  int rank = -1;
-  long long step = 0;
-  if (!v || std::sscanf(v, "%d:%lld", &rank, &step) != 2 || rank != world_rank) return 0;
-  return step;
-}
-
-// Fault injection with a value: `var`="<world rank>:<step>:<value>", or several such entries
-// separated by commas. Read once at start; the entries meant for this rank.
-//   MOETRAIN_TEST_SLEEP_AT: that rank sleeps `value` seconds inside that step, before its
-//     first collective, so the other ranks wait for it (the watchdog and fault tests).
-//   MOETRAIN_TEST_POISON_AT: that rank writes `value` (e.g. nan, or 1e6 for a loss spike)
-//     into one weight of the final RMSNorm (which scales every logit) as it starts that
-//     step, once (the numerical guards' tests).
-struct Injected {
-  int64_t step = 0;
-  double value = 0;
-};
-std::vector<Injected> injected_at(const char* var, int world_rank) {
-  std::vector<Injected> out;
-  for (const char* v = std::getenv(var); v && *v;) {
-    int rank = -1, used = 0;
-    long long step = 0;
-    double value = 0;
-    if (std::sscanf(v, "%d:%lld:%lf%n", &rank, &step, &value, &used) != 3) break;
-    if (rank == world_rank) out.push_back({step, value});
-    v += used;
-    if (*v == ',') ++v;
-  }
-  return out;
 }
 
 // The heartbeat's output (rank 0, from the watchdog's thread): one write per line, so it
@@ -243,67 +207,6 @@ int train_main(const Config& cfg) {
   if (resumed && root) metrics_truncate_after(cfg.log.metrics_file, pos.step);
   MetricsFile metrics(root ? cfg.log.metrics_file : std::string(), resumed);
   const CheckpointDir ckdir{cfg.checkpoint.dir};
-  // A save that fails (disk full, quota, file-size limit, I/O error) leaves the previous
-  // checkpoint the newest valid one (the temporary file is removed, `latest` is not moved).
-  // checkpoint.on_save_error decides what follows: "stop" ends the run non-zero with one
-  // line, "continue" prints a warning and trains on (a later save may succeed). A save on
-  // the way out (`leaving`: end of training, exit_at_step, exit_after_minutes, a signal)
-  // fails the run either way: nothing after it would save the work.
-  //
-  // With several ranks checkpoint_save is collective and only rank 0 writes; a failed write
-  // throws on every rank once all have left the save's collectives. Publishing `latest`
-  // (rank 0 alone) may fail too, so the outcome is all-reduced after every save and every
-  // rank decides alike.
-  auto save = [&](const char* why, bool leaving) {
-    watchdog.set_phase("saving checkpoint");
-    const double t0 = now_s();
-    const std::string path = ckdir.path_for_step(pos.step);
-    std::string failure;
-    try {
-      checkpoint_save(s, pos, path);  // collective: every rank takes part, rank 0 writes
-      if (root) ckdir.publish(std::filesystem::path(path).filename().string(), cfg.checkpoint.keep_last);
-    } catch (const UserError& e) {
-      failure = e.what();
-    }
-    const bool cont = !leaving && cfg.checkpoint.on_save_error == SaveErrorAction::kContinue;
-    auto newest = [&] {
-      const std::string latest = ckdir.latest();
-      return latest.empty() ? std::string("no checkpoint was saved yet")
-                            : "the newest checkpoint is " + (std::filesystem::path(ckdir.dir) / latest).string();
-    };
-    const long long at = static_cast<long long>(pos.step);
-    if (grid.world) {
-      double failed = failure.empty() ? 0.0 : 1.0;
-      grid.world->all_reduce_max(&failed, 1);
-      if (failed > 0 && !root && !cont) {
-        // Rank 0 reports the failure and takes the job down (main: mpi_abort_job): one line,
-        // not one per rank. The watchdog bounds this wait should that not happen.
-        grid.world->barrier();
-        user_error("checkpoint at step %lld not saved (rank 0 says why)", at);
-      }
-      if (failed > 0 && failure.empty()) failure = "rank 0 could not save it";
-    }
-    watchdog.set_phase("training step");
-    if (!failure.empty()) {
-      if (!cont)
-        user_error("checkpoint at step %lld not saved: %s; stopping (%s); %s", at, failure.c_str(),
-                   leaving ? why : "checkpoint.on_save_error = \"stop\"", newest().c_str());
-      if (root) {
-        std::fprintf(stderr, "warning: checkpoint at step %lld not saved: %s; training continues "
-                     "(checkpoint.on_save_error = \"continue\"); %s\n", at, failure.c_str(),
-                     newest().c_str());
-        std::fflush(stderr);
-      }
-      return;
-    }
-    if (!root) return;
-    std::printf("checkpoint: step %lld -> %s (%.1f MB in %.2f s; %s)\n",
-                static_cast<long long>(pos.step), path.c_str(),
-                static_cast<double>(std::filesystem::file_size(path)) / 1e6, now_s() - t0, why);
-    std::fflush(stdout);
-    watchdog.note_output();
-  };
-
   const int64_t steps = cfg.training.steps;
   const int64_t exit_at = cfg.training.exit_at_step;
   if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
@@ -329,24 +232,11 @@ int train_main(const Config& cfg) {
   if (!health.spikes().from_string(pos.spike_history) && root)
     std::fprintf(stderr, "warning: the checkpoint's spike history is unreadable; starting it "
                  "afresh\n");
-  const int64_t throw_at = injected_fault_step(grid.world_rank);
-  const std::vector<Injected> sleeps = injected_at("MOETRAIN_TEST_SLEEP_AT", grid.world_rank);
-  std::vector<Injected> poisons = injected_at("MOETRAIN_TEST_POISON_AT", grid.world_rank);
+  TestInjections inject = test_injections_read(grid.world_rank);
   for (int64_t step = pos.step; step < steps; ++step) {
     watchdog.set_step(step + 1);
     watchdog.set_phase("training step");
-    if (step + 1 == throw_at)
-      user_error("injected fault at step %lld (MOETRAIN_TEST_THROW_AT)", static_cast<long long>(throw_at));
-    for (const Injected& z : sleeps)
-      if (step + 1 == z.step) std::this_thread::sleep_for(std::chrono::duration<double>(z.value));
-    for (Injected& z : poisons) {
-      if (step + 1 != z.step || !s.model.part.head) continue;
-      const float v = static_cast<float>(z.value);
-      for (const ParamInfo& p : s.model.table)
-        if (p.name == "final_norm")
-          s.model.ops->upload(s.model.params + p.offset + p.count / 2, &v, sizeof(float));
-      z.step = 0;  // once: a rollback replays this step unpoisoned
-    }
+    test_injections_apply(inject, s, step + 1);
     const double t0 = now_s();
     s.loss_limit = health.loss_limit();
     const StepStats st = train_step(s, step, train_source);
@@ -359,27 +249,8 @@ int train_main(const Config& cfg) {
       watchdog.note_output();
     }
     const long long step1 = static_cast<long long>(step + 1);
-    if (verdict.action == StepVerdict::Action::kAbort) {
-      // The diagnostic is on disk before any rank stops (a stopping rank takes the job down).
-      const std::string diag = (std::filesystem::path(cfg.checkpoint.dir) /
-                                strprintf("nonfinite-step-%08lld.txt", step1)).string();
-      if (root) {
-        std::filesystem::create_directories(cfg.checkpoint.dir);
-        std::FILE* f = std::fopen(diag.c_str(), "w");
-        if (f) {
-          const std::string text = nonfinite_diagnostic(
-              cfg, step1, data_batch_for_step(step, pos.skipped_batches), st.loss, st.grad_norm,
-              st.first_bad);
-          std::fputs(text.c_str(), f);
-          std::fclose(f);
-        }
-      }
-      if (grid.world) grid.world->barrier();
-      user_error("%s: non-finite %s at step %lld, update not applied; diagnostic in %s "
-                 "(training.on_nonfinite = \"abort\"; \"skip\" drops such steps and goes on)",
-                 cfg.source.c_str(), st.first_bad.empty() ? "loss" : "gradients", step1,
-                 diag.c_str());
-    }
+    if (verdict.action == StepVerdict::Action::kAbort)
+      nonfinite_abort(cfg, grid, step1, data_batch_for_step(step, pos.skipped_batches), st);
     if (verdict.action == StepVerdict::Action::kStop)
       user_error("%s: %s; the newest checkpoint is in %s", cfg.source.c_str(),
                  verdict.lines.back().c_str(), cfg.checkpoint.dir.c_str());
@@ -448,34 +319,15 @@ int train_main(const Config& cfg) {
       std::fflush(stdout);
       watchdog.note_output();
     }
-    // Save, and possibly stop, between steps: never with a half-applied update. Ranks see
-    // signals and clocks at different moments, so they agree on the decision first.
-    double flags[2] = {static_cast<double>(stop_signal_received()),
-                       cfg.training.exit_after_minutes > 0 &&
-                               now_s() - t_launch >= 60.0 * cfg.training.exit_after_minutes
-                           ? 1.0
-                           : 0.0};
-    if (grid.world) grid.world->all_reduce_max(flags, 2);
-    const char* reason = nullptr;
-    bool stop = true;
-    if (const int sig = static_cast<int>(flags[0])) {
-      reason = sig == SIGINT ? "SIGINT" : "SIGTERM";
-    } else if (exit_at > 0 && pos.step >= exit_at && pos.step < steps) {
-      reason = "training.exit_at_step";
-    } else if (flags[1] > 0 && pos.step < steps) {
-      reason = "training.exit_after_minutes";
-    } else {
-      stop = false;
-      if (pos.step == steps) reason = "end of training";
-      else if (cfg.checkpoint.every > 0 && pos.step % cfg.checkpoint.every == 0) reason = "checkpoint.every";
-    }
-    if (reason) {
+    // Save, and possibly stop, between steps: never with a half-applied update.
+    const StepEnd end = step_end_decide(cfg, grid, pos.step, t_launch);
+    if (end.reason) {
       bar.clear();
-      save(reason, stop || pos.step == steps);
+      train_save(s, cfg, grid, watchdog, ckdir, pos, end.reason, end.stop || pos.step == steps);
     }
-    if (stop) {
+    if (end.stop) {
       if (root) std::printf("stopped at step %lld of %lld (%s); continue with --resume\n",
-                  static_cast<long long>(pos.step), static_cast<long long>(steps), reason);
+                  static_cast<long long>(pos.step), static_cast<long long>(steps), end.reason);
       return 0;
     }
     bar.update(step + 1, now_s() - t_start, strprintf("loss %.3f", st.loss));
@@ -501,13 +353,7 @@ int train_main(const Config& cfg) {
     return 0;
   }
   watchdog.set_phase("generating samples");
-  static const char* kPrompts[] = {"The ", "Q: ", "A man ", "Love ", "It is "};
-  for (int i = 0; i < cfg.log.samples; ++i) {
-    const std::string prompt = kPrompts[i % 5];
-    const std::string text = generate_text(s.model, prompt, cfg.log.sample_tokens, 0.8, 0, seed,
-                                           static_cast<uint64_t>(i));
-    if (root) std::printf("sample %d: %s\n", i + 1, printable_line(prompt + text).c_str());
-  }
+  print_samples(s.model, cfg.log.samples, cfg.log.sample_tokens, seed, root);
   return 0;
 }
 
