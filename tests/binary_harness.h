@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "io/checkpoint_file.h"
+#include "tests/test_folder.h"
 
 namespace moe_test {
 
@@ -35,10 +36,9 @@ inline void write(const fs::path& p, const std::string& text) {
   f << text;
 }
 
-// A run folder with prepared data and a small, fast config.
+// A run folder (tests/test_folder.h) with prepared data and a small, fast config.
 inline fs::path make_run(const std::string& name, const std::string& extra = "") {
-  fs::path d = fs::path(::testing::TempDir()) / ("moetrain_resume_" + name);
-  fs::remove_all(d);
+  const fs::path d = test_folder("moetrain_run_" + name);
   fs::create_directories(d / "text");
   std::string text;
   const char* lines[] = {"It was the best of times, it was the worst of times.\n",

@@ -12,6 +12,8 @@
 #include <sstream>
 #include <string>
 
+#include "tests/test_folder.h"
+
 namespace moe_test {
 
 struct BinaryResult {
@@ -31,12 +33,9 @@ inline void write_text(const std::filesystem::path& p, const std::string& text) 
   f << text;
 }
 
-// An empty folder <TempDir>/<prefix><name>, made afresh.
+// An empty folder for one case (tests/test_folder.h).
 inline std::filesystem::path fresh_dir(const std::string& prefix, const std::string& name) {
-  std::filesystem::path d = std::filesystem::path(::testing::TempDir()) / (prefix + name);
-  std::filesystem::remove_all(d);
-  std::filesystem::create_directories(d);
-  return d;
+  return moe_test::test_folder(prefix + name);
 }
 
 // Runs `moetrain <args>` (shell words) in `dir` with one OpenMP thread, killed after

@@ -1,6 +1,7 @@
 // io/config: every bad config fails with its exact one-line message; good configs load,
 // resolve, round-trip through config_to_toml and hash by value.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -280,7 +281,7 @@ TEST(ConfigLoad, MissingFile) {
 
 // A folder reads as an empty stream, and an empty file would silently mean "all defaults".
 TEST(ConfigLoad, FolderAndEmptyFileAreErrors) {
-  const std::string dir = ::testing::TempDir() + "moetrain_test_config_dir";
+  const std::string dir = ::testing::TempDir() + "moetrain_test_config_dir_" + std::to_string(::getpid());
   std::filesystem::create_directories(dir);
   try {
     config_load(dir, {});
@@ -305,7 +306,7 @@ TEST(ConfigLoad, FolderAndEmptyFileAreErrors) {
 }
 
 TEST(ConfigLoad, FileErrorsNameThePath) {
-  const std::string path = ::testing::TempDir() + "moetrain_test_config.toml";
+  const std::string path = ::testing::TempDir() + "moetrain_test_config_" + std::to_string(::getpid()) + ".toml";
   {
     std::ofstream out(path);
     out << "[run]\nname = \"from_file\"\n[moe]\ntop_k = 9\nnum_experts = 8\n";

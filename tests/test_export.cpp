@@ -2,6 +2,7 @@
 // strict JSON reader (io/json_lite.h), the DeepSeek-V3 name/shape plan (io/hf_export.h), and
 // the `export` subcommand end to end against a trained checkpoint.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -33,7 +34,8 @@ using moe::StDtype;
 fs::path temp_path(const std::string& name) {
   const ::testing::TestInfo* t = ::testing::UnitTest::GetInstance()->current_test_info();
   const std::string test = t ? std::string(t->test_suite_name()) + "." + t->name() : "none";
-  return fs::path(::testing::TempDir()) / ("moetrain_export_" + test + "_" + name);
+  return fs::path(::testing::TempDir()) / ("moetrain_export_" + test + "_" + name + "_" +
+                                               std::to_string(::getpid()));
 }
 
 std::string le64(uint64_t n) {

@@ -3,6 +3,7 @@
 // activated per token, the MTP module beside it; --dry-run prints these without allocating
 // the model (it runs under a 2 GiB address-space limit).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -84,7 +85,7 @@ TEST(ReferenceConfigs, DryRunAllocatesNothing) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "AddressSanitizer reserves terabytes of address space; the Release suite runs this";
 #endif
-  const std::string out = ::testing::TempDir() + "/dry_run_671b.txt";
+  const std::string out = ::testing::TempDir() + "/dry_run_671b_" + std::to_string(::getpid()) + ".txt";
   const std::string cmd = "ulimit -v 2097152; " + std::string(MOETRAIN_BINARY) +
                           " train --config " + config_path("deepseek-v3-671b") +
                           " --dry-run > " + out + " 2>&1";

@@ -7,6 +7,7 @@
 // pp ranks is half of DualPipe on 2 pp ranks); peak activations count one chunk's
 // activations of one micro-batch, an F&B pair holding both of its micro-batches.
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <sys/wait.h>
 
 #include <cstdio>
@@ -227,7 +228,7 @@ TEST(Schedule, ConstraintRefusals) {
 // The binary: `moetrain schedule ... --json` is one object with the documented keys.
 std::string run_binary(const std::string& args, int* code) {
   namespace fs = std::filesystem;
-  const fs::path dir = fs::path(::testing::TempDir()) / "moetrain_schedule_cli";
+  const fs::path dir = fs::path(::testing::TempDir()) / ("moetrain_schedule_cli_" + std::to_string(::getpid()));
   fs::create_directories(dir);
   const fs::path out = dir / "out.txt";
   const std::string cmd =

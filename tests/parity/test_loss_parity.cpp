@@ -27,9 +27,7 @@ double final_val_loss(const fs::path& metrics) {
 TEST(LossParity, Bf16AndFp8EndNoMoreThanHalfAPercentAboveFp32) {
   const std::string corpus = "/usr/share/games/fortunes";
   if (!fs::is_directory(corpus)) GTEST_SKIP() << corpus << " not installed (Debian package fortunes)";
-  const fs::path root = fs::path(::testing::TempDir()) / "moetrain_parity";
-  fs::remove_all(root);
-  fs::create_directories(root);
+  const fs::path root = moe_test::test_folder("moetrain_parity");
   const std::string prepare = "cd '" + root.string() + "' && " + MOETRAIN_BINARY +
                               " prepare --input " + corpus + " --output data >/dev/null";
   ASSERT_EQ(std::system(prepare.c_str()), 0);
