@@ -7,6 +7,32 @@
 
 namespace moe {
 
+int64_t ep_exchange_buffer_bytes(EpWireFormat format, int64_t rows_capacity, int64_t C,
+                                 int lanes, bool device) {
+  CHECK(rows_capacity >= 0 && C >= 1 && lanes >= 1);
+  if (device) {
+    Carver c;
+    EpDeviceBuffers b;
+    for (int l = 0; l < lanes; ++l) ep_device_buffers_carve(b, c, format, rows_capacity, C);
+    return static_cast<int64_t>(c.used());
+  }
+  const int64_t lane =
+      format == EpWireFormat::kFloat
+          ? rows_capacity * C * static_cast<int64_t>(sizeof(float))
+          : 2 * ep_wire_bytes(format, rows_capacity, C) +
+                ep_wire_scale_count(rows_capacity, C) * static_cast<int64_t>(sizeof(float));
+  return lanes * lane;
+}
+
+int64_t EpExchange::buffer_bytes() const {
+  if (ops_) return static_cast<int64_t>(device_arena_.bytes());
+  int64_t n = 0;
+  for (const Lane& ln : lanes_)
+    n += static_cast<int64_t>(ln.scratch.size() * sizeof(float) + ln.send_wire.size() +
+                              ln.recv_wire.size() + ln.scales.size() * sizeof(float));
+  return n;
+}
+
 EpExchange::EpExchange(Comm& comm, int64_t E, int64_t n_keys, int64_t rows_capacity, int64_t C,
                        int n_lanes, EpWireFormat format)
     : comm_(comm), rows_capacity_(rows_capacity), C_max_(C), format_(format) {

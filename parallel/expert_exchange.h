@@ -29,6 +29,11 @@ struct EpTraffic {
   int64_t bytes_combine = 0;
 };
 
+// The bytes an EpExchange holds for its lanes' wire buffers: host vectors (device false) or its
+// device arena (set_device). What `moetrain train --dry-run` reports for the exchange.
+int64_t ep_exchange_buffer_bytes(EpWireFormat format, int64_t rows_capacity, int64_t C,
+                                 int lanes, bool device);
+
 class EpExchange final : public ExpertExchange {
  public:
   // comm: the EP group (kept by reference; must outlive this); E routed experts; n_keys plans;
@@ -59,6 +64,8 @@ class EpExchange final : public ExpertExchange {
   double blocked_s() const override { return blocked_s_; }
 
   const EpTraffic& traffic() const { return traffic_; }
+  // What the lanes' wire buffers hold now, in bytes (host vectors or the device arena).
+  int64_t buffer_bytes() const;
   // The most exchanges that were in flight at once since construction (2 when overlapped F&B
   // pairs really overlapped their chunks' communication).
   int max_in_flight() const { return max_in_flight_; }

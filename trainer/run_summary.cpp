@@ -5,6 +5,7 @@
 #include "io/config_model.h"
 #include "model/check.h"
 #include "model/model_stages.h"
+#include "parallel/expert_exchange.h"
 #include "parallel/pipeline.h"
 
 namespace moe {
@@ -50,14 +51,17 @@ std::string run_summary(const Config& cfg) {
       pp > 1 ? model_stage_bounds(d, schedule_num_stages(cfg.parallel.schedule, pp),
                                   cfg.parallel.stage_layers)
              : std::vector<int64_t>{};
+  int lanes = 1;  // expert exchanges in flight at once
   for (int r = 0; r < pp; ++r) {
     ModelPart part = model_part_whole(d);
     int slots = 1;
     if (pp > 1) {
+      // (An F&B pair's two chunks exchange at once: two lanes.)
       const PipelinePlan plan =
           pipeline_plan(cfg.parallel.schedule, pp, static_cast<int>(M), r, bounds, d);
       part = plan.part;
       slots = plan.n_slots;
+      lanes = std::max(lanes, plan.has_fb ? 2 : 1);
     }
     double n_rep = 0, n_exp = 0;
     for (const ParamInfo& p : table)
@@ -85,7 +89,13 @@ std::string run_summary(const Config& cfg) {
   const double workspace =
       gpu ? 0.0 : static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
-  acts += d.ep > 1 ? static_cast<double>(moe_rows_max(d, N) * d.C) * 4 : 0.0;  // dispatch wire buffer
+  // The expert exchange's wire buffers, as EpExchange allocates them (on the GPU: its arena).
+  const double exchange =
+      d.ep > 1 && d.n_moe_blocks() > 0
+          ? static_cast<double>(ep_exchange_buffer_bytes(
+                d.dispatch_fp8 ? EpWireFormat::kFp8Bf16 : EpWireFormat::kFloat,
+                moe_rows_max(d, N), d.C, lanes, gpu))
+          : 0.0;
   const double fpt = model_flops_per_token(d);
   std::string s;
   s += strprintf("parameters: %lld total (%.2fM), %lld active per token (%.2fM matmul weights; "
@@ -113,7 +123,9 @@ std::string run_summary(const Config& cfg) {
   if (quantized && !gpu)
     s += strprintf(", GEMM weight copy %.1f, GEMM workspace %.1f", mib(gemm_weights),
                    mib(workspace));
-  s += strprintf(", total %.1f\n", mib(params + grads + optim + acts + gemm_weights + workspace));
+  if (exchange > 0) s += strprintf(", expert exchange %.1f", mib(exchange));
+  s += strprintf(", total %.1f\n",
+                 mib(params + grads + optim + acts + gemm_weights + workspace + exchange));
   if (worst_extra > 0)
     s += strprintf("  activations count balanced expert loads; the dropless worst case (every token "
                    "of the EP group routed here) adds %.1f MiB per micro-batch\n",

@@ -556,7 +556,8 @@ TEST_P(ExpertDispatch, ExchangeCompactWireRoundsRowByRow) {
 
 // The device path (parallel/expert_dispatch_device.h) with the CPU backend and MPI as the
 // device communicator: in both wire formats, dispatch, combine and a second lane in flight
-// give the host path's bits, and the traffic counts agree.
+// give the host path's bits, and the traffic counts agree; either path's buffers are the
+// bytes ep_exchange_buffer_bytes (the dry run's figure) says.
 TEST_P(ExpertDispatch, DevicePathEqualsHostPath) {
   const DispatchCase& c = GetParam().c;
   const int64_t C = c.C, EL = c.E / ep_;
@@ -574,6 +575,9 @@ TEST_P(ExpertDispatch, DevicePathEqualsHostPath) {
     auto run = [&](bool device) {
       EpExchange ex(*comm_, c.E, 1, capacity_, C, 2, f);
       if (device) ex.set_device(*ops, *comm_, Device::kCpu);
+      // What the dry run reports is what the exchange holds.
+      EXPECT_EQ(ex.buffer_bytes(), ep_exchange_buffer_bytes(f, capacity_, C, 2, device));
+      EXPECT_EQ(ex.buffer_bytes() > 0, capacity_ > 0);
       std::vector<int64_t> offs(EL + 1), blocks(EL * ep_ + 1);
       ex.plan_start(0, 0, counts_.data(), d.ids.data(), d.N, c.K);
       Out o;
