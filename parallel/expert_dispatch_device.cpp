@@ -55,10 +55,9 @@ void ep_device_buffers_carve(EpDeviceBuffers& b, Carver& c, EpWireFormat f, int6
 
 EpDeviceWire ep_device_wire_create(int ep) { return {ep_wire_create(ep), ep_wire_create(ep)}; }
 
-void ep_dispatch_device_start(CommRequest& req, CommRequest& req_scales,
-                              EpDeviceBuffers& b, const float* xp,
-                              const EpPlan& plan, int64_t C, EpWireFormat f, EpDeviceWire& w,
-                              Ops<float>& ops, Comm& comm) {
+void ep_dispatch_device_start(CommRequest& req, CommRequest& req_scales, EpDeviceBuffers& b,
+                              const float* xp, const EpPlan& plan, int64_t C, EpWireFormat f,
+                              EpDeviceWire& w, Ops<float>& ops, Comm& comm) {
   check_device_call(plan, C, comm);
   req_scales = CommRequest{};
   if (f == EpWireFormat::kFloat) {
@@ -90,10 +89,10 @@ void ep_dispatch_device_finish(float* x_grouped, const EpDeviceBuffers& b, const
   });
 }
 
-void ep_combine_device_start(CommRequest& req, CommRequest& req_scales,
-                              float* yp, EpDeviceBuffers& b,
-                             const float* y_grouped, const EpPlan& plan, int64_t C,
-                             EpWireFormat f, EpDeviceWire& w, Ops<float>& ops, Comm& comm) {
+void ep_combine_device_start(CommRequest& req, CommRequest& req_scales, float* yp,
+                             EpDeviceBuffers& b, const float* y_grouped, const EpPlan& plan,
+                             int64_t C, EpWireFormat f, EpDeviceWire& w, Ops<float>& ops,
+                             Comm& comm) {
   check_device_call(plan, C, comm);
   req_scales = CommRequest{};
   // Grouped layout -> wire layout (rounded to BF16 on the way), then the dispatch's

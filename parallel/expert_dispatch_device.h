@@ -51,16 +51,15 @@ EpDeviceWire ep_device_wire_create(int ep);
 // Each start posts its collectives into req (and req_scales for FP8's scales; inactive
 // otherwise). The caller waits both (Comm::wait), then calls the finish. Between start and
 // finish the buffers, the plan and the wire stay untouched.
-void ep_dispatch_device_start(CommRequest& req, CommRequest& req_scales,
-                              EpDeviceBuffers& b, const float* xp,
-                              const EpPlan& plan, int64_t C, EpWireFormat f, EpDeviceWire& w,
-                              Ops<float>& ops, Comm& comm);
+void ep_dispatch_device_start(CommRequest& req, CommRequest& req_scales, EpDeviceBuffers& b,
+                              const float* xp, const EpPlan& plan, int64_t C, EpWireFormat f,
+                              EpDeviceWire& w, Ops<float>& ops, Comm& comm);
 void ep_dispatch_device_finish(float* x_grouped, const EpDeviceBuffers& b, const EpPlan& plan,
                                int64_t C, EpWireFormat f, Ops<float>& ops);
-void ep_combine_device_start(CommRequest& req, CommRequest& req_scales,
-                              float* yp, EpDeviceBuffers& b,
-                             const float* y_grouped, const EpPlan& plan, int64_t C,
-                             EpWireFormat f, EpDeviceWire& w, Ops<float>& ops, Comm& comm);
+void ep_combine_device_start(CommRequest& req, CommRequest& req_scales, float* yp,
+                             EpDeviceBuffers& b, const float* y_grouped, const EpPlan& plan,
+                             int64_t C, EpWireFormat f, EpDeviceWire& w, Ops<float>& ops,
+                             Comm& comm);
 void ep_combine_device_finish(float* yp, const EpDeviceBuffers& b, const EpPlan& plan, int64_t C,
                               EpWireFormat f, Ops<float>& ops);
 

@@ -148,7 +148,8 @@ void EpExchange::dispatch_start(int lane, int64_t key, float* x_grouped, const f
   const EpPlan& p = plans_[static_cast<size_t>(key)];
   ln.out = x_grouped;
   if (ops_)
-    ep_dispatch_device_start(ln.req, ln.req_scales, ln.dev, xp, p, C, format_, ln.dev_wire, *ops_, *device_comm_);
+    ep_dispatch_device_start(ln.req, ln.req_scales, ln.dev, xp, p, C, format_, ln.dev_wire, *ops_,
+                             *device_comm_);
   else if (format_ == EpWireFormat::kFloat)
     ln.req = ep_dispatch_start(ln.scratch.data(), xp, p, C, ln.wire, comm_);
   else
@@ -166,8 +167,8 @@ void EpExchange::combine_start(int lane, int64_t key, float* yp, const float* y_
   const EpPlan& p = plans_[static_cast<size_t>(key)];
   ln.out = yp;
   if (ops_)
-    ep_combine_device_start(ln.req, ln.req_scales, yp, ln.dev, y_grouped, p, C, format_, ln.dev_wire, *ops_,
-                            *device_comm_);
+    ep_combine_device_start(ln.req, ln.req_scales, yp, ln.dev, y_grouped, p, C, format_,
+                            ln.dev_wire, *ops_, *device_comm_);
   else if (format_ == EpWireFormat::kFloat)
     ln.req = ep_combine_start(yp, ln.scratch.data(), y_grouped, p, C, ln.wire, comm_);
   else
