@@ -22,6 +22,15 @@ struct CommRequest {
   bool active = false;
 };
 
+// One transfer of a point-to-point group (Comm::p2p_group_start): exactly one of send and
+// recv is set.
+struct P2pTransfer {
+  const void* send = nullptr;
+  void* recv = nullptr;
+  size_t bytes = 0;
+  int peer = 0;
+};
+
 class Comm {
  public:
   virtual ~Comm() = default;
@@ -66,6 +75,14 @@ class Comm {
   // wait() or a true test().
   virtual CommRequest send_start(const void* data, size_t bytes, int peer, int tag) = 0;
   virtual CommRequest recv_start(void* data, size_t bytes, int peer, int tag) = 0;
+  // NCCL's point-to-point model, which the pipeline's ticks are planned for
+  // (parallel/pipeline_ticks.h): the n transfers start together and one request completes
+  // them all. No tags: between two ranks, transfers match in the order they are issued,
+  // across groups; a send may wait until its receive is posted. At most kP2pGroupMax
+  // transfers per group. MPI keeps those rules exactly (synchronous sends, one tag), so a
+  // plan that runs on MPI's groups runs on NCCL's.
+  static constexpr int kP2pGroupMax = 16;
+  virtual CommRequest p2p_group_start(const P2pTransfer* t, int n) = 0;
   virtual void barrier() = 0;
   // Reports every blocking call and wait() to `watchdog` (null: none), which names the one
   // that does not complete in time (parallel/watchdog.h). Groups split from this one after

@@ -7,6 +7,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdlib>
 
@@ -23,7 +24,8 @@ constexpr int64_t kMaxCount = INT_MAX / 2;  // per MPI call, in elements
 // What a CommRequest's handle holds: the MPI request, and what started it (for the watchdog).
 struct MpiRequest {
   MPI_Request req;
-  int32_t peer;  // rank in the group, -1 for collectives
+  int32_t peer;   // rank in the group, -1 for collectives
+  int16_t group;  // p2p_group_start: its slot of requests; -1 otherwise
   CommOp op;
 };
 static_assert(sizeof(MpiRequest) <= sizeof(CommRequest::handle));
@@ -80,6 +82,7 @@ class MpiComm final : public Comm {
     CommRequest r;
     slot(r)->op = op;
     slot(r)->peer = peer;
+    slot(r)->group = -1;
     r.active = true;
     return r;
   }
@@ -101,14 +104,28 @@ class MpiComm final : public Comm {
   bool test(CommRequest& r) override {
     if (!r.active) return true;
     int done = 0;
-    MPI_CHECK(MPI_Test(request(r), &done, MPI_STATUS_IGNORE));
+    const int g = slot(r)->group;
+    if (g >= 0) {
+      const size_t G = static_cast<size_t>(g);
+      MPI_CHECK(MPI_Testall(group_n_[G], group_reqs_[G].data(), &done, MPI_STATUSES_IGNORE));
+      if (done) group_n_[G] = 0;
+    } else {
+      MPI_CHECK(MPI_Test(request(r), &done, MPI_STATUS_IGNORE));
+    }
     if (done) r = CommRequest{};
     return done != 0;
   }
   void wait(CommRequest& r) override {
     if (!r.active) return;
     const WaitScope ws(wd_, this, slot(r)->op, slot(r)->peer, true);
-    MPI_CHECK(MPI_Wait(request(r), MPI_STATUS_IGNORE));
+    const int g = slot(r)->group;
+    if (g >= 0) {
+      const size_t G = static_cast<size_t>(g);
+      MPI_CHECK(MPI_Waitall(group_n_[G], group_reqs_[G].data(), MPI_STATUSES_IGNORE));
+      group_n_[G] = 0;
+    } else {
+      MPI_CHECK(MPI_Wait(request(r), MPI_STATUS_IGNORE));
+    }
     r = CommRequest{};
   }
   void reduce_scatter_sum(float* recv, const float* send, int64_t n) override {
@@ -169,12 +186,44 @@ class MpiComm final : public Comm {
     MPI_CHECK(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, request(r)));
     return r;
   }
+  // Synchronous sends (MPI_Issend) and one tag: NCCL's rendezvous and in-order matching.
+  CommRequest p2p_group_start(const P2pTransfer* t, int n) override {
+    CHECK(n > 0 && n <= kP2pGroupMax, "point-to-point group of %d transfers", n);
+    size_t g = kGroups;
+    for (size_t i = 0; i < kGroups; ++i)
+      if (group_n_[i] == 0) {
+        g = i;
+        break;
+      }
+    CHECK(g < kGroups, "more than %zu point-to-point groups in flight on %s", kGroups, name_.c_str());
+    MPI_Request* reqs = group_reqs_[g].data();
+    for (int i = 0; i < n; ++i) {
+      CHECK(t[i].bytes <= static_cast<size_t>(INT_MAX) && (t[i].send == nullptr) != (t[i].recv == nullptr),
+            "point-to-point transfer %d of %zu bytes", i, t[i].bytes);
+      const int count = static_cast<int>(t[i].bytes);
+      if (t[i].send)
+        MPI_CHECK(MPI_Issend(t[i].send, count, MPI_BYTE, t[i].peer, kGroupTag, comm_, &reqs[i]));
+      else
+        MPI_CHECK(MPI_Irecv(t[i].recv, count, MPI_BYTE, t[i].peer, kGroupTag, comm_, &reqs[i]));
+    }
+    group_n_[g] = n;
+    CommRequest r = started(CommOp::kP2pGroupStart, t[0].peer);
+    slot(r)->req = MPI_REQUEST_NULL;
+    slot(r)->group = static_cast<int16_t>(g);
+    return r;
+  }
   void barrier() override {
     const WaitScope ws(wd_, this, CommOp::kBarrier);
     MPI_CHECK(MPI_Barrier(comm_));
   }
 
  private:
+  // Point-to-point groups in flight, each up to kP2pGroupMax requests (no allocation).
+  static constexpr size_t kGroups = 8;
+  static constexpr int kGroupTag = 32767;  // the pipeline's tagged messages stay below it
+  std::array<std::array<MPI_Request, kP2pGroupMax>, kGroups> group_reqs_{};
+  std::array<int, kGroups> group_n_{};
+
   MPI_Comm comm_;
   std::string name_;
   bool owned_;

@@ -24,6 +24,7 @@ GridLayout grid_layout(const ParallelConfig& p, int world_rank) {
   l.dp = {l.pp_rank, l.dp_rank};
   l.ep = {l.pp_rank * edp + l.dp_rank / p.ep, l.ep_rank};
   l.edp = {l.pp_rank * p.ep + l.ep_rank, l.edp_rank};
+  l.pp = {l.dp_rank, l.pp_rank};
   // DualPipe's mirror ranks q and pp-1-q hold the same stages: one group, the lower half's
   // ranks first. Otherwise each pipeline rank holds its own parameters.
   const int mirror = dualpipe ? std::min(l.pp_rank, p.pp - 1 - l.pp_rank) : l.pp_rank;
@@ -62,6 +63,7 @@ ProcessGrid grid_build(const Config& cfg) {
   g.dp_comm = split(l.dp, "dp", p.dp);
   g.ep_comm = split(l.ep, "ep", p.ep);
   g.edp_comm = split(l.edp, "edp", g.edp);
+  g.pp_comm = split(l.pp, "pp", p.pp);
   g.param_comm = split(l.param, "param", p.dp * g.copies);
   g.expert_param_comm = split(l.expert_param, "expert_param", g.edp * g.copies);
   return g;

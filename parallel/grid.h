@@ -8,8 +8,10 @@
 //
 // Groups, all within one pipeline rank unless said otherwise: data-parallel rank r is EP
 // rank r % ep of EP group r / ep, and expert-data-parallel rank r / ep among the dp / ep
-// ranks holding the same experts. The ZeRO-1 groups (param_comm, expert_param_comm) are
-// the ranks holding the same parameters: the same as dp_comm / edp_comm, except that
+// ranks holding the same experts. Across pipeline ranks: pp_comm, the pp ranks of one
+// replica (same dp_rank), in pipeline order. The ZeRO-1 groups (param_comm,
+// expert_param_comm) are the ranks holding the same parameters: the same as dp_comm /
+// edp_comm, except that
 // DualPipe keeps two copies of every stage (pipeline ranks q and pp-1-q hold the same two
 // stages), so its groups span both mirror pipeline ranks: their gradients are summed and
 // they share the optimizer shards.
@@ -32,7 +34,7 @@ struct GridSplit {
 struct GridLayout {
   int pp_rank = 0, dp_rank = 0, ep_rank = 0, edp_rank = 0;
   int copies = 1;  // parameter copies across the pipeline ranks: 2 for dualpipe
-  GridSplit dp, ep, edp, param, expert_param;
+  GridSplit dp, ep, edp, pp, param, expert_param;
 };
 GridLayout grid_layout(const ParallelConfig& p, int world_rank);
 
@@ -49,6 +51,9 @@ struct ProcessGrid {
   std::unique_ptr<Comm> dp_comm;   // the dp ranks of this pipeline rank, when dp > 1
   std::unique_ptr<Comm> ep_comm;   // the EP group (token dispatch), when ep > 1
   std::unique_ptr<Comm> edp_comm;  // ranks with the same experts (expert gradients), edp > 1
+  // The pipeline ranks of this replica (same dp_rank) in order, when pp > 1: the bootstrap of
+  // the pipeline's NCCL group (its MPI messages go over `world`).
+  std::unique_ptr<Comm> pp_comm;
   // ZeRO-1 group of the replicated parameters (dp x copies ranks; null when 1): the dp ranks
   // of this pipeline rank, and for dualpipe those of its mirror pp-1-pp_rank after them.
   std::unique_ptr<Comm> param_comm;

@@ -36,7 +36,8 @@ PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
   pl.ops = schedule_rank_ops(kind, pp, M, rank);  // checks (kind, pp, M)
   CHECK(static_cast<int>(bounds.size()) == pl.S + 1 && bounds.front() == 0 && bounds.back() == d.L,
         "stage bounds do not cover the model");
-  CHECK(message_tag(pl, 1, pl.S - 1, M - 1) <= 32767, "too many stages x micro-batches for MPI tags");
+  // Below 32767, which point-to-point groups use (Comm::p2p_group_start).
+  CHECK(message_tag(pl, 1, pl.S - 1, M - 1) < 32767, "too many stages x micro-batches for MPI tags");
   pl.chunks = schedule_chunks_per_rank(kind);
   pl.part = ModelPart{std::vector<uint8_t>(static_cast<size_t>(d.L), 0), false, false};
   for (int c = 0; c < pl.chunks; ++c) {
@@ -158,6 +159,32 @@ void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> 
   p.targets.assign(static_cast<size_t>(B * T), 0);
 }
 
+void pipeline_set_p2p(Pipeline& p, Comm* p2p, Device device) {
+  const PipelinePlan& pl = p.plan;
+  CHECK(p2p && p2p->size() == pl.pp && p2p->rank() == pl.rank,
+        "the pipeline's point-to-point group must be its %d pipeline ranks in order", pl.pp);
+  PipeTickPlan tp = pipeline_ticks_plan(pl.kind, pl.pp, pl.M);
+  CHECK(tp.error.empty(), "schedule %s (pp %d, %d micro-batches) cannot run on NCCL: %s",
+        schedule_kind_name(pl.kind), pl.pp, pl.M, tp.error.c_str());
+  p.p2p = p2p;
+  p.ticks = std::move(tp.ranks[static_cast<size_t>(pl.rank)]);
+  p.tick_before.assign(pl.ops.size() + 1, -1);
+  for (size_t t = 0; t < p.ticks.size(); ++t) {
+    CHECK(static_cast<int>(p.ticks[t].ops.size()) <= Comm::kP2pGroupMax, "a tick of %zu transfers",
+          p.ticks[t].ops.size());
+    p.tick_before[static_cast<size_t>(p.ticks[t].before)] = static_cast<int>(t);
+  }
+  const size_t n = static_cast<size_t>(pl.n_slots * pl.chunks) * static_cast<size_t>(p.B * p.T * p.C);
+  p.grad_arena = arena_build("pipeline gradients", [&](Carver& c) { p.grad_dev = c.take<float>(n); },
+                             device);
+  p.group.assign(static_cast<size_t>(Comm::kP2pGroupMax), P2pTransfer{});
+  // The tagged path's host buffers are not used.
+  p.grad_in = {};
+  p.act_in = {};
+  p.act_out = {};
+  p.grad_out = {};
+}
+
 namespace {
 
 struct Runner {
@@ -176,9 +203,12 @@ struct Runner {
   size_t elems() const { return static_cast<size_t>(p.B * p.T * p.C); }
   size_t bytes() const { return elems() * sizeof(float); }
   float* residual(int mb, int64_t l) { return model_chunk_residual<float>(m, slot(mb), l, p.B, p.T); }
-  float* grad_buffer(int mb, int chunk) { return p.grad_in.data() + sc(mb, chunk) * elems(); }
+  float* grad_buffer(int mb, int chunk) {
+    return (ticked() ? p.grad_dev : p.grad_in.data()) + sc(mb, chunk) * elems();
+  }
+  bool ticked() const { return p.p2p != nullptr; }
   // The model's memory is a device's: messages go through host copies (Pipeline::act_in).
-  bool staged() const { return m.ops->device() != Device::kCpu; }
+  bool staged() const { return !ticked() && m.ops->device() != Device::kCpu; }
   float* act_in(int mb, int chunk) { return p.act_in.data() + sc(mb, chunk) * elems(); }
 
   void wait(CommRequest& r, double* blocked) {
@@ -192,6 +222,10 @@ struct Runner {
   // receive this micro-batch will need on this rank is posted.
   void acquire(int mb) {
     const int s = slot(mb);
+    if (ticked()) {  // nothing in flight between ticks; receives go in the ticks
+      for (int c = 0; c < pl().chunks; ++c) p.grad_received[static_cast<size_t>(s * pl().chunks + c)] = 0;
+      return;
+    }
     for (int c = 0; c < pl().chunks; ++c) {
       wait(p.send_act[static_cast<size_t>(s * pl().chunks + c)], nullptr);
       p.grad_received[static_cast<size_t>(s * pl().chunks + c)] = 0;
@@ -236,7 +270,11 @@ struct Runner {
     wait(p.send_grad[static_cast<size_t>(slot(mb))], blocked);
     uint8_t& got = p.grad_received[sc(mb, chunk)];
     if (got) {
-      m.ops->upload(model_chunk_grad<float>(m, slot(mb)), grad_buffer(mb, chunk), bytes());
+      float* to = model_chunk_grad<float>(m, slot(mb));
+      if (ticked())
+        m.ops->copy(to, grad_buffer(mb, chunk), bytes());
+      else
+        m.ops->upload(to, grad_buffer(mb, chunk), bytes());
       got = 0;
     }
   }
@@ -280,6 +318,40 @@ struct Runner {
   }
   const PipeOp* op_at(int j) const { return j < 0 ? nullptr : &pl().ops[static_cast<size_t>(j)]; }
 
+  // The tick planned before op i (ops.size(): after the last), posted as one group and
+  // completed: sends from the model's buffers, receives into them (activations) or into
+  // grad_dev (gradients).
+  void run_tick(int i) {
+    const int t = p.tick_before[static_cast<size_t>(i)];
+    if (t < 0) return;
+    const PipeTick& tick = p.ticks[static_cast<size_t>(t)];
+    int n = 0;
+    for (int j : tick.ops) {
+      const PipeOp& op = pl().ops[static_cast<size_t>(j)];
+      P2pTransfer& x = p.group[static_cast<size_t>(n++)];
+      x = P2pTransfer{};
+      x.bytes = bytes();
+      x.peer = op.peer;
+      switch (op.kind) {
+        case PipeOpKind::kSendActivation: x.send = residual(op.mb, pl().l1[op.chunk]); break;
+        case PipeOpKind::kSendGradient: x.send = model_chunk_grad<float>(m, slot(op.mb)); break;
+        case PipeOpKind::kRecvActivation: x.recv = residual(op.mb, pl().l0[op.chunk]); break;
+        default: x.recv = grad_buffer(op.mb, op.chunk); break;
+      }
+    }
+    CommRequest r = p.p2p->p2p_group_start(p.group.data(), n);
+    wait_on(*p.p2p, r, &p.times.recv_wait);
+    for (int j : tick.ops) {
+      const PipeOp& op = pl().ops[static_cast<size_t>(j)];
+      if (op.kind == PipeOpKind::kRecvGradient) p.grad_received[sc(op.mb, op.chunk)] = 1;
+    }
+  }
+  void wait_on(Comm& c, CommRequest& r, double* blocked) {
+    const double t = now_s();
+    c.wait(r);
+    if (blocked) *blocked += now_s() - t;
+  }
+
   // An F&B pair: the forward of (chunk, mb) and the full backward of (chunk2, mb2), with the
   // messages each consumes and produces. Overlapped, the two advance in turns, each turn
   // running one chunk up to the start of its next expert exchange (model_chunk_step), so
@@ -287,7 +359,9 @@ struct Runner {
   // other computes (DeepSeek-V3 report, Figure 4). The turns are the same on every rank of
   // an EP group (same op list, same layers), which keeps its collectives in one order.
   void forward_backward(int i, const PipeOp& op) {
-    const PipelinePlan::FbMessages& msg = pl().fb_msgs[static_cast<size_t>(i)];
+    // Ticked, the pair's messages are in the ticks around it.
+    const PipelinePlan::FbMessages msg =
+        ticked() ? PipelinePlan::FbMessages{} : pl().fb_msgs[static_cast<size_t>(i)];
     const double t0 = now_s();
     const double ex0 = m.exchange ? m.exchange->blocked_s() : 0.0;
     double msg_wait = 0;
@@ -352,7 +426,12 @@ struct Runner {
         p.watchdog->set_schedule_op(i, pipe_op_kind_name(op.kind));
         p.watchdog->set_micro_batch(op.mb);
       }
-      if (pl().fb_of[static_cast<size_t>(i)] >= 0) continue;  // its F&B pair runs it
+      if (ticked()) {
+        if (pipe_op_is_message(op.kind)) continue;  // its tick runs it
+        run_tick(i);
+      } else if (pl().fb_of[static_cast<size_t>(i)] >= 0) {
+        continue;  // its F&B pair runs it
+      }
       switch (op.kind) {
         case PipeOpKind::kRecvActivation: recv_activation(op, &p.times.recv_wait); break;
         case PipeOpKind::kRecvGradient: recv_gradient(op, &p.times.recv_wait); break;
@@ -377,6 +456,7 @@ struct Runner {
           break;
       }
     }
+    if (ticked()) run_tick(n);
     if (p.watchdog) {
       p.watchdog->set_schedule_op(-1, nullptr);
       p.watchdog->set_micro_batch(-1);
@@ -403,23 +483,41 @@ PipelineLoss pipeline_run(Pipeline& p, Model<float>& m, const PipelineBatch& bat
   return r.loss;
 }
 
+namespace {
+
+// One blocking transfer as a group of one (the ticked path's send or receive).
+void p2p_one(Comm& c, const void* send, void* recv, size_t bytes, int peer) {
+  P2pTransfer x;
+  x.send = send;
+  x.recv = recv;
+  x.bytes = bytes;
+  x.peer = peer;
+  CommRequest r = c.p2p_group_start(&x, 1);
+  c.wait(r);
+}
+
+}  // namespace
+
 double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens,
                              const int32_t* targets) {
   const PipelinePlan& pl = p.plan;
   const size_t bytes = static_cast<size_t>(p.B * p.T * p.C) * sizeof(float);
-  const bool staged = m.ops->device() != Device::kCpu;  // through host copies, as pipeline_run
+  // Through host copies as pipeline_run, unless ticked (p2p: device buffers directly).
+  const bool staged = !p.p2p && m.ops->device() != Device::kCpu;
   double loss = 0;
   // Stages in order, placed as micro-batch 0 (DualPipe's first direction). Each message goes
   // from stage s to s + 1 and every rank walks the stages in the same order, so blocking
-  // sends and receives cannot deadlock.
+  // (even rendezvous) sends and receives cannot deadlock.
   for (int s = 0; s < pl.S; ++s) {
     const PipePlace here = schedule_place(pl.kind, pl.pp, pl.M, s, 0);
     if (here.rank != pl.rank) continue;
     const int c = here.chunk;
-    if (s > 0) {
-      const int prev = schedule_place(pl.kind, pl.pp, pl.M, s - 1, 0).rank;
-      if (prev != pl.rank) {
-        float* in = model_chunk_residual<float>(m, 0, pl.l0[c], p.B, p.T);
+    const int prev = s > 0 ? schedule_place(pl.kind, pl.pp, pl.M, s - 1, 0).rank : pl.rank;
+    if (prev != pl.rank) {
+      float* in = model_chunk_residual<float>(m, 0, pl.l0[c], p.B, p.T);
+      if (p.p2p) {
+        p2p_one(*p.p2p, nullptr, in, bytes, prev);
+      } else {
         p.comm->recv(staged ? p.act_in.data() : in, bytes, p.peer_rank[static_cast<size_t>(prev)],
                      message_tag(pl, 0, s, 0));
         if (staged) m.ops->upload(in, p.act_in.data(), bytes);
@@ -428,10 +526,12 @@ double pipeline_forward_only(Pipeline& p, Model<float>& m, const int32_t* tokens
     const ChunkLoss r = model_chunk_forward<float>(m, 0, pl.l0[c], pl.l1[c], tokens, targets, p.B,
                                                    p.T, false);
     if (pl.l1[c] == m.d.L) loss = r.ce_mean;
-    if (s + 1 < pl.S) {
-      const int next = schedule_place(pl.kind, pl.pp, pl.M, s + 1, 0).rank;
-      if (next != pl.rank) {
-        const float* out = model_chunk_residual<float>(m, 0, pl.l1[c], p.B, p.T);
+    const int next = s + 1 < pl.S ? schedule_place(pl.kind, pl.pp, pl.M, s + 1, 0).rank : pl.rank;
+    if (next != pl.rank) {
+      const float* out = model_chunk_residual<float>(m, 0, pl.l1[c], p.B, p.T);
+      if (p.p2p) {
+        p2p_one(*p.p2p, out, nullptr, bytes, next);
+      } else {
         if (staged) {
           m.ops->download(p.act_out.data(), out, bytes);
           out = p.act_out.data();

@@ -14,6 +14,12 @@
 // name (activation or gradient, the receiving stage, the micro-batch), so any order of
 // arrival is matched correctly.
 //
+// NCCL (pipeline_set_p2p): no tags, stream order, rendezvous sends. Messages then go in the
+// ticks of parallel/pipeline_ticks.h over a group of this replica's pipeline ranks: each tick
+// is one p2p_group_start before the compute op it precedes, completed before that op runs.
+// Activations still go straight between residual streams; gradients land in a device buffer
+// per (slot, chunk) (grad_dev). F&B pairs then take their messages from the ticks too.
+//
 // F&B pairs (DualPipe, DualPipeV). The forward of one micro-batch and the full backward of
 // another take turns (model_chunk_step), each turn running one chunk up to the start of its
 // next expert exchange, so each all-to-all is in flight while the other chunk computes. The
@@ -30,6 +36,7 @@
 
 #include "model/model.h"
 #include "parallel/comm.h"
+#include "parallel/pipeline_ticks.h"
 #include "parallel/schedule.h"
 
 namespace moe {
@@ -100,11 +107,23 @@ struct Pipeline {
   bool overlap_fb = true;
   // Told which op and micro-batch run, for its timeout message; null: none.
   Watchdog* watchdog = nullptr;
+  // NCCL's way (pipeline_set_p2p); null p2p: MPI's tagged messages over `comm`.
+  Comm* p2p = nullptr;                 // the replica's pipeline ranks: peers are pipeline ranks
+  std::vector<PipeTick> ticks;         // this rank's, in order
+  std::vector<int> tick_before;        // (ops + 1) the tick run before op i; -1: none
+  Arena grad_arena;                    // on the model's device
+  float* grad_dev = nullptr;           // (slots, chunks, B T C) gradients received
+  std::vector<P2pTransfer> group;      // (Comm::kP2pGroupMax) one tick's transfers
 };
 
 // Everything is allocated here; pipeline_run allocates nothing.
 void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> peer_rank,
                    int64_t B, int64_t T, int64_t C);
+
+// Sends the pipeline's messages in ticks over `p2p` (the pipeline ranks of this replica, in
+// order; NCCL on a GPU), with received gradients on `device`. Fails with one line when the
+// schedule has no tick plan (parallel/pipeline_ticks.h proves every built-in one has).
+void pipeline_set_p2p(Pipeline& p, Comm* p2p, Device device);
 
 // Fills tokens (B, T) and targets (B, T) of micro-batch mb (0 <= mb < M of this step).
 using PipelineBatch = std::function<void(int mb, int32_t* tokens, int32_t* targets)>;

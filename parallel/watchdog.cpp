@@ -30,6 +30,7 @@ const char* comm_op_name(CommOp op) {
     case CommOp::kRecvStart: return "recv_start";
     case CommOp::kBarrier: return "barrier";
     case CommOp::kSplit: return "split";
+    case CommOp::kP2pGroupStart: return "p2p_group_start";
   }
   return "communication";
 }

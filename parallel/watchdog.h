@@ -55,6 +55,7 @@ enum class CommOp : uint8_t {
   kRecvStart,
   kBarrier,
   kSplit,
+  kP2pGroupStart,
 };
 const char* comm_op_name(CommOp op);  // "all_reduce_sum", "recv_start", ...
 

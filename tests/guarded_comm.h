@@ -61,6 +61,9 @@ class GuardedComm final : public Comm {
   CommRequest recv_start(void* d, size_t b, int p, int t) override {
     return ret([&] { return in_.recv_start(d, b, p, t); });
   }
+  CommRequest p2p_group_start(const P2pTransfer* t, int n) override {
+    return ret([&] { return in_.p2p_group_start(t, n); });
+  }
   void barrier() override { g_.run([&] { in_.barrier(); }); }
 
  private:

@@ -20,10 +20,13 @@ namespace moe {
 // Puts every device arena of a built state under one guard: the model's backend and the
 // optimizer's forward to the CPU ones with the pages open only during their calls, and the
 // expert exchange takes its device path (parallel/expert_dispatch_device.h) through the
-// guarded backend and a guarded twin of the EP group, its own buffers guarded too. Declared
-// after the state, so it opens the pages before the state frees them.
+// guarded backend and a guarded twin of the EP group, its own buffers guarded too. With
+// `ticked_pipeline`, the pipeline sends its messages in ticks (as on NCCL) over a guarded twin
+// of the replica's pipeline group, straight between the guarded arenas (its gradient buffer
+// guarded too); else it stages them through its host buffers over MPI (a build without NCCL).
+// Declared after the state, so it opens the pages before the state frees them.
 struct StateGuard {
-  explicit StateGuard(TrainState& s) {
+  explicit StateGuard(TrainState& s, bool ticked_pipeline = true) {
     Model<float>& m = s.model;
     for (const Arena* a : {&m.param_arena, &m.grad_arena, &m.act_arena, &m.work_arena,
                            &m.gemm_arena, &s.opt_arena})
@@ -35,6 +38,11 @@ struct StateGuard {
       s.exchange->set_device(*m.ops, *ep, Device::kCpu);
       pages.guard(s.exchange->device_arena());
     }
+    if (s.pipe && ticked_pipeline) {
+      pp = std::make_unique<GuardedComm>(*s.grid->pp_comm, pages, true);
+      pipeline_set_p2p(*s.pipe, pp.get(), Device::kCpu);
+      pages.guard(s.pipe->grad_arena);
+    }
     // Nearly all of the device memory is under guard (the test is not vacuous).
     const size_t total = m.param_arena.bytes() + m.grad_arena.bytes() + m.act_arena.bytes() +
                          m.work_arena.bytes() + m.gemm_arena.bytes() + s.opt_arena.bytes();
@@ -43,6 +51,7 @@ struct StateGuard {
   ~StateGuard() { pages.disarm(); }
   PageGuard pages;
   std::unique_ptr<GuardedComm> ep;  // the EP group's stand-in device twin
+  std::unique_ptr<GuardedComm> pp;  // the pipeline group's
 };
 
 // What a run produced: per-step stats, the final parameters (downloaded) and an eval loss.

@@ -222,6 +222,10 @@ class FakeComm final : public Comm {
     unexpected("recv_start");
     return {};
   }
+  CommRequest p2p_group_start(const P2pTransfer*, int) override {
+    unexpected("p2p_group_start");
+    return {};
+  }
   void barrier() override { unexpected("barrier"); }
   bool test_completes = true;
 

@@ -258,6 +258,19 @@ TEST(ScheduleCli, DualPipeJson) {
   EXPECT_EQ(code, 0);
   EXPECT_NE(text.find("bubble: 9 "), std::string::npos) << text;
 
+  // --ticks: the groups NCCL runs (parallel/pipeline_ticks.h; PipelineTicks.* pins the plans).
+  const std::string ticks =
+      run_binary("schedule --kind dualpipe --pp 2 --micro-batches 4 --ticks", &code);
+  EXPECT_EQ(code, 0) << ticks;
+  EXPECT_NE(ticks.find("rank 1: F1.2 [a>0 a<0] F0.0 F1.3 [a>0 a<0] B0.0 [g>0 g<0] F0.1&B1.2 "
+                       "B0.1 [g>0 g<0] Bx1.3 W1.3\n"), std::string::npos) << ticks;
+  const std::string ticks_json =
+      run_binary("schedule --kind 1f1b --pp 2 --micro-batches 2 --ticks --json", &code);
+  EXPECT_EQ(code, 0) << ticks_json;
+  EXPECT_NE(ticks_json.find("\"ticks\": [\"F0.0 [a>1] F0.1 [a>1 g<1] B0.0 [g<1] B0.1\", "
+                            "\"[a<0] F0.0 B0.0 [g>0 a<0] F0.1 B0.1 [g>0]\"], \"ticks_moved\": 0,"),
+            std::string::npos) << ticks_json;
+
   const std::string bad = run_binary("schedule --kind dualpipe --pp 3 --micro-batches 8", &code);
   EXPECT_NE(code, 0);
   EXPECT_EQ(bad, "error: schedule dualpipe needs an even pp, got 3\n");

@@ -156,6 +156,8 @@ int main(int argc, char** argv) {
   CLI::Option* fb_opt = schedule->add_option(
       "--fb", sched_fb, "cost of an overlapped forward & backward pair (default F + B)");
   schedule->add_flag("--json", sched_opt.json, "print one JSON object");
+  schedule->add_flag("--ticks", sched_opt.ticks,
+                     "also print the messages' ticks as NCCL runs them on GPUs");
 
   if (argc >= 2 && argv[1][0] != '-' && !is_subcommand(app, argv[1])) {
     // CLI11 would only say "a subcommand is required"; name the word it did not know.

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "model/check.h"
+#include "parallel/pipeline_ticks.h"
 
 namespace moe {
 
@@ -59,6 +60,16 @@ int schedule_main(const ScheduleToolOptions& opt) {
   const ScheduleSim sim = schedule_simulate(kind, pp, M, costs);
   const char* name = schedule_kind_name(kind);
   const int S = schedule_num_stages(kind, pp);
+  PipeTickPlan tick_plan;
+  if (opt.ticks) {
+    tick_plan = pipeline_ticks_plan(kind, pp, M);
+    CHECK(tick_plan.error.empty(), "schedule %s pp %d M %d has no tick plan: %s", name, pp, M,
+          tick_plan.error.c_str());
+  }
+  auto ticks_text = [&](int r) {
+    return pipeline_ticks_to_string(ranks[static_cast<size_t>(r)],
+                                    tick_plan.ranks[static_cast<size_t>(r)]);
+  };
 
   if (opt.json) {
     std::string s = strprintf(
@@ -71,7 +82,13 @@ int schedule_main(const ScheduleToolOptions& opt) {
       for (size_t i = 0; i < ops.size(); ++i) s += (i ? ", " : "") + op_json(ops[i]);
       s += "]";
     }
-    s += strprintf("], \"bubble\": %.10g, \"rank_bubble\": [%s], \"makespan\": %.10g, "
+    s += "]";
+    if (opt.ticks) {
+      s += ", \"ticks\": [";
+      for (int r = 0; r < pp; ++r) s += (r ? ", \"" : "\"") + ticks_text(r) + "\"";
+      s += strprintf("], \"ticks_moved\": %d", tick_plan.moved);
+    }
+    s += strprintf(", \"bubble\": %.10g, \"rank_bubble\": [%s], \"makespan\": %.10g, "
                    "\"peak_activations\": [%s], \"param_copies\": %d}\n",
                    sim.bubble, list_text(sim.rank_bubble, "%.10g", ", ").c_str(), sim.makespan,
                    list_text(sim.peak_activations, "%d", ", ").c_str(), sim.param_copies);
@@ -96,6 +113,12 @@ int schedule_main(const ScheduleToolOptions& opt) {
   std::printf("peak activations per rank: %s (in-flight micro-batch activations of one chunk)\n",
               list_text(sim.peak_activations, "%d", " ").c_str());
   std::printf("parameter copies: %d\n", sim.param_copies);
+  if (opt.ticks) {
+    std::printf("ticks (on NCCL: each [...] is one group of sends and receives, completed before "
+                "the compute op after it; %d receive%s posted early or send%s held back):\n",
+                tick_plan.moved, tick_plan.moved == 1 ? "" : "s", tick_plan.moved == 1 ? "" : "s");
+    for (int r = 0; r < pp; ++r) std::printf("rank %d: %s\n", r, ticks_text(r).c_str());
+  }
   return 0;
 }
 

@@ -17,6 +17,7 @@ struct ScheduleToolOptions {
   double f = 1, b = 2, w = 1;      // forward, full backward, its weight part, per chunk
   std::optional<double> fb;        // overlapped F&B pair; unset: f + b
   bool json = false;               // one JSON object instead of text
+  bool ticks = false;              // also the tick plan NCCL runs (parallel/pipeline_ticks.h)
 };
 
 // Returns the process exit code; bad input is a UserError.

@@ -108,23 +108,30 @@ DeviceComms::~DeviceComms() {
   param.reset();
   expert_param.reset();
   ep.reset();
+  pp.reset();
 #ifdef MOETRAIN_HAVE_CUDA
   if (stream) cuda::stream_destroy(stream);
+  if (pp_stream) cuda::stream_destroy(pp_stream);
 #endif
 }
 
 void device_comms_init(DeviceComms& dc, Comm* param_comm, Comm* expert_param_comm, Comm* ep_comm,
-                       cuda::Stream compute, double timeout_s) {
-  if (!param_comm && !expert_param_comm && !ep_comm) return;
+                       Comm* pp_comm, cuda::Stream compute, double timeout_s) {
+  if (!param_comm && !expert_param_comm && !ep_comm && !pp_comm) return;
 #ifdef MOETRAIN_HAVE_NCCL
   dc.stream = cuda::stream_create();
   if (param_comm) dc.param = comm_nccl_create(*param_comm, dc.stream, timeout_s, compute);
   if (expert_param_comm)
     dc.expert_param = comm_nccl_create(*expert_param_comm, dc.stream, timeout_s, compute);
   if (ep_comm) dc.ep = comm_nccl_create(*ep_comm, dc.stream, timeout_s, compute);
+  if (pp_comm) {
+    dc.pp_stream = cuda::stream_create();
+    dc.pp = comm_nccl_create(*pp_comm, dc.pp_stream, timeout_s, compute);
+  }
 #else
   (void)dc;
   (void)ep_comm;
+  (void)pp_comm;
   (void)compute;
   (void)timeout_s;
   CHECK(false, "device communicators need NCCL, and this build has none");

@@ -134,10 +134,13 @@ void train_state_init(TrainState& s, const Config& cfg, const ProcessGrid* grid,
     // that traffic.
 #ifdef MOETRAIN_HAVE_CUDA
     device_comms_init(s.dev, param_comm, expert_param_comm, has_exchange ? grid->ep_comm.get() : nullptr,
-                      ops_cuda_stream(*m.ops), cfg.parallel.timeout_s);
+                      s.pipe ? grid->pp_comm.get() : nullptr, ops_cuda_stream(*m.ops),
+                      cfg.parallel.timeout_s);
 #endif
     if (s.dev.param) param_comm = s.dev.param.get();
     if (s.dev.expert_param) expert_param_comm = s.dev.expert_param.get();
+    // Without NCCL in the build the pipeline stages its messages through host memory.
+    if (s.dev.pp) pipeline_set_p2p(*s.pipe, s.dev.pp.get(), device);
   }
   if (has_exchange) {
     CHECK(grid && grid->ep_comm);

@@ -21,7 +21,7 @@ namespace moe {
 namespace {
 
 // What a request waits for, for the timeout message.
-enum class Op : uint8_t { kAllReduce, kReduceScatter, kAllToAll, kSend, kRecv };
+enum class Op : uint8_t { kAllReduce, kReduceScatter, kAllToAll, kSend, kRecv, kP2pGroup };
 const char* op_name(Op op) {
   switch (op) {
     case Op::kAllReduce: return "all-reduce";
@@ -29,6 +29,7 @@ const char* op_name(Op op) {
     case Op::kAllToAll: return "all-to-all";
     case Op::kSend: return "send";
     case Op::kRecv: return "recv";
+    case Op::kP2pGroup: return "point-to-point group";
   }
   return "?";
 }
@@ -215,6 +216,21 @@ class NcclComm final : public Comm {
     after_producer();
     NCCL_CHECK(ncclRecv(data, bytes, ncclChar, peer, comm_, stream_));
     return record(Op::kRecv);
+  }
+
+  CommRequest p2p_group_start(const P2pTransfer* t, int n) override {
+    CHECK(n > 0 && n <= kP2pGroupMax, "point-to-point group of %d transfers", n);
+    after_producer();
+    NCCL_CHECK(ncclGroupStart());
+    for (int i = 0; i < n; ++i) {
+      CHECK((t[i].send == nullptr) != (t[i].recv == nullptr), "transfer %d: one of send, recv", i);
+      if (t[i].send)
+        NCCL_CHECK(ncclSend(t[i].send, t[i].bytes, ncclChar, t[i].peer, comm_, stream_));
+      else
+        NCCL_CHECK(ncclRecv(t[i].recv, t[i].bytes, ncclChar, t[i].peer, comm_, stream_));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+    return record(Op::kP2pGroup);
   }
 
   void barrier() override {

@@ -26,14 +26,16 @@ namespace {
 // init: guarded backends, the exchange on its device path (StateGuard), and the ZeRO-1 groups
 // behind guarded communicators (the reduction after backward, so no MPI request on guarded
 // memory is in flight while another group's call progresses it).
-TrainRunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
+enum class Mode { kPlain, kGuardedTicked, kGuardedStaged };
+
+TrainRunOut run(const Config& cfg, const ProcessGrid& grid, Mode mode) {
   TrainState s;
   train_state_init(s, cfg, &grid);
   s.overlap_reduction = false;
   std::unique_ptr<StateGuard> g;
   std::vector<std::unique_ptr<GuardedComm>> comms;  // after g: they go first
-  if (guarded) {
-    g = std::make_unique<StateGuard>(s);
+  if (mode != Mode::kPlain) {
+    g = std::make_unique<StateGuard>(s, mode == Mode::kGuardedTicked);
     for (int k = 0; k < 2; ++k) {
       if (!s.regions[k].comm) continue;
       comms.push_back(std::make_unique<GuardedComm>(*s.regions[k].comm, g->pages));
@@ -52,23 +54,32 @@ TrainRunOut run(const Config& cfg, const ProcessGrid& grid, bool guarded) {
 
 TEST(TrainStaged, ExpertAndPipelineParallelOnDeviceMemory) {
   ASSERT_EQ(mpi_world_size(), 4) << "run under mpirun -np 4";
-  const std::vector<std::vector<std::string>> layouts = {
-      {"parallel.dp=4", "parallel.ep=2", "training.global_batch=8", "training.micro_batch=2"},
-      {"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"1f1b\"",
-       "model.n_layers=4", "training.global_batch=8", "training.micro_batch=1"},
-      {"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"dualpipe\"",
-       "model.n_layers=4", "training.global_batch=8", "training.micro_batch=1",
-       "precision.dispatch_fp8=true"},
+  const std::vector<std::string> base = {"model.n_layers=4", "training.global_batch=8",
+                                         "training.micro_batch=1"};
+  auto with = [&](std::vector<std::string> o) {
+    o.insert(o.end(), base.begin(), base.end());
+    return o;
   };
-  for (const std::vector<std::string>& layout : layouts) {
+  // (layout, also through the staged pipeline): the pipeline layouts run ticked (NCCL's way)
+  // and one also staged (a build without NCCL). pp 4 DualPipe needs receives posted early and
+  // sends held back (parallel/pipeline_ticks.h).
+  const std::vector<std::pair<std::vector<std::string>, bool>> layouts = {
+      {{"parallel.dp=4", "parallel.ep=2", "training.global_batch=8", "training.micro_batch=2"}, false},
+      {with({"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"1f1b\""}), true},
+      {with({"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"dualpipe\"",
+             "precision.dispatch_fp8=true"}), false},
+      {with({"parallel.dp=1", "parallel.pp=4", "parallel.schedule=\"dualpipe\""}), false},
+      {with({"parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=\"dualpipev\""}), false},
+  };
+  for (const auto& [layout, staged_too] : layouts) {
     std::string name;
     for (const std::string& o : layout) name += o + " ";
     SCOPED_TRACE(name);
     const Config cfg = train_fixture_config("fp8", "fp32", 0, layout);
     const ProcessGrid grid = grid_build(cfg);
-    const TrainRunOut plain = run(cfg, grid, false);
-    const TrainRunOut guarded = run(cfg, grid, true);
-    expect_same_run(plain, guarded);
+    const TrainRunOut plain = run(cfg, grid, Mode::kPlain);
+    expect_same_run(plain, run(cfg, grid, Mode::kGuardedTicked));
+    if (staged_too) expect_same_run(plain, run(cfg, grid, Mode::kGuardedStaged));
   }
 }
 
