@@ -12,12 +12,6 @@ namespace moe {
 
 namespace {
 
-bool is_compute(PipeOpKind k) {
-  return k == PipeOpKind::kForward || k == PipeOpKind::kBackward ||
-         k == PipeOpKind::kBackwardInput || k == PipeOpKind::kBackwardWeight ||
-         k == PipeOpKind::kForwardBackward;
-}
-
 // Message tags: (activation 0 / gradient 1, the stage that receives, micro-batch).
 int message_tag(const PipelinePlan& pl, int type, int recv_stage, int mb) {
   return (type * pl.S + recv_stage) * pl.M + mb;
@@ -51,32 +45,24 @@ PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
     pl.part.head = pl.part.head || s == pl.S - 1;
   }
   // Each micro-batch's interval on this rank: from the compute op before its first op (so its
-  // receives are posted a whole compute op ahead) to its last op.
+  // receives are posted a whole compute op ahead; pipe_slot_take_index, which the NCCL tick
+  // plan shares) to its last op.
   const int n = static_cast<int>(pl.ops.size());
-  std::vector<int> first(static_cast<size_t>(M), -1), last(static_cast<size_t>(M), -1);
-  auto touch = [&](int mb, int i) {
-    if (mb < 0) return;
-    if (first[static_cast<size_t>(mb)] < 0) first[static_cast<size_t>(mb)] = i;
-    last[static_cast<size_t>(mb)] = i;
-  };
+  std::vector<int> last(static_cast<size_t>(M), -1);
   for (int i = 0; i < n; ++i) {
     const PipeOp& op = pl.ops[static_cast<size_t>(i)];
-    touch(op.mb, i);
-    if (op.kind == PipeOpKind::kForwardBackward) touch(op.mb2, i);
+    if (op.mb >= 0) last[static_cast<size_t>(op.mb)] = i;
+    if (op.kind == PipeOpKind::kForwardBackward && op.mb2 >= 0) last[static_cast<size_t>(op.mb2)] = i;
     if (op.kind == PipeOpKind::kBackward || op.kind == PipeOpKind::kBackwardWeight ||
         op.kind == PipeOpKind::kForwardBackward)
       pl.last_backward_op = i;
     pl.split_backward = pl.split_backward || op.kind == PipeOpKind::kBackwardInput;
   }
   std::vector<std::vector<int>> starts(static_cast<size_t>(n)), ends(static_cast<size_t>(n));
+  const std::vector<int> take = pipe_slot_take_index(pl.ops, M);
   for (int mb = 0; mb < M; ++mb) {
-    int f = first[static_cast<size_t>(mb)];
+    const int f = take[static_cast<size_t>(mb)];
     if (f < 0) continue;
-    for (int j = f - 1; j >= 0; --j)
-      if (is_compute(pl.ops[static_cast<size_t>(j)].kind)) {
-        f = j;
-        break;
-      }
     starts[static_cast<size_t>(f)].push_back(mb);
     ends[static_cast<size_t>(last[static_cast<size_t>(mb)])].push_back(mb);
   }
@@ -212,9 +198,12 @@ struct Runner {
   float* act_in(int mb, int chunk) { return p.act_in.data() + sc(mb, chunk) * elems(); }
 
   void wait(CommRequest& r, double* blocked) {
+    if (r.active) wait_on(*p.comm, r, blocked);
+  }
+  void wait_on(Comm& c, CommRequest& r, double* blocked) {
     if (!r.active) return;
     const double t = now_s();
-    p.comm->wait(r);
+    c.wait(r);
     if (blocked) *blocked += now_s() - t;
   }
 
@@ -346,12 +335,6 @@ struct Runner {
       if (op.kind == PipeOpKind::kRecvGradient) p.grad_received[sc(op.mb, op.chunk)] = 1;
     }
   }
-  void wait_on(Comm& c, CommRequest& r, double* blocked) {
-    const double t = now_s();
-    c.wait(r);
-    if (blocked) *blocked += now_s() - t;
-  }
-
   // An F&B pair: the forward of (chunk, mb) and the full backward of (chunk2, mb2), with the
   // messages each consumes and produces. Overlapped, the two advance in turns, each turn
   // running one chunk up to the start of its next expert exchange (model_chunk_step), so

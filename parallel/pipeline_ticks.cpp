@@ -17,7 +17,7 @@ std::string transfer_name(const PipeTransfer& t) {
 }
 
 // One message op of one rank, with its place on its pair of ranks (the k-th message from
-// sender to receiver, k in the sender's order) and the tick it is posted in.
+// sender to receiver, k in the receiver's list order) and the tick it is posted in.
 struct Msg {
   int op = 0;
   PipeTransfer t;
@@ -25,14 +25,17 @@ struct Msg {
   int64_t k = 0;
   int before = 0;    // the compute op its tick runs before (ops.size(): the end)
   int earliest = 0;  // the earliest `before` allowed (receives: once the slot is taken)
-  int latest = 0;    // the latest (sends: while the buffer stays put)
+  int latest = 0;    // sends: the latest `before` allowed (while the buffer stays put)
 };
 
 struct Planner {
   PipeSchedule kind;
   int pp, M;
   const std::vector<std::vector<PipeOp>>& ranks;
-  std::vector<std::vector<Msg>> msgs;  // (pp) per rank, in op order
+  std::vector<std::vector<Msg>> msgs;  // (pp) per rank: its receives, then its sends
+  // From build_ticks: each message's tick on its rank, and each tick's messages in issue order.
+  std::vector<std::vector<int>> tick_of;               // (pp, msgs)
+  std::vector<std::vector<std::vector<int>>> in_tick;  // (pp, ticks)
   // (pair, k) -> the sender's and the receiver's Msg index.
   std::vector<std::vector<int>> send_of, recv_of;
   PipeTickPlan out;
@@ -82,7 +85,6 @@ struct Planner {
           if (!m.t.send) {
             // Its slot is taken before op take[mb]: the first tick after that.
             m.earliest = next_compute(r, take[static_cast<size_t>(r)][static_cast<size_t>(m.t.mb)]);
-            m.latest = m.before;
             if (!k_of[m.pair].emplace(key, static_cast<int64_t>(same.size())).second)
               return fail(strprintf("rank %d receives the %s from rank %d twice", r,
                                     transfer_name(m.t).c_str(), m.t.peer));
@@ -176,6 +178,8 @@ struct Planner {
   // Builds each rank's ticks from the messages' `before`.
   void build_ticks() {
     out.ranks.assign(static_cast<size_t>(pp), {});
+    tick_of.assign(static_cast<size_t>(pp), {});
+    in_tick.assign(static_cast<size_t>(pp), {});
     for (int r = 0; r < pp; ++r) {
       std::vector<int> order(msgs[static_cast<size_t>(r)].size());
       for (size_t j = 0; j < order.size(); ++j) order[j] = static_cast<int>(j);
@@ -188,10 +192,18 @@ struct Planner {
                std::make_tuple(b.before, !b.t.send, b.t.peer, b.k);
       });
       auto& ticks = out.ranks[static_cast<size_t>(r)];
+      auto& msg_tick = tick_of[static_cast<size_t>(r)];
+      auto& tick_msgs = in_tick[static_cast<size_t>(r)];
+      msg_tick.assign(ms.size(), -1);
       for (int j : order) {
         const Msg& m = ms[static_cast<size_t>(j)];
-        if (ticks.empty() || ticks.back().before != m.before) ticks.push_back(PipeTick{m.before, {}});
+        if (ticks.empty() || ticks.back().before != m.before) {
+          ticks.push_back(PipeTick{m.before, {}});
+          tick_msgs.emplace_back();
+        }
         ticks.back().ops.push_back(m.op);
+        tick_msgs.back().push_back(j);
+        msg_tick[static_cast<size_t>(j)] = static_cast<int>(ticks.size()) - 1;
       }
     }
   }
@@ -202,16 +214,6 @@ struct Planner {
   bool replay(bool* finished) {
     *finished = false;
     const size_t P = static_cast<size_t>(pp);
-    // Each message's tick index on its rank.
-    std::vector<std::vector<int>> tick_of(P);
-    for (size_t r = 0; r < P; ++r) {
-      tick_of[r].assign(msgs[r].size(), -1);
-      std::map<int, int> index_of_op;
-      for (size_t j = 0; j < msgs[r].size(); ++j) index_of_op[msgs[r][j].op] = static_cast<int>(j);
-      const auto& ticks = out.ranks[r];
-      for (size_t t = 0; t < ticks.size(); ++t)
-        for (int op : ticks[t].ops) tick_of[r][static_cast<size_t>(index_of_op[op])] = static_cast<int>(t);
-    }
     auto partner = [&](const Msg& m, int* q, int* qj) {
       *q = m.t.peer;
       *qj = m.t.send ? recv_of[m.pair][static_cast<size_t>(m.k)] : send_of[m.pair][static_cast<size_t>(m.k)];
@@ -219,13 +221,6 @@ struct Planner {
     std::vector<int> at(P, 0);
     std::vector<std::vector<uint8_t>> met(P);
     for (size_t r = 0; r < P; ++r) met[r].assign(msgs[r].size(), 0);
-    // Messages of each rank's ticks, by tick.
-    std::vector<std::vector<std::vector<int>>> in_tick(P);
-    for (size_t r = 0; r < P; ++r) {
-      in_tick[r].assign(out.ranks[r].size(), {});
-      for (size_t j = 0; j < msgs[r].size(); ++j)
-        in_tick[r][static_cast<size_t>(tick_of[r][j])].push_back(static_cast<int>(j));
-    }
     for (bool progress = true; progress;) {
       progress = false;
       for (int r = 0; r < pp; ++r) {
@@ -369,7 +364,7 @@ PipeTickPlan pipeline_ticks_plan(PipeSchedule kind, int pp, int M) {
 PipeTickPlan pipeline_ticks_plan_ops(PipeSchedule kind, int pp, int M,
                                      const std::vector<std::vector<PipeOp>>& ranks) {
   CHECK(static_cast<int>(ranks.size()) == pp, "%zu op lists for pp %d", ranks.size(), pp);
-  Planner p{kind, pp, M, ranks, {}, {}, {}, {}};
+  Planner p{kind, pp, M, ranks, {}, {}, {}, {}, {}, {}};
   p.run();
   return std::move(p.out);
 }

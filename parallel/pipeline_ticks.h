@@ -12,9 +12,10 @@
 // The plan (pipeline_ticks_plan) starts from the op lists (parallel/schedule.h): a send in
 // the tick after the compute op that made its data, a receive in the tick before the compute
 // op that needs it. Two things must then hold, and the plan proves both:
-//  - order: between any two ranks the receiver's receives, in issue order, name the sender's
-//    sends in issue order (tags would have hidden a mismatch; NCCL would swap two buffers of
-//    equal size). Within a tick receives are issued in the sender's order;
+//  - order: between any two ranks the sender's sends, in issue order, name the receiver's
+//    receives in the order its list needs them (tags would have hidden a mismatch; NCCL
+//    would swap two buffers of equal size). A send made before one its receiver needs first
+//    is held back to that one's tick, and issued after it;
 //  - progress: with rendezvous sends and every tick completed before the next compute op,
 //    all ranks finish. A tick completes once each of its transfers has met its peer's; the
 //    plan replays the ticks and, where every rank still running waits on another, moves a
@@ -22,7 +23,9 @@
 //    directions need this: both neighbours send at once).
 // A receive moves no earlier than the micro-batch takes its activation slot
 // (pipe_slot_take_index), the executor's rule for posting receives early on MPI, so its
-// buffer is free. Sends never move.
+// buffer is free. A send is held back no later than the micro-batch's next compute op on its
+// rank (or, after its last op, until another micro-batch could take the slot), so its buffer
+// is unchanged.
 #pragma once
 
 #include <string>
