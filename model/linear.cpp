@@ -48,6 +48,16 @@ void restore_saved(Ops<float>& ops, float* dst, const LinearSaved& x, int64_t R,
   }
 }
 
+// bf16 on a backend whose GEMMs take BF16 operands (Ops::gemm_bf16_native): the weight is
+// kept as bits (linear_quantize_weight) and each activation operand is encoded into the
+// float scratch as bits, half its room; nothing is rounded twice.
+template <typename T>
+bool native_bf16(Ops<T>& ops, PrecisionMode mode) {
+  return mode == PrecisionMode::kBf16 && ops.gemm_bf16_native();
+}
+uint16_t* as_bits(float* p) { return reinterpret_cast<uint16_t*>(p); }
+const uint16_t* as_bits(const float* p) { return reinterpret_cast<const uint16_t*>(p); }
+
 template <typename T>
 bool exact(PrecisionMode mode) {
   if constexpr (!std::is_same_v<T, float>)
@@ -70,6 +80,14 @@ void rows_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int64
                           s.row_pad_count);
 }
 
+// dw (OC, IC) += dout^T . x with x already BF16 bits (N, IC).
+void native_bf16_backward_weight(Ops<float>& ops, float* dw, const float* dout,
+                                 const uint16_t* x_bits, int64_t N, int64_t IC, int64_t OC,
+                                 const LinearScratch<float>& s) {
+  ops.bf16_encode(as_bits(s.a), nullptr, dout, N * OC);
+  ops.gemm_bf16(true, false, OC, IC, N, as_bits(s.a), OC, x_bits, IC, 1.0f, dw, IC);
+}
+
 }  // namespace
 
 template <typename T>
@@ -80,6 +98,14 @@ void linear_quantize_weight(Ops<T>& ops, T* wq, const T* w, int64_t OC, int64_t 
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
+    if (native_bf16(ops, mode)) {
+      // Bits in wq's first half, rows ld apart: encoding in place would overwrite floats
+      // not yet read.
+      CHECK(wq != w, "a native BF16 weight cannot be encoded in place");
+      if (ld == IC) return ops.bf16_encode(as_bits(wq), nullptr, w, OC * IC);
+      for (int64_t r = 0; r < OC; ++r) ops.bf16_encode(as_bits(wq) + r * ld, nullptr, w + r * ld, IC);
+      return;
+    }
     if (mode == PrecisionMode::kFp8) {
       ops.fp8_fake_quantize_ld(wq, ld, w, ld, OC, IC, kTileWeight);
     } else if (ld == IC) {
@@ -125,6 +151,12 @@ void linear_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int
   if (exact<T>(mode)) return rows_forward<T>(ops, out, x, wq, N, IC, OC, s);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * IC);
+    if (native_bf16(ops, mode)) {
+      uint16_t* a = save ? save->bf16 : as_bits(s.a);
+      CHECK(a, "no buffer for the saved BF16 input");
+      ops.bf16_encode(a, nullptr, x, N * IC);
+      return ops.gemm_bf16(false, true, N, OC, IC, a, IC, as_bits(wq), IC, 0.0f, out, OC);
+    }
     if (!save) {
       quantize_input(ops, s.a, x, N, IC, mode, kTileAct);
     } else if (mode == PrecisionMode::kFp8) {
@@ -143,14 +175,19 @@ void linear_backward_input(Ops<T>& ops, T* dx, const T* dout, const T* wq, int64
                            int64_t OC, PrecisionMode mode, const LinearScratch<T>& s,
                            bool accumulate) {
   const T* a = dout;
+  const T beta = accumulate ? T(1) : T(0);
   if (!exact<T>(mode)) {
     if constexpr (std::is_same_v<T, float>) {
       check_room(s, N * OC);
+      if (native_bf16(ops, mode)) {
+        ops.bf16_encode(as_bits(s.a), nullptr, dout, N * OC);
+        return ops.gemm_bf16(false, false, N, IC, OC, as_bits(s.a), OC, as_bits(wq), IC, beta,
+                             dx, IC);
+      }
       quantize_input(ops, s.a, dout, N, OC, mode, kTileAct);
       a = s.a;
     }
   }
-  const T beta = accumulate ? T(1) : T(0);
   if (s.row_pad)
     return ops.gemm_rows_invariant(false, N, IC, OC, a, OC, wq, IC, beta, dx, IC, s.row_pad,
                                    s.row_pad_count);
@@ -164,6 +201,10 @@ void linear_backward_weight(Ops<T>& ops, T* dw, const T* dout, const T* x, int64
   if (exact<T>(mode)) return ops.matmul_backward_weight(dw, dout, x, N, IC, OC);
   if constexpr (std::is_same_v<T, float>) {
     check_room(s, N * (IC > OC ? IC : OC));
+    if (native_bf16(ops, mode)) {  // BF16 has no tiles: the blocks change nothing
+      ops.bf16_encode(as_bits(s.b), nullptr, x, N * IC);
+      return native_bf16_backward_weight(ops, dw, dout, as_bits(s.b), N, IC, OC, s);
+    }
     for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
       quantize_input(ops, s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
       quantize_input(ops, s.b + r0 * IC, x + r0 * IC, n, IC, mode, kTileActT);
@@ -179,6 +220,10 @@ void saved_backward_weight(Ops<float>& ops, float* dw, const float* dout, const 
                            const LinearScratch<float>& s, const int64_t* blocks,
                            int64_t n_blocks) {
   check_room(s, N * (IC > OC ? IC : OC));
+  if (native_bf16(ops, mode)) {
+    CHECK(x.bf16, "no saved BF16 input");
+    return native_bf16_backward_weight(ops, dw, dout, x.bf16, N, IC, OC, s);
+  }
   restore_saved(ops, s.b, x, N, IC, mode);
   for_each_block(blocks, n_blocks, N, [&](int64_t r0, int64_t n) {
     quantize_input(ops, s.a + r0 * OC, dout + r0 * OC, n, OC, mode, kTileActT);
@@ -202,11 +247,32 @@ void linear_backward_weight_saved(Ops<T>& ops, T* dw, const T* dout, const T* x_
                                                                 blocks, n_blocks);
 }
 
+template <typename T>
+void linear_forward_saved(Ops<T>& ops, T* out, const T* x_fp32, const LinearSaved& x,
+                          const T* wq, int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
+                          const LinearScratch<T>& s) {
+  if (exact<T>(mode)) return rows_forward<T>(ops, out, x_fp32, wq, N, IC, OC, s);
+  if constexpr (std::is_same_v<T, float>) {
+    if (native_bf16(ops, mode)) {
+      CHECK(x.bf16, "no saved BF16 input");
+      return ops.gemm_bf16(false, true, N, OC, IC, x.bf16, IC, as_bits(wq), IC, 0.0f, out, OC);
+    }
+    check_room(s, N * IC);
+    // fp8: the same 1x128 tiles as the forward that saved x, so dequantize(quantize(x)) is
+    // what linear_forward would multiply; bf16: the rounded values themselves.
+    restore_saved(ops, s.a, x, N, IC, mode);
+    rows_forward<float>(ops, out, s.a, wq, N, IC, OC, s);
+  }
+}
+
 #define MOE_INSTANTIATE(T)                                                                     \
   template void linear_quantize_weight<T>(Ops<T>&, T*, const T*, int64_t, int64_t, int64_t,            \
                                           PrecisionMode);                                     \
   template void linear_forward<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,          \
                                   PrecisionMode, const LinearScratch<T>&, const LinearSaved*); \
+  template void linear_forward_saved<T>(Ops<T>&, T*, const T*, const LinearSaved&, const T*,   \
+                                        int64_t, int64_t, int64_t, PrecisionMode,             \
+                                        const LinearScratch<T>&);                             \
   template void linear_backward_input<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,   \
                                          PrecisionMode, const LinearScratch<T>&, bool);       \
   template void linear_backward_weight<T>(Ops<T>&, T*, const T*, const T*, int64_t, int64_t, int64_t,  \

@@ -7,11 +7,14 @@
 //         the weight per 128x128 block. Forward x (1x128 along IC) . W; input gradient
 //         dy (1x128 along OC) . W; weight gradient dy^T x, both 128x1 (the reduction runs
 //         over the N tokens).
-// The quantized GEMM is an exact emulation on every backend: each input is fake-quantized
-// (quantized and dequantized, bit for bit what a block-scaled FP8 GEMM multiplies) into
-// scratch, then one FP32 GEMM (OpenBLAS, or cuBLAS without TF32), all through `ops`. The weight arrives already quantized (linear_quantize_weight, once
-// per optimizer step: every GEMM of the step reads the same copy); activations are
-// quantized here. T = double (gradient checks) supports fp32 only.
+// The quantized GEMM is an exact emulation unless the backend multiplies the format
+// natively: each input is fake-quantized (quantized and dequantized, bit for bit what a
+// block-scaled FP8 GEMM multiplies) into scratch, then one FP32 GEMM (OpenBLAS, or cuBLAS
+// without TF32), all through `ops`. Native bf16 (Ops::gemm_bf16_native, the CUDA backend):
+// the operands are BF16 bits and the GEMM runs on them (tensor cores), the weight held as bits
+// in wq's memory (wq is then not a float tensor). The weight arrives already quantized
+// (linear_quantize_weight, once per optimizer step: every GEMM of the step reads the same
+// copy); activations are quantized here. T = double (gradient checks) supports fp32 only.
 #pragma once
 
 #include <cstdint>
@@ -52,8 +55,9 @@ LinearSaved linear_saved_carve(Carver& c, int64_t N, int64_t IC, PrecisionMode m
 // The saved rows from row r0 on.
 LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC);
 
-// wq (OC, IC) with row stride ld <- w in the mode's GEMM input format (a copy for fp32).
-// In place allowed (wq == w).
+// wq (OC, IC) with row stride ld <- w in the mode's GEMM input format (a copy for fp32;
+// BF16 bits in wq's first half when the backend multiplies BF16 natively). In place allowed
+// (wq == w) except for native BF16.
 template <typename T>
 void linear_quantize_weight(Ops<T>& ops, T* wq, const T* w, int64_t OC, int64_t IC, int64_t ld,
                             PrecisionMode mode);
@@ -64,6 +68,13 @@ template <typename T>
 void linear_forward(Ops<T>& ops, T* out, const T* x, const T* wq, int64_t N, int64_t IC, int64_t OC,
                     PrecisionMode mode, const LinearScratch<T>& s,
                     const LinearSaved* save = nullptr);
+// out (N, OC) = x . wq^T for a second GEMM that reads an input an earlier linear_forward
+// saved (fp32: the float tensor x_fp32 itself; otherwise `saved`, x_fp32 unread): the same
+// operand, not quantized again.
+template <typename T>
+void linear_forward_saved(Ops<T>& ops, T* out, const T* x_fp32, const LinearSaved& saved,
+                          const T* wq, int64_t N, int64_t IC, int64_t OC, PrecisionMode mode,
+                          const LinearScratch<T>& s);
 // dx (N, IC) = dout (N, OC) . wq, assigned; added to dx when `accumulate` (a layer input
 // that feeds several branches).
 template <typename T>

@@ -66,28 +66,6 @@ void rope_heads(Ops<T>& ops, bool forward, T* x, const T* cos_t, const T* sin_t,
   }
 }
 
-// out (N, OC) = ln1 . wq^T for the second GEMM that reads ln1 (the first saved it): in
-// bf16 / fp8 its operand is rebuilt from the saved copy (fp8: the same 1x128 tiles, and
-// dequantize(quantize(x)) is what linear_forward would multiply) instead of quantizing ln1
-// again; the same bits either way.
-template <typename T>
-void ln1_linear_forward(Ops<T>& ops, T* out, const LayerActs<T>& la, const T* wq, int64_t N, int64_t C,
-                        int64_t OC, PrecisionMode pm) {
-  if (pm == PrecisionMode::kFp32) return linear_forward<T>(ops, out, la.ln1, wq, N, C, OC, pm, la.lin);
-  if constexpr (std::is_same_v<T, float>) {
-    CHECK(la.lin.a && N * C <= la.lin.capacity, "linear scratch of %lld elements, %lld needed",
-          (long long)la.lin.capacity, (long long)(N * C));
-    if (pm == PrecisionMode::kFp8) {
-      ops.fp8_dequantize(la.lin.a, la.saved_ln1.codes, la.saved_ln1.scales, N, C, kTileAct);
-    } else {
-      ops.bf16_decode(la.lin.a, la.saved_ln1.bf16, N * C);
-    }
-    ops.matmul_forward(out, la.lin.a, wq, N, C, OC);
-  } else {
-    CHECK(false, "BF16 / FP8 GEMMs need float tensors");
-  }
-}
-
 // Packs wkv_b's output kv (N, KVB) into the key heads' k_nope and the value heads of qkv.
 template <typename T>
 void pack_kv(Ops<T>& ops, T* qkv, const T* kv, const MlaDims& m, int64_t N) {
@@ -140,11 +118,11 @@ void mla_block_forward(Ops<T>& ops, T* res_out, LayerActs<T>& la, const T* res_i
   broadcast_k_rope(ops, qkv, proj + m.KVL, m.KVA, m, N);
   // Queries, their RoPE parts turned in place.
   if (m.QL > 0) {
-    ln1_linear_forward<T>(ops, la.q_a, la, lp.wq_a, N, C, m.QL, pm);
+    linear_forward_saved<T>(ops, la.q_a, la.ln1, la.saved_ln1, lp.wq_a, N, C, m.QL, pm, la.lin);
     ops.rmsnorm_forward(la.q_an, la.q_rstd, la.q_a, lp.q_norm, N, m.QL, eps);
     linear_forward<T>(ops, proj, la.q_an, lp.wq_b, N, m.QL, m.QD, pm, la.lin, &la.saved_q_an);
   } else {
-    ln1_linear_forward<T>(ops, proj, la, lp.wq, N, C, m.QD, pm);
+    linear_forward_saved<T>(ops, proj, la.ln1, la.saved_ln1, lp.wq, N, C, m.QD, pm, la.lin);
   }
   ops.copy_rows(qkv, m.W, proj, m.QD, N, m.QD);
   rope_heads(ops, true, qkv, a.rope_cos, a.rope_sin, m, B, T_, m.W);

@@ -78,6 +78,18 @@ class Ops {
     gemm(true, false, OC, IC, N, T(1), dout, OC, inp, IC, T(1), dweight, IC);
   }
 
+  // ---- Native BF16 GEMMs -----------------------------------------------------------------
+  // Whether the linear layers' BF16 GEMMs (precision.mode = "bf16") multiply BF16 operands
+  // through gemm_bf16 (tensor cores on a GPU) instead of linear.h's exact emulation (operands
+  // rounded to BF16 but stored as floats, one FP32 GEMM). The two differ only in the order
+  // of the FP32 sums: every product of two BF16 values is exact in FP32.
+  virtual bool gemm_bf16_native() const = 0;
+  // C (M, N) = op(A) op(B) + beta C (gemm's arguments, alpha 1) over BF16 operands (bits),
+  // FP32 accumulation and output. Only called where gemm_bf16_native().
+  virtual void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                         const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                         float beta, float* C, int64_t ldc) = 0;
+
   // ---- dense kernels (model/kernels/cpu/dense_ops.h) --------------------------------------
   // V: the table's rows (a device kernel sizes its grid and bounds-checks with it).
   virtual void embedding_forward(T* out, const int32_t* tokens, const T* wte, int64_t N,
@@ -161,8 +173,12 @@ class Ops {
   virtual void bf16_decode(float* x, const uint16_t* bits, int64_t n) = 0;
 };
 
-// The CPU backend (stateless; host memory is its device memory).
+// The CPU backend (stateless; host memory is its device memory). It emulates the BF16
+// GEMMs (gemm_bf16_native() false) unless created with native_bf16: then gemm_bf16 decodes
+// both operands into buffers it allocates per call and runs the FP32 GEMM, so tests run the
+// linear layers' native path (its operand formats and transposes) on the CPU. Not for
+// training: a step must not allocate.
 template <typename T>
-std::unique_ptr<Ops<T>> ops_cpu_create();
+std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16 = false);
 
 }  // namespace moe

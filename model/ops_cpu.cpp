@@ -1,6 +1,8 @@
 // The CPU backend: Ops over host memory, forwarding to model/kernels/cpu and model/fp8_quant.h.
 // Nothing is asynchronous, so the waits are no-ops.
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "model/check.h"
 #include "model/fp8.h"
@@ -15,9 +17,18 @@ namespace {
 // Below this many elements a row copy stays on one thread.
 constexpr int64_t kParallelMin = 1 << 14;
 
+// x (rows, cols), rows ld apart, decoded from BF16 bits into a matrix of the same strides.
+std::vector<float> decode_bf16(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  std::vector<float> out(static_cast<size_t>(rows > 0 ? (rows - 1) * ld + cols : 0), 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * ld + c] = bf16_to_float(x[r * ld + c]);
+  return out;
+}
+
 template <typename T>
 class CpuOps final : public Ops<T> {
  public:
+  explicit CpuOps(bool native_bf16) : native_bf16_(native_bf16) {}
   Device device() const override { return Device::kCpu; }
 
   void copy(void* dst, const void* src, size_t bytes) override {
@@ -53,6 +64,24 @@ class CpuOps final : public Ops<T> {
                            int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc,
                            T* pad, int64_t pad_count) override {
     cpu::gemm_rows_invariant<T>(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, pad, pad_count);
+  }
+
+  bool gemm_bf16_native() const override { return native_bf16_; }
+  void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) override {
+    if constexpr (std::is_same_v<T, float>) {
+      CHECK(native_bf16_, "gemm_bf16 on a CPU backend that emulates BF16 GEMMs");
+      // The stored extents: op(X) = X^T reads X as (K, rows), else (rows, K).
+      const std::vector<float> a = decode_bf16(A, trans_a ? K : M, trans_a ? M : K, lda);
+      const std::vector<float> b = decode_bf16(B, trans_b ? N : K, trans_b ? K : N, ldb);
+      cpu::gemm<float>(trans_a, trans_b, M, N, K, 1.0f, a.data(), lda, b.data(), ldb, beta, C,
+                       ldc);
+    } else {
+      (void)trans_a, (void)trans_b, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B;
+      (void)ldb, (void)beta, (void)C, (void)ldc;
+      CHECK(false, "BF16 GEMMs need float tensors");
+    }
   }
 
   void embedding_forward(T* out, const int32_t* tokens, const T* wte, int64_t N, int64_t C,
@@ -201,16 +230,20 @@ class CpuOps final : public Ops<T> {
 #pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
     for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(bits[i]);
   }
+
+ private:
+  bool native_bf16_ = false;
 };
 
 }  // namespace
 
 template <typename T>
-std::unique_ptr<Ops<T>> ops_cpu_create() {
-  return std::make_unique<CpuOps<T>>();
+std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16) {
+  CHECK(!native_bf16 || (std::is_same_v<T, float>), "BF16 GEMMs need float tensors");
+  return std::make_unique<CpuOps<T>>(native_bf16);
 }
 
-template std::unique_ptr<Ops<float>> ops_cpu_create<float>();
-template std::unique_ptr<Ops<double>> ops_cpu_create<double>();
+template std::unique_ptr<Ops<float>> ops_cpu_create<float>(bool);
+template std::unique_ptr<Ops<double>> ops_cpu_create<double>(bool);
 
 }  // namespace moe

@@ -98,6 +98,12 @@ class GuardedOps final : public Ops<T> {
                            int64_t pad_count) override {
     run([&] { in_->gemm_rows_invariant(tb, M, N, K, A, lda, B, ldb, beta, C, ldc, pad, pad_count); });
   }
+  bool gemm_bf16_native() const override { return in_->gemm_bf16_native(); }
+  void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) override {
+    run([&] { in_->gemm_bf16(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc); });
+  }
   void embedding_forward(T* o, const int32_t* t, const T* w, int64_t N, int64_t C,
                          int64_t V) override {
     run([&] { in_->embedding_forward(o, t, w, N, C, V); });

@@ -264,6 +264,80 @@ TEST(LinearPrecision, WeightGradientFromTheSavedInput) {
   }
 }
 
+// A backend that multiplies BF16 operands natively (Ops::gemm_bf16_native; the CUDA one on
+// tensor cores) takes another path through the layer: the weight kept as bits, activations
+// encoded to bits, gemm_bf16. The CPU's native mode decodes the bits and runs the same FP32
+// GEMM as the emulation, so every output must be the emulation's, bit for bit: what this
+// proves is the path's operands (which buffer, which rows, which transposes).
+TEST(LinearPrecision, NativeBf16EqualsTheEmulation) {
+  const std::unique_ptr<Ops<float>> native = ops_cpu_create<float>(/*native_bf16=*/true);
+  ASSERT_TRUE(native->gemm_bf16_native());
+  ASSERT_FALSE(cpu_ops().gemm_bf16_native());
+  const PrecisionMode mode = PrecisionMode::kBf16;
+  const int64_t N = 37, IC = 48, OC = 80, ld = 64;  // weight rows padded to ld
+  const std::vector<float> x = random_matrix(N, IC, 41), dy = random_matrix(N, OC, 43);
+  std::vector<float> w = random_matrix(OC, ld, 42);
+  const int64_t cap = N * OC;
+  std::vector<float> sa(static_cast<size_t>(cap)), sb(sa.size()), na(sa.size()), nb(sa.size());
+  const LinearScratch<float> se{sa.data(), sb.data(), cap}, sn{na.data(), nb.data(), cap};
+
+  std::vector<float> wq_n(w.size(), 0.0f);
+  linear_quantize_weight<float>(*native, wq_n.data(), w.data(), OC, IC, ld, mode);
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(wq_n.data());
+  for (int64_t r = 0; r < OC; ++r)
+    for (int64_t c = 0; c < IC; ++c)
+      ASSERT_EQ(bits[r * ld + c], bf16_from_float(w[static_cast<size_t>(r * ld + c)]))
+          << r << "," << c;
+  // The layer reads weights of row stride IC: repack both formats that way.
+  std::vector<float> we(static_cast<size_t>(OC * IC)), wn(we.size()), w_packed(we.size());
+  for (int64_t r = 0; r < OC; ++r)
+    std::copy_n(w.begin() + r * ld, IC, w_packed.begin() + r * IC);
+  linear_quantize_weight<float>(cpu_ops(), we.data(), w_packed.data(), OC, IC, IC, mode);
+  linear_quantize_weight<float>(*native, wn.data(), w_packed.data(), OC, IC, IC, mode);
+  ASSERT_NE(0, std::memcmp(we.data(), wn.data(), we.size() * sizeof(float)))
+      << "the native weight is bits, not floats";
+
+  const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  std::vector<uint16_t> saved_e(static_cast<size_t>(N * IC)), saved_n(saved_e.size());
+  const LinearSaved sv_e{saved_e.data(), nullptr, nullptr}, sv_n{saved_n.data(), nullptr, nullptr};
+  std::vector<float> ye(static_cast<size_t>(N * OC)), yn(ye.size());
+  linear_forward<float>(cpu_ops(), ye.data(), x.data(), we.data(), N, IC, OC, mode, se, &sv_e);
+  linear_forward<float>(*native, yn.data(), x.data(), wn.data(), N, IC, OC, mode, sn, &sv_n);
+  EXPECT_TRUE(same(ye, yn)) << "forward";
+  EXPECT_EQ(saved_e, saved_n) << "the saved input";
+  std::fill(yn.begin(), yn.end(), 0.0f);
+  linear_forward<float>(*native, yn.data(), x.data(), wn.data(), N, IC, OC, mode, sn);
+  EXPECT_TRUE(same(ye, yn)) << "forward without saving";
+  const std::vector<float> garbage(x.size(), 1e30f);  // the float input is not read
+  std::fill(yn.begin(), yn.end(), 0.0f);
+  linear_forward_saved<float>(*native, yn.data(), garbage.data(), sv_n, wn.data(), N, IC, OC,
+                              mode, sn);
+  EXPECT_TRUE(same(ye, yn)) << "forward from the saved input";
+  std::vector<float> ys(ye.size());
+  linear_forward_saved<float>(cpu_ops(), ys.data(), garbage.data(), sv_e, we.data(), N, IC, OC,
+                              mode, se);
+  EXPECT_TRUE(same(ye, ys)) << "the emulation's forward from the saved input";
+
+  for (bool accumulate : {false, true}) {
+    SCOPED_TRACE(accumulate ? "dx accumulated" : "dx assigned");
+    std::vector<float> dxe = random_matrix(N, IC, 44), dxn = dxe;
+    linear_backward_input<float>(cpu_ops(), dxe.data(), dy.data(), we.data(), N, IC, OC, mode, se,
+                                 accumulate);
+    linear_backward_input<float>(*native, dxn.data(), dy.data(), wn.data(), N, IC, OC, mode, sn,
+                                 accumulate);
+    EXPECT_TRUE(same(dxe, dxn));
+  }
+  std::vector<float> dwe = random_matrix(OC, IC, 45), dwn = dwe, dws = dwe;
+  linear_backward_weight<float>(cpu_ops(), dwe.data(), dy.data(), x.data(), N, IC, OC, mode, se);
+  linear_backward_weight<float>(*native, dwn.data(), dy.data(), x.data(), N, IC, OC, mode, sn);
+  EXPECT_TRUE(same(dwe, dwn)) << "weight gradient";
+  linear_backward_weight_saved<float>(*native, dws.data(), dy.data(), garbage.data(), sv_n, N, IC,
+                                      OC, mode, sn);
+  EXPECT_TRUE(same(dwe, dws)) << "weight gradient from the saved input";
+}
+
 // fp32 is the plain layer, and the only mode the double instantiation takes.
 TEST(LinearPrecision, Fp32IsThePlainGemm) {
   const std::vector<float> x = random_matrix(5, 7, 1), w = random_matrix(3, 7, 2);

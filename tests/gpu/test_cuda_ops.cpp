@@ -12,7 +12,7 @@
 //   memory ops, permutes, embedding      exact         copies; the same adds in the same order
 //   moe_plan, mtp_shift, fp8, bf16       exact         integer work, one IEEE op per element
 //   residual, ce backward, combine dyp   exact         one rounding per element
-//   gemm (fp32)                          1e-4   1e-4   cuBLAS vs OpenBLAS summation order
+//   gemm (fp32), gemm_bf16               1e-4   1e-4   cuBLAS vs OpenBLAS summation order
 //   rmsnorm fwd / bwd input              1e-6 / 1e-5   double sums reordered, FMA
 //   rmsnorm bwd weight                   1e-6 * sum |terms|  float chunks vs one chain
 //   rope, swiglu fwd                     1e-6   1e-5   device sin/cos/exp, FMA
@@ -242,6 +242,41 @@ TEST_F(CudaOps, GemmMatchesCpu) {
         ready();
         cpu().gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
         gpu().gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc);
+        std::vector<float> got = fetch(dC);
+        for (int64_t i = 0; i < M; ++i)  // padding columns untouched (NaN included)
+          for (int64_t j = N; j < ldc; ++j) {
+            EXPECT_EQ(std::isnan(got[i * ldc + j]), std::isnan(C[i * ldc + j]));
+            got[i * ldc + j] = C[i * ldc + j] = 0.0f;
+          }
+        ASSERT_TRUE(any_nonzero(C));
+        EXPECT_TRUE(all_close(got, C, 1e-4, 1e-4));
+      }
+}
+
+// gemm_bf16 (tensor cores) against the CPU's native-BF16 mode (the bits decoded, OpenBLAS in
+// FP32): products of BF16 values are exact in FP32, so only the summation order differs.
+TEST_F(CudaOps, GemmBf16MatchesCpu) {
+  ASSERT_TRUE(gpu().gemm_bf16_native());
+  const std::unique_ptr<moe::Ops<float>> cpu_bf16 = moe::ops_cpu_create<float>(true);
+  ASSERT_FALSE(moe::ops_cuda_create(kLimits, false)->gemm_bf16_native());
+  const int64_t M = 37, N = 29, K = 71;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (int zero_beta = 0; zero_beta < 2; ++zero_beta) {
+        SCOPED_TRACE(::testing::Message() << "ta " << ta << " tb " << tb << " beta0 " << zero_beta);
+        const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+        const auto fa = normal_floats((ta ? K : M) * lda, 21), fb = normal_floats((tb ? N : K) * ldb, 22);
+        std::vector<uint16_t> A(fa.size()), B(fb.size());
+        for (size_t i = 0; i < A.size(); ++i) A[i] = moe::bf16_from_float(fa[i]);
+        for (size_t i = 0; i < B.size(); ++i) B[i] = moe::bf16_from_float(fb[i]);
+        std::vector<float> C = normal_floats(M * ldc, 23);
+        if (zero_beta) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
+        const float beta = zero_beta ? 0.0f : -0.5f;
+        DeviceVec<uint16_t> dA(A), dB(B);
+        DeviceVec<float> dC(C);
+        ready();
+        cpu_bf16->gemm_bf16(ta, tb, M, N, K, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+        gpu().gemm_bf16(ta, tb, M, N, K, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc);
         std::vector<float> got = fetch(dC);
         for (int64_t i = 0; i < M; ++i)  // padding columns untouched (NaN included)
           for (int64_t j = N; j < ldc; ++j) {

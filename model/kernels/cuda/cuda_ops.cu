@@ -84,7 +84,7 @@ ScratchLayout scratch_layout(const OpsLimits& lim, int sm_major) {
 
 class CudaOps final : public Ops<float> {
  public:
-  explicit CudaOps(const OpsLimits& limits) : lim_(limits) {
+  CudaOps(const OpsLimits& limits, bool native_bf16) : lim_(limits), native_bf16_(native_bf16) {
     int dev = 0, sm_major = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -167,6 +167,15 @@ class CudaOps final : public Ops<float> {
                            int64_t ldc, float* /*pad*/, int64_t /*pad_count*/) override {
     cuda::gemm_f32(*gemm_, false, trans_b, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc,
                    cuda::Fp32Math::kFp32);
+  }
+
+  // Tensor cores on BF16 operands, FP32 accumulation (cuBLAS's CUBLAS_COMPUTE_32F).
+  bool gemm_bf16_native() const override { return native_bf16_; }
+  void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
+                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) override {
+    CHECK(native_bf16_, "gemm_bf16 on a CUDA backend created to emulate BF16 GEMMs");
+    cuda::gemm_bf16(*gemm_, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
   }
 
   // ---- dense kernels ------------------------------------------------------------------------
@@ -358,6 +367,7 @@ class CudaOps final : public Ops<float> {
   }
 
   OpsLimits lim_;
+  bool native_bf16_ = true;
   ScratchLayout l_;
   cuda::Stream s_ = nullptr;
   unsigned char* base_ = nullptr;  // the one allocation, l_.total bytes
@@ -366,8 +376,8 @@ class CudaOps final : public Ops<float> {
 
 }  // namespace
 
-std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits) {
-  return std::make_unique<CudaOps>(limits);
+std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16) {
+  return std::make_unique<CudaOps>(limits, native_bf16);
 }
 
 cuda::Stream ops_cuda_stream(Ops<float>& ops) {

@@ -17,8 +17,10 @@
 namespace moe {
 
 // On the current device (cuda::device_select first). Creates the stream, the cuBLAS context
-// and the scratch allocation; they are released with the object.
-std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits);
+// and the scratch allocation; they are released with the object. native_bf16: the linear
+// layers' BF16 GEMMs run on BF16 tensor cores (Ops::gemm_bf16); false keeps the CPU's exact
+// emulation (FP32 GEMMs of BF16-rounded floats), for comparing against the CPU bit by bit.
+std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16 = true);
 
 // The stream `ops` queues its work on. CHECKs that `ops` is a CUDA backend.
 cuda::Stream ops_cuda_stream(Ops<float>& ops);
