@@ -121,6 +121,13 @@ PipelinePlan pipeline_plan(PipeSchedule kind, int pp, int M, int rank,
   return pl;
 }
 
+int64_t pipeline_buffer_bytes(const PipelinePlan& plan, int64_t B, int64_t T, int64_t C,
+                              bool ticked) {
+  const int64_t sc = int64_t{plan.n_slots} * plan.chunks, mb = B * T * C;
+  const int64_t floats = ticked ? sc * mb : 3 * sc * mb + int64_t{plan.n_slots} * mb;
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
 void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> peer_rank,
                    int64_t B, int64_t T, int64_t C) {
   CHECK(static_cast<int>(peer_rank.size()) == plan.pp);

@@ -116,6 +116,13 @@ struct Pipeline {
   std::vector<P2pTransfer> group;      // (Comm::kP2pGroupMax) one tick's transfers
 };
 
+// The bytes of the message buffers a rank of `plan` holds with micro-batches of B x T x C
+// floats: host buffers for the tagged path (pipeline_init: received activations and
+// gradients, staged copies of sent ones), or, ticked (pipeline_set_p2p), only the received
+// gradients, on the model's device.
+int64_t pipeline_buffer_bytes(const PipelinePlan& plan, int64_t B, int64_t T, int64_t C,
+                              bool ticked);
+
 // Everything is allocated here; pipeline_run allocates nothing.
 void pipeline_init(Pipeline& p, PipelinePlan plan, Comm* comm, std::vector<int> peer_rank,
                    int64_t B, int64_t T, int64_t C);

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +16,10 @@
 #include "io/config.h"
 #include "io/config_model.h"
 #include "model/model.h"
+#include "model/model_stages.h"
+#include "parallel/pipeline.h"
+#include "parallel/schedule.h"
+#include "tests/loopback_comm.h"
 #include "trainer/run_summary.h"
 
 namespace moe {
@@ -77,6 +83,50 @@ TEST(ReferenceConfigs, FamilySizes) {
     const ModelCounts c = model_counts(config_model_dims(config_load(config_path(w.name), {})));
     EXPECT_NEAR(static_cast<double>(c.total) / w.total, 1.0, 0.01);
     EXPECT_NEAR(static_cast<double>(c.active_matmul + c.embedding) / w.active, 1.0, 0.02);
+  }
+}
+
+// The dry run counts the pipeline's message buffers as the executor allocates them: the
+// host path's (pipeline_init) for a CPU run, measured on a built Pipeline, and the largest
+// over the pipeline ranks of the 671B layout (pp 16, DualPipe) in the summary.
+TEST(ReferenceConfigs, DryRunCountsThePipelineBuffers) {
+  const Config cfg = config_load(config_path("deepseek-v3-671b"), {});
+  const ModelDims d = config_model_dims(cfg);
+  const int pp = cfg.parallel.pp;
+  const int64_t B = cfg.training.micro_batch, T = cfg.model.seq_len;
+  const int M = static_cast<int>(cfg.training.global_batch / (B * cfg.parallel.dp));
+  const std::vector<int64_t> bounds = model_stage_bounds(
+      d, schedule_num_stages(cfg.parallel.schedule, pp), cfg.parallel.stage_layers);
+  int64_t most = 0;
+  for (int r = 0; r < pp; ++r) {
+    const PipelinePlan plan = pipeline_plan(cfg.parallel.schedule, pp, M, r, bounds, d);
+    most = std::max(most, pipeline_buffer_bytes(plan, B, T, d.C, false));
+  }
+  // Two slots of each of two chunks at least: a real amount, not a rounding.
+  EXPECT_GE(most, 2 * 2 * 3 * B * T * d.C * 4);
+  char want[64];
+  std::snprintf(want, sizeof want, "pipeline buffers %.1f,", static_cast<double>(most) / 1048576.0);
+  const std::string summary = run_summary(cfg);
+  EXPECT_NE(summary.find(want), std::string::npos) << want << "\n" << summary;
+
+  // A small pipeline built for real: what pipeline_init holds is what the count says.
+  const int64_t b = 2, t = 8, c = 16;
+  for (PipeSchedule kind : {PipeSchedule::k1F1B, PipeSchedule::kDualPipeV}) {
+    ModelDims small = d;
+    small.L = 4;
+    small.dense_layers = 4;
+    small.mtp = 0;
+    const std::vector<int64_t> sb = model_stage_bounds(small, schedule_num_stages(kind, 2), {});
+    LoopbackComm comm;
+    for (int r = 0; r < 2; ++r) {
+      Pipeline p;
+      pipeline_init(p, pipeline_plan(kind, 2, 4, r, sb, small), &comm, {0, 1}, b, t, c);
+      const size_t floats = p.grad_in.size() + p.act_in.size() + p.act_out.size() + p.grad_out.size();
+      EXPECT_EQ(static_cast<int64_t>(floats * sizeof(float)),
+                pipeline_buffer_bytes(p.plan, b, t, c, false));
+      EXPECT_EQ(pipeline_buffer_bytes(p.plan, b, t, c, true),
+                int64_t{p.plan.n_slots} * p.plan.chunks * b * t * c * 4);
+    }
   }
 }
 

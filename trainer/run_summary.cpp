@@ -26,13 +26,16 @@ std::string run_summary(const Config& cfg) {
   const int64_t M = cfg.training.global_batch / (int64_t{cfg.training.micro_batch} * dp);
   // With a pipeline, the pipeline rank holding the most: its stages' tensors, and one
   // activation slot (its layers only) per micro-batch it holds at once.
-  double params = 0, optim = 0, acts = 0;
+  double params = 0, optim = 0, acts = 0, pipe = 0;
   const double moment_bytes = cfg.optim.state_dtype == StateDtype::kBf16 ? 2 : 4;
-  // On GPUs the attention core is fused (flash-style / cuDNN): instead of the CPU kernel's
-  // T x T probabilities per layer and T x T scratch per slot it keeps a log-sum-exp per row.
+  // Both backends hold the same arenas (the GPU's attention keeps its T x T probabilities as
+  // the CPU's does); they differ in the pipeline's buffers.
   const bool gpu = cfg.run.device == Device::kCuda;
-  const double TT = static_cast<double>(cfg.training.micro_batch) * static_cast<double>(d.NH) *
-                    static_cast<double>(d.T) * static_cast<double>(d.T) * sizeof(float);
+#ifdef MOETRAIN_HAVE_NCCL
+  const bool ticked = gpu;  // pipeline_set_p2p: received gradients only, on the device
+#else
+  const bool ticked = false;
+#endif
   // Expert rows as balanced routing delivers them (N K per rank and MoE layer); the buffers
   // the trainer allocates for dropless routing's worst case are reported beside.
   ModelDims balanced = d;
@@ -42,10 +45,7 @@ std::string run_summary(const Config& cfg) {
       static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float))) -
       static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float)));
   const double whole_acts =
-      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float))) -
-      (gpu ? TT * static_cast<double>(d.L + 1) -
-                 TT / static_cast<double>(d.T) * static_cast<double>(d.L)
-           : 0.0);
+      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float)));
   const std::vector<ParamInfo> table = model_param_table(d);
   const std::vector<int64_t> bounds =
       pp > 1 ? model_stage_bounds(d, schedule_num_stages(cfg.parallel.schedule, pp),
@@ -62,6 +62,8 @@ std::string run_summary(const Config& cfg) {
       part = plan.part;
       slots = plan.n_slots;
       lanes = std::max(lanes, plan.has_fb ? 2 : 1);
+      pipe = std::max(pipe, static_cast<double>(pipeline_buffer_bytes(
+                                plan, cfg.training.micro_batch, cfg.model.seq_len, d.C, ticked)));
     }
     double n_rep = 0, n_exp = 0;
     for (const ParamInfo& p : table)
@@ -76,18 +78,13 @@ std::string run_summary(const Config& cfg) {
     acts = std::max(acts, whole_acts * static_cast<double>(layers) / static_cast<double>(d.L) * slots);
   }
   const double grads = params;
-  // bf16 / fp8: the weights as the GEMMs read them (stored as rounded FP32 by the CPU
-  // emulation), and the workspace of quantized GEMM operands every slot shares.
-  // The CPU emulation stores it as rounded FP32 and keeps float GEMM operands in a workspace;
-  // a GPU holds E4M3 (1 byte, plus a scale per 128 x 128) or BF16 (2 bytes) and multiplies
-  // in place.
+  // bf16 / fp8: the weights as the GEMMs read them, and the workspace of quantized GEMM
+  // operands every slot shares. Both are float-sized on every backend: the emulation keeps
+  // rounded floats, and a GPU's native BF16 weights use half of the same allocation.
   const bool quantized = cfg.precision.mode != PrecisionMode::kFp32;
-  const double gemm_weights =
-      !quantized ? 0.0
-      : gpu      ? params / 4 * (cfg.precision.mode == PrecisionMode::kFp8 ? 1.0 : 2.0)
-                 : params;
+  const double gemm_weights = quantized ? params : 0.0;
   const double workspace =
-      gpu ? 0.0 : static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
+      quantized ? static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch)) : 0.0;
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
   // The expert exchange's wire buffers, as EpExchange allocates them (on the GPU: its arena).
   const double exchange =
@@ -119,13 +116,13 @@ std::string run_summary(const Config& cfg) {
                  mib(params), mib(grads), mib(optim), to_string(cfg.optim.state_dtype), zero,
                  ezero, mib(acts), cfg.training.micro_batch, cfg.model.seq_len,
                  to_string(cfg.precision.mode));
-  if (quantized && gpu) s += strprintf(", GEMM weight copy %.1f", mib(gemm_weights));
-  if (quantized && !gpu)
+  if (quantized)
     s += strprintf(", GEMM weight copy %.1f, GEMM workspace %.1f", mib(gemm_weights),
                    mib(workspace));
   if (exchange > 0) s += strprintf(", expert exchange %.1f", mib(exchange));
+  if (pipe > 0) s += strprintf(", pipeline buffers %.1f", mib(pipe));
   s += strprintf(", total %.1f\n",
-                 mib(params + grads + optim + acts + gemm_weights + workspace + exchange));
+                 mib(params + grads + optim + acts + gemm_weights + workspace + exchange + pipe));
   if (worst_extra > 0)
     s += strprintf("  activations count balanced expert loads; the dropless worst case (every token "
                    "of the EP group routed here) adds %.1f MiB per micro-batch\n",
