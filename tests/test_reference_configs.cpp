@@ -97,13 +97,19 @@ TEST(ReferenceConfigs, DryRunCountsThePipelineBuffers) {
   const int M = static_cast<int>(cfg.training.global_batch / (B * cfg.parallel.dp));
   const std::vector<int64_t> bounds = model_stage_bounds(
       d, schedule_num_stages(cfg.parallel.schedule, pp), cfg.parallel.stage_layers);
+  // On GPUs with NCCL in the build, the ticked executor's device buffer.
+#ifdef MOETRAIN_HAVE_NCCL
+  const bool ticked = cfg.run.device == Device::kCuda;
+#else
+  const bool ticked = false;
+#endif
   int64_t most = 0;
   for (int r = 0; r < pp; ++r) {
     const PipelinePlan plan = pipeline_plan(cfg.parallel.schedule, pp, M, r, bounds, d);
-    most = std::max(most, pipeline_buffer_bytes(plan, B, T, d.C, false));
+    most = std::max(most, pipeline_buffer_bytes(plan, B, T, d.C, ticked));
   }
   // Two slots of each of two chunks at least: a real amount, not a rounding.
-  EXPECT_GE(most, 2 * 2 * 3 * B * T * d.C * 4);
+  EXPECT_GE(most, 2 * 2 * B * T * d.C * 4);
   char want[64];
   std::snprintf(want, sizeof want, "pipeline buffers %.1f,", static_cast<double>(most) / 1048576.0);
   const std::string summary = run_summary(cfg);
