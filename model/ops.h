@@ -20,6 +20,7 @@
 #include <memory>
 
 #include "model/fp8_quant.h"
+#include "model/kernels/cuda/gemm_plan.h"
 #include "model/types.h"
 
 namespace moe {
@@ -89,6 +90,22 @@ class Ops {
   virtual void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                          const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                          float beta, float* C, int64_t ldc) = 0;
+
+  // ---- Native FP8 GEMMs (building blocks; the linear layers do not call them yet) ----------
+  // dst (C, R) = src (R, C)^T, both compact, elements of elem_bytes = 1 (E4M3 codes), 2 (BF16
+  // bits) or 4 (floats, FP8 scales). Exact copies.
+  virtual void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes) = 0;
+  // Whether gemm_fp8 multiplies E4M3 codes natively (cuBLASLt block scaling on Hopper).
+  virtual bool gemm_fp8_native() const = 0;
+  // C (M, N) = A (M, K) B (N, K)^T + beta C (ldc >= N), A and B E4M3 codes, K-contiguous and
+  // compact (lda = ldb = K), with FP32 scales in the GEMM layouts of a_mode / b_mode
+  // (model/kernels/cuda/gemm_plan.h: 1x128 tiles along K as (ceil(K / 128), rows), or
+  // 128x128 blocks as (ceil(rows / 128), ceil(K / 128) rounded up to 4)); not both blocks.
+  // FP32 accumulation and output. The CPU dequantizes both into buffers it allocates per call
+  // and runs the FP32 GEMM (a reference for tests: a step must not allocate).
+  virtual void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
+                        cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
+                        cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) = 0;
 
   // ---- dense kernels (model/kernels/cpu/dense_ops.h) --------------------------------------
   // V: the table's rows (a device kernel sizes its grid and bounds-checks with it).

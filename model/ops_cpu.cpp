@@ -6,6 +6,7 @@
 
 #include "model/check.h"
 #include "model/fp8.h"
+#include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/kernels/cpu/moe_ops.h"
 #include "model/ops.h"
@@ -23,6 +24,25 @@ std::vector<float> decode_bf16(const uint16_t* x, int64_t rows, int64_t cols, in
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[r * ld + c] = bf16_to_float(x[r * ld + c]);
   return out;
+}
+
+// x (R, K) from E4M3 codes and scales in a GEMM layout (gemm_plan.h).
+std::vector<float> decode_fp8(const uint8_t* q, const float* scales, int64_t R, int64_t K,
+                              cuda::Fp8Scaling mode) {
+  std::vector<float> out(static_cast<size_t>(R * K));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < K; ++k)
+      out[static_cast<size_t>(r * K + k)] =
+          fp8_tile_decode(q[r * K + k], scales[cuda::fp8_gemm_scale_index(r, k, R, K, mode)]);
+  return out;
+}
+
+template <typename E>
+void transpose_as(void* dst, const void* src, int64_t R, int64_t C) {
+  E* d = static_cast<E*>(dst);
+  const E* s = static_cast<const E*>(src);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) d[c * R + r] = s[r * C + c];
 }
 
 template <typename T>
@@ -81,6 +101,31 @@ class CpuOps final : public Ops<T> {
       (void)trans_a, (void)trans_b, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B;
       (void)ldb, (void)beta, (void)C, (void)ldc;
       CHECK(false, "BF16 GEMMs need float tensors");
+    }
+  }
+
+  void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes) override {
+    switch (elem_bytes) {
+      case 1: return transpose_as<uint8_t>(dst, src, R, C);
+      case 2: return transpose_as<uint16_t>(dst, src, R, C);
+      case 4: return transpose_as<uint32_t>(dst, src, R, C);
+    }
+    CHECK(false, "transpose of %zu-byte elements", elem_bytes);
+  }
+  bool gemm_fp8_native() const override { return false; }
+  void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
+                cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
+                cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) override {
+    if constexpr (std::is_same_v<T, float>) {
+      CHECK(!(a_mode == cuda::Fp8Scaling::kBlock128 && b_mode == cuda::Fp8Scaling::kBlock128),
+            "FP8 GEMM with two 128x128-scaled inputs");
+      const std::vector<float> a = decode_fp8(A, a_scales, M, K, a_mode);
+      const std::vector<float> b = decode_fp8(B, b_scales, N, K, b_mode);
+      cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, beta, C, ldc);
+    } else {
+      (void)M, (void)N, (void)K, (void)A, (void)a_scales, (void)a_mode, (void)B, (void)b_scales;
+      (void)b_mode, (void)beta, (void)C, (void)ldc;
+      CHECK(false, "FP8 GEMMs need float tensors");
     }
   }
 

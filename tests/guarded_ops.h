@@ -98,6 +98,15 @@ class GuardedOps final : public Ops<T> {
                            int64_t pad_count) override {
     run([&] { in_->gemm_rows_invariant(tb, M, N, K, A, lda, B, ldb, beta, C, ldc, pad, pad_count); });
   }
+  void transpose(void* d, const void* s, int64_t R, int64_t C, size_t e) override {
+    run([&] { in_->transpose(d, s, R, C, e); });
+  }
+  bool gemm_fp8_native() const override { return in_->gemm_fp8_native(); }
+  void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* as,
+                cuda::Fp8Scaling am, const uint8_t* B, const float* bs, cuda::Fp8Scaling bm,
+                float beta, float* C, int64_t ldc) override {
+    run([&] { in_->gemm_fp8(M, N, K, A, as, am, B, bs, bm, beta, C, ldc); });
+  }
   bool gemm_bf16_native() const override { return in_->gemm_bf16_native(); }
   void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                  int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,

@@ -150,6 +150,26 @@ TEST(CudaPlanDense, EmptyProblemsHaveNoBlocks) {
     EXPECT_TRUE(within_limits(d));
 }
 
+// A tile per block covers the matrix; the rows the grid's y limit allows, and no more.
+TEST(CudaPlanDense, TransposeTilesCoverTheMatrix) {
+  using namespace moe::cuda;
+  struct Shape {
+    int64_t R, C;
+  };
+  for (const Shape sh : {Shape{1, 1}, Shape{37, 29}, Shape{32, 64}, Shape{7168, 65536},
+                         Shape{kTransposeMaxRows, 128}}) {
+    const LaunchDims d = plan_transpose(sh.R, sh.C);
+    EXPECT_TRUE(within_limits(d));
+    EXPECT_EQ(d.grid_x * kTransposeTile >= sh.C && (d.grid_x - 1) * kTransposeTile < sh.C, true);
+    EXPECT_EQ(d.grid_y * kTransposeTile >= sh.R && (d.grid_y - 1) * kTransposeTile < sh.R, true);
+    EXPECT_EQ(d.block % kTransposeTile, 0);
+  }
+  EXPECT_EQ(plan_transpose(0, 64).grid_x, 0);
+  EXPECT_EQ(plan_transpose(64, 0).grid_x, 0);
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(plan_transpose(kTransposeMaxRows + 1, 16), "transpose of");
+}
+
 TEST(CudaPlanDense, LaunchDimsValidRejectsOutOfLimits) {
   using moe::cuda::launch_dims_valid;
   LaunchDims d;

@@ -288,6 +288,77 @@ TEST_F(CudaOps, GemmBf16MatchesCpu) {
       }
 }
 
+// Every element size, odd shapes and shapes past one tile: bit for bit (a copy).
+TEST_F(CudaOps, TransposeMatchesCpuExactly) {
+  struct Shape {
+    int64_t R, C;
+  };
+  for (const Shape sh : {Shape{37, 29}, Shape{1, 50}, Shape{50, 1}, Shape{130, 257}, Shape{0, 5}}) {
+    for (size_t e : {size_t{1}, size_t{2}, size_t{4}}) {
+      SCOPED_TRACE(::testing::Message() << sh.R << "x" << sh.C << " " << e << " bytes");
+      const int64_t n = sh.R * sh.C;
+      const size_t words = (static_cast<size_t>(n) * e + 3) / 4 + 1;
+      const auto f = normal_floats(static_cast<int64_t>(words), 31);
+      std::vector<unsigned char> in(words * 4), want(in.size(), 0), got(in.size());
+      std::memcpy(in.data(), f.data(), in.size());
+      DeviceVec<unsigned char> d_in(in), d_out(want);
+      ready();
+      cpu().transpose(want.data(), in.data(), sh.R, sh.C, e);
+      gpu().transpose(d_out.get(), d_in.get(), sh.R, sh.C, e);
+      gpu().download(got.data(), d_out.get(), got.size());
+      EXPECT_EQ(got, want);
+    }
+  }
+}
+
+// gemm_fp8 (cuBLASLt block scaling) against the CPU's reference of the same codes and
+// scales, in the three scale pairings a linear layer uses. Hopper only.
+TEST_F(CudaOps, GemmFp8MatchesCpu) {
+  if (!gpu().gemm_fp8_native()) GTEST_SKIP() << "cuBLASLt FP8 block scaling needs sm_90";
+  using moe::cuda::Fp8Scaling;
+  struct Case {
+    int64_t M, N, K;
+    Fp8Scaling a, b;
+  };
+  const Case cases[] = {{48, 32, 304, Fp8Scaling::kTile1x128, Fp8Scaling::kBlock128},
+                        {208, 144, 144, Fp8Scaling::kTile1x128, Fp8Scaling::kTile1x128},
+                        {32, 144, 256, Fp8Scaling::kBlock128, Fp8Scaling::kTile1x128}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << c.M << "x" << c.N << "x" << c.K);
+    std::vector<uint8_t> A(static_cast<size_t>(c.M * c.K)), B(static_cast<size_t>(c.N * c.K));
+    // Any E4M3 code but the NaNs (0x7F, 0xFF), both signs.
+    const auto code = [](uint64_t seed, size_t i) {
+      const auto q = static_cast<uint8_t>(moe::rng_u64(seed, 1, i));
+      return static_cast<uint8_t>((q & 0x7F) == 0x7F ? q ^ 1 : q);
+    };
+    for (size_t i = 0; i < A.size(); ++i) A[i] = code(1, i);
+    for (size_t i = 0; i < B.size(); ++i) B[i] = code(2, i);
+    const auto scale_of = [](int64_t R, int64_t K, Fp8Scaling m, uint64_t seed) {
+      std::vector<float> s(static_cast<size_t>(moe::cuda::fp8_gemm_scale_count(R, K, m)));
+      for (size_t i = 0; i < s.size(); ++i)
+        s[i] = std::ldexp(1.0f + static_cast<float>(moe::rng_u64(seed, 2, i) % 64) / 64.0f,
+                          -static_cast<int>(moe::rng_u64(seed, 3, i) % 8));
+      return s;
+    };
+    const auto sa = scale_of(c.M, c.K, c.a, 3), sb = scale_of(c.N, c.K, c.b, 4);
+    const int64_t ldc = c.N + 4;
+    std::vector<float> C = normal_floats(c.M * ldc, 5);
+    DeviceVec<uint8_t> dA(A), dB(B);
+    DeviceVec<float> dsa(sa), dsb(sb), dC(C);
+    ready();
+    cpu().gemm_fp8(c.M, c.N, c.K, A.data(), sa.data(), c.a, B.data(), sb.data(), c.b, -0.5f,
+                   C.data(), ldc);
+    gpu().gemm_fp8(c.M, c.N, c.K, dA.get(), dsa.get(), c.a, dB.get(), dsb.get(), c.b, -0.5f,
+                   dC.get(), ldc);
+    ASSERT_TRUE(any_nonzero(C));
+    // Sums of hundreds of products cancel: the bound is relative to the largest output
+    // (Hopper's FP8 tensor cores accumulate in reduced precision between promotions).
+    double most = 0;
+    for (float v : C) most = std::max(most, std::fabs(static_cast<double>(v)));
+    EXPECT_TRUE(all_close(fetch(dC), C, 1e-4 * most, 1e-4));
+  }
+}
+
 // The linear layer's three GEMMs (dweight accumulates) and an empty reduction (K = 0: beta C).
 TEST_F(CudaOps, MatmulsAndEmptyReductionMatchCpu) {
   const int64_t N = 71, IC = 229, OC = 130;

@@ -169,6 +169,18 @@ class CudaOps final : public Ops<float> {
                    cuda::Fp32Math::kFp32);
   }
 
+  void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes) override {
+    cuda::transpose(dst, src, R, C, elem_bytes, s_);
+  }
+  // cuBLASLt's 1x128 / 128x128 block scaling exists on sm_90 only; elsewhere gemm_fp8 fails.
+  bool gemm_fp8_native() const override { return cuda::gemm_fp8_block_scaling_supported(*gemm_); }
+  void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
+                cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
+                cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) override {
+    cuda::gemm_fp8(*gemm_, false, true, M, N, K, 1.0f, A, K, a_scales, a_mode, B, K, b_scales,
+                   b_mode, beta, C, ldc);
+  }
+
   // Tensor cores on BF16 operands, FP32 accumulation (cuBLAS's CUBLAS_COMPUTE_32F).
   bool gemm_bf16_native() const override { return native_bf16_; }
   void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,

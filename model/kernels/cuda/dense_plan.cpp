@@ -61,6 +61,16 @@ LaunchDims plan_elementwise(int64_t n) {
 
 LaunchDims plan_embedding_forward(int64_t N, int64_t C) { return plan_rows(N, C, 1, 256); }
 
+LaunchDims plan_transpose(int64_t R, int64_t C) {
+  CHECK(R >= 0 && C >= 0 && R <= kTransposeMaxRows, "transpose of %lld x %lld",
+        static_cast<long long>(R), static_cast<long long>(C));
+  LaunchDims d;
+  d.grid_x = R == 0 ? 0 : ceil_div(C, kTransposeTile);
+  d.grid_y = R == 0 ? 1 : ceil_div(R, kTransposeTile);
+  d.block = kTransposeBlock;
+  return checked(d, "plan_transpose");
+}
+
 LaunchDims plan_embedding_backward(int64_t V, int64_t C) {
   CHECK(V >= 0 && C >= 0, "V=%lld C=%lld", static_cast<long long>(V), static_cast<long long>(C));
   LaunchDims d;

@@ -59,6 +59,14 @@ LaunchDims plan_rope_tables(int64_t T_, int64_t HD);
 LaunchDims plan_swiglu(int64_t N, int64_t F);
 LaunchDims plan_residual(int64_t n);
 
+// transpose of an (R, C) matrix: (kTransposeTile x kTransposeTile) tiles staged in shared
+// memory, grid (ceil(C / tile), ceil(R / tile)), kTransposeBlock threads (tile / 8 row passes).
+// At most kTransposeMaxRows rows (the grid's y limit; CHECKed).
+constexpr int64_t kTransposeTile = 32;
+constexpr int kTransposeBlock = 256;
+constexpr int64_t kTransposeMaxRows = 65535 * kTransposeTile;
+LaunchDims plan_transpose(int64_t R, int64_t C);
+
 LaunchDims plan_cross_entropy_forward(int64_t N, int64_t V);
 // grid_x = N * cross_entropy_backward_col_tiles(V, block).
 LaunchDims plan_cross_entropy_backward(int64_t N, int64_t V);

@@ -42,6 +42,37 @@ __global__ void bf16_decode_kernel(float* x, const uint16_t* bits, int64_t n) {
     x[i] = bf16_to_float(bits[i]);
 }
 
+// One (32, 32) tile per block: read along src's rows, written along dst's rows (both
+// coalesced), the padded shared tile keeping the column reads free of bank conflicts.
+template <typename E>
+__global__ void __launch_bounds__(kTransposeBlock)
+    transpose_kernel(E* dst, const E* src, int64_t R, int64_t C) {
+  __shared__ E tile[kTransposeTile][kTransposeTile + 1];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
+  const int lane = static_cast<int>(threadIdx.x % kTransposeTile);
+  const int pass = static_cast<int>(threadIdx.x / kTransposeTile);
+  constexpr int kPasses = kTransposeBlock / kTransposeTile;
+  for (int i = pass; i < kTransposeTile; i += kPasses) {
+    const int64_t r = r0 + i, c = c0 + lane;
+    if (r < R && c < C) tile[i][lane] = src[r * C + c];
+  }
+  __syncthreads();
+  for (int i = pass; i < kTransposeTile; i += kPasses) {
+    const int64_t c = c0 + i, r = r0 + lane;  // dst (c, r)
+    if (c < C && r < R) dst[c * R + r] = tile[lane][i];
+  }
+}
+
+template <typename E>
+void transpose_as(void* dst, const void* src, int64_t R, int64_t C, Stream stream) {
+  const LaunchDims d = plan_transpose(R, C);
+  if (d.grid_x == 0) return;
+  transpose_kernel<E><<<dims_grid(d), dims_block(d), 0, stream>>>(
+      static_cast<E*>(dst), static_cast<const E*>(src), R, C);
+  CUDA_CHECK_LAUNCH();
+}
+
 __global__ void mtp_shift_kernel(int32_t* tokens, int32_t* targets, const int32_t* y,
                                  int64_t BT, int64_t T_, int64_t k) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < BT;
@@ -102,6 +133,17 @@ void bf16_decode(float* x, const uint16_t* bits, int64_t n, Stream stream) {
   if (d.grid_x == 0) return;
   bf16_decode_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(x, bits, n);
   CUDA_CHECK_LAUNCH();
+}
+
+void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes,
+               Stream stream) {
+  CHECK(R >= 0 && C >= 0, "R=%lld C=%lld", (long long)R, (long long)C);
+  switch (elem_bytes) {
+    case 1: return transpose_as<uint8_t>(dst, src, R, C, stream);
+    case 2: return transpose_as<uint16_t>(dst, src, R, C, stream);
+    case 4: return transpose_as<uint32_t>(dst, src, R, C, stream);
+  }
+  CHECK(false, "transpose of %zu-byte elements", elem_bytes);
 }
 
 void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, int64_t T_,

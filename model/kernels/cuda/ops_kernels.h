@@ -26,6 +26,10 @@ void bf16_encode(uint16_t* bits, float* rounded, const float* x, int64_t n, Stre
 // x (n) = bf16_to_float(bits).
 void bf16_decode(float* x, const uint16_t* bits, int64_t n, Stream stream);
 
+// dst (C, R) = src (R, C)^T, both compact, elements of elem_bytes (1, 2 or 4). Exact.
+void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes,
+               Stream stream);
+
 // Multi-token prediction module k's inputs from the main targets y (B, T_): at position t
 // tokens = y[t + k] (0 past the end or where y < 0), targets = y[t + k + 1] (-1 past the end).
 void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, int64_t T_,
