@@ -90,18 +90,12 @@ class CpuOps final : public Ops<T> {
   void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const uint16_t* A,
                  int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
                  int64_t ldc) override {
-    if constexpr (std::is_same_v<T, float>) {
-      CHECK(native_bf16_, "gemm_bf16 on a CPU backend that emulates BF16 GEMMs");
-      // The stored extents: op(X) = X^T reads X as (K, rows), else (rows, K).
-      const std::vector<float> a = decode_bf16(A, trans_a ? K : M, trans_a ? M : K, lda);
-      const std::vector<float> b = decode_bf16(B, trans_b ? N : K, trans_b ? K : N, ldb);
-      cpu::gemm<float>(trans_a, trans_b, M, N, K, 1.0f, a.data(), lda, b.data(), ldb, beta, C,
-                       ldc);
-    } else {
-      (void)trans_a, (void)trans_b, (void)M, (void)N, (void)K, (void)A, (void)lda, (void)B;
-      (void)ldb, (void)beta, (void)C, (void)ldc;
-      CHECK(false, "BF16 GEMMs need float tensors");
-    }
+    // Float operands whatever T is (only a float backend is created native).
+    CHECK(native_bf16_, "gemm_bf16 on a CPU backend that emulates BF16 GEMMs");
+    // The stored extents: op(X) = X^T reads X as (K, rows), else (rows, K).
+    const std::vector<float> a = decode_bf16(A, trans_a ? K : M, trans_a ? M : K, lda);
+    const std::vector<float> b = decode_bf16(B, trans_b ? N : K, trans_b ? K : N, ldb);
+    cpu::gemm<float>(trans_a, trans_b, M, N, K, 1.0f, a.data(), lda, b.data(), ldb, beta, C, ldc);
   }
 
   void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes) override {
@@ -116,17 +110,11 @@ class CpuOps final : public Ops<T> {
   void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
                 cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
                 cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) override {
-    if constexpr (std::is_same_v<T, float>) {
-      CHECK(!(a_mode == cuda::Fp8Scaling::kBlock128 && b_mode == cuda::Fp8Scaling::kBlock128),
-            "FP8 GEMM with two 128x128-scaled inputs");
-      const std::vector<float> a = decode_fp8(A, a_scales, M, K, a_mode);
-      const std::vector<float> b = decode_fp8(B, b_scales, N, K, b_mode);
-      cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, beta, C, ldc);
-    } else {
-      (void)M, (void)N, (void)K, (void)A, (void)a_scales, (void)a_mode, (void)B, (void)b_scales;
-      (void)b_mode, (void)beta, (void)C, (void)ldc;
-      CHECK(false, "FP8 GEMMs need float tensors");
-    }
+    CHECK(!(a_mode == cuda::Fp8Scaling::kBlock128 && b_mode == cuda::Fp8Scaling::kBlock128),
+          "FP8 GEMM with two 128x128-scaled inputs");
+    const std::vector<float> a = decode_fp8(A, a_scales, M, K, a_mode);
+    const std::vector<float> b = decode_fp8(B, b_scales, N, K, b_mode);
+    cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), K, b.data(), K, beta, C, ldc);
   }
 
   void embedding_forward(T* out, const int32_t* tokens, const T* wte, int64_t N, int64_t C,

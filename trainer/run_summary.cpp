@@ -83,8 +83,7 @@ std::string run_summary(const Config& cfg) {
   // rounded floats, and a GPU's native BF16 weights use half of the same allocation.
   const bool quantized = cfg.precision.mode != PrecisionMode::kFp32;
   const double gemm_weights = quantized ? params : 0.0;
-  const double workspace =
-      quantized ? static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch)) : 0.0;
+  const double workspace = static_cast<double>(model_workspace_bytes(d, cfg.training.micro_batch));
   const int64_t N = int64_t{cfg.training.micro_batch} * cfg.model.seq_len;
   // The expert exchange's wire buffers, as EpExchange allocates them (on the GPU: its arena).
   const double exchange =

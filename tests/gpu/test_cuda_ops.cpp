@@ -226,24 +226,26 @@ TEST_F(CudaOps, AllocatesNothingAfterCreate) {
 
 // ---- GEMMs ----------------------------------------------------------------------------------
 
-// Every transpose, padded leading dimensions, beta 0 (C poisoned with NaN: never read) and not.
-TEST_F(CudaOps, GemmMatchesCpu) {
-  const int64_t M = 37, N = 29, K = 71;
+// The GEMM tests' sweep: every transpose, padded leading dimensions, beta 0 (C poisoned with
+// NaN: never read) and not. run(ta, tb, lda, ldb, ldc, A, B, beta, C) runs the CPU on C in
+// place and returns the GPU's C; the padding columns must be untouched (NaN included) and the
+// rest close to the CPU's.
+constexpr int64_t kGemmM = 37, kGemmN = 29, kGemmK = 71;
+template <typename Run>
+void sweep_gemm(uint64_t seed, const Run& run) {
+  const int64_t M = kGemmM, N = kGemmN, K = kGemmK;
   for (int ta = 0; ta < 2; ++ta)
     for (int tb = 0; tb < 2; ++tb)
       for (int zero_beta = 0; zero_beta < 2; ++zero_beta) {
         SCOPED_TRACE(::testing::Message() << "ta " << ta << " tb " << tb << " beta0 " << zero_beta);
         const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
-        const auto A = normal_floats((ta ? K : M) * lda, 11), B = normal_floats((tb ? N : K) * ldb, 12);
-        std::vector<float> C = normal_floats(M * ldc, 13);
+        const auto A = normal_floats((ta ? K : M) * lda, seed);
+        const auto B = normal_floats((tb ? N : K) * ldb, seed + 1);
+        std::vector<float> C = normal_floats(M * ldc, seed + 2);
         if (zero_beta) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
-        const float alpha = 0.75f, beta = zero_beta ? 0.0f : -0.5f;
-        DeviceVec<float> dA(A), dB(B), dC(C);
-        ready();
-        cpu().gemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
-        gpu().gemm(ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc);
-        std::vector<float> got = fetch(dC);
-        for (int64_t i = 0; i < M; ++i)  // padding columns untouched (NaN included)
+        const float beta = zero_beta ? 0.0f : -0.5f;
+        std::vector<float> got = run(ta != 0, tb != 0, lda, ldb, ldc, A, B, beta, C);
+        for (int64_t i = 0; i < M; ++i)
           for (int64_t j = N; j < ldc; ++j) {
             EXPECT_EQ(std::isnan(got[i * ldc + j]), std::isnan(C[i * ldc + j]));
             got[i * ldc + j] = C[i * ldc + j] = 0.0f;
@@ -253,39 +255,45 @@ TEST_F(CudaOps, GemmMatchesCpu) {
       }
 }
 
+TEST_F(CudaOps, GemmMatchesCpu) {
+  sweep_gemm(11, [&](bool ta, bool tb, int64_t lda, int64_t ldb, int64_t ldc,
+                     const std::vector<float>& A, const std::vector<float>& B, float beta,
+                     std::vector<float>& C) {
+    const float alpha = 0.75f;
+    DeviceVec<float> dA(A), dB(B), dC(C);
+    ready();
+    cpu().gemm(ta, tb, kGemmM, kGemmN, kGemmK, alpha, A.data(), lda, B.data(), ldb, beta,
+               C.data(), ldc);
+    gpu().gemm(ta, tb, kGemmM, kGemmN, kGemmK, alpha, dA.get(), lda, dB.get(), ldb, beta,
+               dC.get(), ldc);
+    return fetch(dC);
+  });
+}
+
 // gemm_bf16 (tensor cores) against the CPU's native-BF16 mode (the bits decoded, OpenBLAS in
 // FP32): products of BF16 values are exact in FP32, so only the summation order differs.
 TEST_F(CudaOps, GemmBf16MatchesCpu) {
   ASSERT_TRUE(gpu().gemm_bf16_native());
   const std::unique_ptr<moe::Ops<float>> cpu_bf16 = moe::ops_cpu_create<float>(true);
   ASSERT_FALSE(moe::ops_cuda_create(kLimits, false)->gemm_bf16_native());
-  const int64_t M = 37, N = 29, K = 71;
-  for (int ta = 0; ta < 2; ++ta)
-    for (int tb = 0; tb < 2; ++tb)
-      for (int zero_beta = 0; zero_beta < 2; ++zero_beta) {
-        SCOPED_TRACE(::testing::Message() << "ta " << ta << " tb " << tb << " beta0 " << zero_beta);
-        const int64_t lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
-        const auto fa = normal_floats((ta ? K : M) * lda, 21), fb = normal_floats((tb ? N : K) * ldb, 22);
-        std::vector<uint16_t> A(fa.size()), B(fb.size());
-        for (size_t i = 0; i < A.size(); ++i) A[i] = moe::bf16_from_float(fa[i]);
-        for (size_t i = 0; i < B.size(); ++i) B[i] = moe::bf16_from_float(fb[i]);
-        std::vector<float> C = normal_floats(M * ldc, 23);
-        if (zero_beta) C.assign(C.size(), std::numeric_limits<float>::quiet_NaN());
-        const float beta = zero_beta ? 0.0f : -0.5f;
-        DeviceVec<uint16_t> dA(A), dB(B);
-        DeviceVec<float> dC(C);
-        ready();
-        cpu_bf16->gemm_bf16(ta, tb, M, N, K, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
-        gpu().gemm_bf16(ta, tb, M, N, K, dA.get(), lda, dB.get(), ldb, beta, dC.get(), ldc);
-        std::vector<float> got = fetch(dC);
-        for (int64_t i = 0; i < M; ++i)  // padding columns untouched (NaN included)
-          for (int64_t j = N; j < ldc; ++j) {
-            EXPECT_EQ(std::isnan(got[i * ldc + j]), std::isnan(C[i * ldc + j]));
-            got[i * ldc + j] = C[i * ldc + j] = 0.0f;
-          }
-        ASSERT_TRUE(any_nonzero(C));
-        EXPECT_TRUE(all_close(got, C, 1e-4, 1e-4));
-      }
+  const auto to_bf16 = [](const std::vector<float>& x) {
+    std::vector<uint16_t> bits(x.size());
+    for (size_t i = 0; i < x.size(); ++i) bits[i] = moe::bf16_from_float(x[i]);
+    return bits;
+  };
+  sweep_gemm(21, [&](bool ta, bool tb, int64_t lda, int64_t ldb, int64_t ldc,
+                     const std::vector<float>& fa, const std::vector<float>& fb, float beta,
+                     std::vector<float>& C) {
+    const std::vector<uint16_t> A = to_bf16(fa), B = to_bf16(fb);
+    DeviceVec<uint16_t> dA(A), dB(B);
+    DeviceVec<float> dC(C);
+    ready();
+    cpu_bf16->gemm_bf16(ta, tb, kGemmM, kGemmN, kGemmK, A.data(), lda, B.data(), ldb, beta,
+                        C.data(), ldc);
+    gpu().gemm_bf16(ta, tb, kGemmM, kGemmN, kGemmK, dA.get(), lda, dB.get(), ldb, beta,
+                    dC.get(), ldc);
+    return fetch(dC);
+  });
 }
 
 // Every element size, odd shapes and shapes past one tile: bit for bit (a copy).
