@@ -16,7 +16,8 @@ void attention_block_forward(Ops<T>& ops, T* res_out, LayerActs<T>& la, const T*
   linear_forward<T>(ops, la.qkv, la.ln1, lp.wqkv, N, C, QKV, pm, la.lin, &la.saved_ln1);
   ops.rope_forward(la.qkv, a.rope_cos, a.rope_sin, B, T_, d.NH, d.HD, QKV);
   ops.rope_forward(la.qkv + d.NH * d.HD, a.rope_cos, a.rope_sin, B, T_, d.NKV, d.HD, QKV);
-  ops.attention_forward(la.attn_out, la.probs, la.qkv, B, T_, d.NH, d.NKV, d.HD, d.HD);
+  ops.attention_forward(la.attn_out, la.lse, la.qkv, B, T_, d.NH, d.NKV, d.HD, d.HD,
+                        a.attn_scratch);
   linear_forward<T>(ops, a.tmp, la.attn_out, lp.wo, N, d.d_attn(), C, pm, la.lin, &la.saved_attn_out);
   ops.residual_forward(res_out, res_in, a.tmp, N * C);
 }
@@ -31,7 +32,7 @@ void attention_block_backward_input(Ops<T>& ops, T* dres, LayerActs<T>& la, cons
   ops.copy(k.dres_mid, dres, sizeof(T) * static_cast<size_t>(N * C));
   const PrecisionMode pm = d.precision;
   linear_backward_input<T>(ops, a.dattn, dres, lp.wo, N, d.d_attn(), C, pm, la.lin);
-  ops.attention_backward(k.dqkv, a.dattn, la.qkv, la.probs, B, T_, d.NH, d.NKV, d.HD, d.HD,
+  ops.attention_backward(k.dqkv, a.dattn, la.qkv, la.lse, B, T_, d.NH, d.NKV, d.HD, d.HD,
                          a.attn_scratch);
   ops.rope_backward(k.dqkv, a.rope_cos, a.rope_sin, B, T_, d.NH, d.HD, QKV);
   ops.rope_backward(k.dqkv + d.NH * d.HD, a.rope_cos, a.rope_sin, B, T_, d.NKV, d.HD, QKV);

@@ -130,7 +130,7 @@ void mla_block_forward(Ops<T>& ops, T* res_out, LayerActs<T>& la, const T* res_i
   ops.rmsnorm_forward(la.kv_an, la.kv_rstd, la.kv_c, lp.kv_norm, N, m.KVL, eps);
   linear_forward<T>(ops, proj, la.kv_an, lp.wkv_b, N, m.KVL, m.KVB, pm, la.lin, &la.saved_kv_an);
   pack_kv(ops, qkv, proj, m, N);
-  ops.attention_forward(la.attn_out, la.probs, qkv, B, T_, m.NH, m.NH, m.Dq, m.Dv);
+  ops.attention_forward(la.attn_out, la.lse, qkv, B, T_, m.NH, m.NH, m.Dq, m.Dv, a.attn_scratch);
   linear_forward<T>(ops, a.tmp, la.attn_out, lp.wo, N, m.HA, C, pm, la.lin, &la.saved_attn_out);
   ops.residual_forward(res_out, res_in, a.tmp, N * C);
 }
@@ -146,8 +146,8 @@ void mla_block_backward_input(Ops<T>& ops, T* dres, LayerActs<T>& la, const T* r
   // dres flows unchanged through the residual add; the branch gets a copy of it.
   ops.copy(k.dres_mid, dres, sizeof(T) * static_cast<size_t>(N * C));
   linear_backward_input<T>(ops, a.dattn, dres, lp.wo, N, m.HA, C, pm, la.lin);
-  ops.attention_backward(a.dqkv_mla, a.dattn, la.qkv_mla, la.probs, B, T_, m.NH, m.NH, m.Dq,
-                             m.Dv, a.attn_scratch);
+  ops.attention_backward(a.dqkv_mla, a.dattn, la.qkv_mla, la.lse, B, T_, m.NH, m.NH, m.Dq,
+                         m.Dv, a.attn_scratch);
   // Split the packed gradient: queries, per head [d k_nope | d v], the shared d k_rope.
   ops.copy_rows(k.dq, m.QD, a.dqkv_mla, m.W, N, m.QD);
   rope_heads(ops, false, k.dq, a.rope_cos, a.rope_sin, m, B, T_, m.QD);

@@ -226,7 +226,7 @@ struct LayerActs {
   T* qkv_mla;   // (N, QKVm) the attention core's input after RoPE, per token [q | k | v]: NH
                 // query heads [q_nope | q_rope] and NH key heads [k_nope_h | k_rope] (qk_hd
                 // wide; k_rope is the one shared key), then NH value heads (v_hd wide)
-  T* probs;     // (B, NH, T, T)
+  T* lse;       // (B, NH, T) the attention rows' log-sum-exp (the core is fused: no T x T)
   T* attn_out;  // (N, d_attn) = (N, NH v_dim)
   T* ln2;       // (N, C)
   T* rstd2;     // (N)
@@ -327,7 +327,7 @@ struct Activations {
   T* router_logits; // (N, E)
   T* dres;          // (N, C) gradient of the residual stream
   T* dattn;         // (N, d_attn)
-  T* attn_scratch;  // (B, NH, T, T)
+  T* attn_scratch;  // the attention core's scratch, sized per backend (attention_scratch_elems)
   // MLA only (null otherwise):
   T* mla_proj;      // (N, max(QD, KVA, KVB)) forward: a projection's output before packing
   T* dqkv_mla;      // (N, QKVm) backward: the attention core's input gradient
@@ -577,9 +577,10 @@ double model_flops_per_token(const ModelDims& d);
 // The same for the MTP modules (what training adds to the main model's FLOPs).
 double model_mtp_flops_per_token(const ModelDims& d);
 
-// Activation bytes for one micro-batch of B sequences (element size elem): what an activation
-// slot holds, saved tensors and per-slot scratch.
-size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem);
+// Activation bytes for one micro-batch of B sequences (element size elem) on `device` (the
+// attention core's scratch is the backend's own): what an activation slot holds, saved tensors
+// and per-slot scratch.
+size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem, Device device);
 // bf16 / fp8: the workspace every slot shares (quantized GEMM operands, the floats of inputs
 // saved in the GEMM input format) for micro-batches of B sequences; 0 in fp32.
 size_t model_workspace_bytes(const ModelDims& d, int64_t B);

@@ -7,6 +7,7 @@
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
+#include "model/kernels/cuda/attention_plan.h"
 #include "model/model.h"
 #include "model/rng.h"
 
@@ -45,6 +46,17 @@ std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits) {
   return nullptr;
 }
 
+
+// The attention core's scratch for micro-batches of B sequences: each backend's own need
+// (the CPU's score strips and GQA partials; the GPU's per-row dots).
+size_t attention_scratch_elems(const ModelDims& d, int64_t B, Device device) {
+  CHECK(device != Device::kAuto, "resolve run.device = \"auto\" before sizing the model");
+  const int64_t NKV = d.mla() ? d.NH : d.NKV;
+  const int64_t HD = d.qk_hd(), HDv = d.v_dim();
+  if (device == Device::kCuda)
+    return static_cast<size_t>(cuda::attention_scratch_floats({B, d.T, d.NH, NKV, HD, HDv}));
+  return static_cast<size_t>(cpu::attention_scratch_elems(B, d.T, d.NH, NKV, HD, HDv));
+}
 
 size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -239,12 +251,13 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
 // host: the routing counts and offsets, which stay in host memory (LayerActs).
 template <typename T>
 void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split_backward,
-                const GemmWorkspace<T>& ws, Carver& c, Carver& host, Activations<T>& a) {
+                Device device, const GemmWorkspace<T>& ws, Carver& c, Carver& host,
+                Activations<T>& a) {
   const size_t N = static_cast<size_t>(B * d.T), C = static_cast<size_t>(d.C);
   const size_t NK = N * static_cast<size_t>(d.K), E = static_cast<size_t>(d.E);
   const size_t R = static_cast<size_t>(moe_rows_max(d, B * d.T));
   const bool ep = d.ep > 1;
-  const size_t TT = static_cast<size_t>(B * d.NH * d.T * d.T);
+  const size_t lse_elems = static_cast<size_t>(B * d.NH * d.T);
   a.tokens = c.take<int32_t>(N);
   a.targets = c.take<int32_t>(N);
   a.res = c.take<T>(static_cast<size_t>(d.L + 1) * N * C);
@@ -298,7 +311,7 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
       if (q) la.saved_kv_an = take_saved(N, KVL);
       la.qkv_mla = c.take<T>(N * QKVm);
     }
-    la.probs = c.take<T>(TT);
+    la.lse = c.take<T>(lse_elems);
     la.attn_out = q ? ws.attn_out : c.take<T>(N * HA);
     la.ln2 = q && !moe ? ws.ln2 : c.take<T>(N * C);
     la.rstd2 = c.take<T>(N);
@@ -378,7 +391,7 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.router_logits = c.take<T>(N * E);
   a.dres = c.take<T>(N * C);
   a.dattn = c.take<T>(N * static_cast<size_t>(d.d_attn()));
-  a.attn_scratch = c.take<T>(TT);
+  a.attn_scratch = c.take<T>(attention_scratch_elems(d, B, device));
   a.mla_proj = d.mla() ? c.take<T>(N * std::max({QD, KVA, KVB})) : nullptr;
   a.dqkv_mla = d.mla() ? c.take<T>(N * QKVm) : nullptr;
   a.dkv_c = d.mla() ? c.take<T>(N * KVL) : nullptr;
@@ -571,7 +584,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
     m.rope_cos = c.take<T>(rope);
     m.rope_sin = c.take<T>(rope);
     for (Activations<T>& a : m.slots) {
-      act_layout<T>(d, part, B_max, split_backward, ws, c, host, a);
+      act_layout<T>(d, part, B_max, split_backward, device, ws, c, host, a);
       a.rope_cos = m.rope_cos;
       a.rope_sin = m.rope_sin;
     }
@@ -691,16 +704,16 @@ double model_mtp_flops_per_token(const ModelDims& d) {
          6.0 * static_cast<double>(d.mtp * d.T * d.NH * (d.qk_hd() + d.v_dim()));
 }
 
-size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem) {
+size_t model_activation_bytes(const ModelDims& d, int64_t B, size_t elem, Device device) {
   Carver measure, host;
   if (elem == sizeof(double)) {
     Activations<double> a;
-    act_layout<double>(d, model_part_whole(d), B, false, GemmWorkspace<double>{}, measure,
-                       host, a);
+    act_layout<double>(d, model_part_whole(d), B, false, device, GemmWorkspace<double>{},
+                       measure, host, a);
   } else {
     Activations<float> a;
-    act_layout<float>(d, model_part_whole(d), B, false, GemmWorkspace<float>{}, measure, host,
-                      a);
+    act_layout<float>(d, model_part_whole(d), B, false, device, GemmWorkspace<float>{}, measure,
+                      host, a);
   }
   return measure.used() + host.used();
 }

@@ -124,9 +124,13 @@ class Ops {
                             int64_t H, int64_t HD, int64_t stride) = 0;
   virtual void rope_backward(T* dx, const T* cos_t, const T* sin_t, int64_t B, int64_t T_,
                              int64_t H, int64_t HD, int64_t stride) = 0;
-  virtual void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_,
-                                 int64_t NH, int64_t NKV, int64_t HD, int64_t HDv) = 0;
-  virtual void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs,
+  // Fused causal attention: lse (B, NH, T) is saved instead of the probabilities. scratch is
+  // the backend's own size (model_layout.cpp: cpu::attention_scratch_elems on the CPU,
+  // cuda::attention_scratch_floats on CUDA); its contents are undefined after a call.
+  virtual void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_,
+                                 int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
+                                 T* scratch) = 0;
+  virtual void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* lse,
                                   int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
                                   int64_t HDv, T* scratch) = 0;
   virtual void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) = 0;

@@ -148,14 +148,14 @@ class CpuOps final : public Ops<T> {
                      int64_t HD, int64_t stride) override {
     cpu::rope_backward<T>(dx, cos_t, sin_t, B, T_, H, HD, stride);
   }
-  void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                         int64_t NKV, int64_t HD, int64_t HDv) override {
-    cpu::attention_forward<T>(out, probs, qkv, B, T_, NH, NKV, HD, HDv);
+  void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                         int64_t NKV, int64_t HD, int64_t HDv, T* scratch) override {
+    cpu::attention_forward<T>(out, lse, qkv, B, T_, NH, NKV, HD, HDv, scratch);
   }
-  void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
+  void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* lse, int64_t B,
                           int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
                           T* scratch) override {
-    cpu::attention_backward<T>(dqkv, dout, qkv, probs, B, T_, NH, NKV, HD, HDv, scratch);
+    cpu::attention_backward<T>(dqkv, dout, qkv, lse, B, T_, NH, NKV, HD, HDv, scratch);
   }
   void swiglu_forward(T* out, const T* gu, int64_t N, int64_t F) override {
     cpu::swiglu_forward<T>(out, gu, N, F);

@@ -1,7 +1,8 @@
 // The arithmetic of causal softmax attention that the CPU kernel (model/kernels/cpu/attention.cpp)
 // and its CUDA twin (model/kernels/cuda/attention.cu) both compile, so the CPU tests cover the
 // GPU's element math too: the score scale, the causal mask rule, the stable softmax pieces
-// (running max, exp, normalisation) and the softmax backward of one element.
+// (running max, exp, normalisation), the saved log-sum-exp and the probability recomputed from
+// it, the online rescale, and the softmax backward of one element.
 //
 // NOTE: only the per-element pieces are shared. The reductions over a row are not: the CPU sums
 // in `#pragma omp simd` lanes, the GPU in a warp butterfly, so the two agree to rounding, not
@@ -36,6 +37,24 @@ MOE_HD inline T softmax_max(T m, T x) {
 MOE_HD inline float softmax_exp(float x) { return exp_fast_f32(x); }
 // Double (the gradient checks): the library exp.
 MOE_HD inline double softmax_exp(double x) { return exp(x); }
+
+// The log-sum-exp of a row of scaled scores, the one statistic the fused attention saves per
+// query row: lse = m + log(sum_j exp(s_j - m)), m the row's max and `sum` that sum.
+MOE_HD inline float softmax_lse(float m, float sum) { return m + logf(sum); }
+MOE_HD inline double softmax_lse(double m, double sum) { return m + log(sum); }
+
+// A probability recomputed in the backward from the saved log-sum-exp: exp(s - lse).
+template <typename T>
+MOE_HD inline T softmax_prob(T s, T lse) {
+  return softmax_exp(s - lse);
+}
+
+// The online softmax's rescale of what was summed under the running max m_old once the max
+// grows to m_new (m_old <= m_new): exp(m_old - m_new).
+template <typename T>
+MOE_HD inline T softmax_rescale(T m_old, T m_new) {
+  return softmax_exp(m_old - m_new);
+}
 
 // The softmax backward of one element: dS = P (dP - sum_j dP_j P_j) scale, the scale of the
 // forward's scores folded in.

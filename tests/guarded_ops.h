@@ -143,13 +143,13 @@ class GuardedOps final : public Ops<T> {
                      int64_t st) override {
     run([&] { in_->rope_backward(x, c, s, B, T_, H, HD, st); });
   }
-  void attention_forward(T* o, T* p, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                         int64_t NKV, int64_t HD, int64_t HDv) override {
-    run([&] { in_->attention_forward(o, p, qkv, B, T_, NH, NKV, HD, HDv); });
+  void attention_forward(T* o, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                         int64_t NKV, int64_t HD, int64_t HDv, T* sc) override {
+    run([&] { in_->attention_forward(o, lse, qkv, B, T_, NH, NKV, HD, HDv, sc); });
   }
-  void attention_backward(T* dq, const T* d, const T* qkv, const T* p, int64_t B, int64_t T_,
+  void attention_backward(T* dq, const T* d, const T* qkv, const T* lse, int64_t B, int64_t T_,
                           int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* sc) override {
-    run([&] { in_->attention_backward(dq, d, qkv, p, B, T_, NH, NKV, HD, HDv, sc); });
+    run([&] { in_->attention_backward(dq, d, qkv, lse, B, T_, NH, NKV, HD, HDv, sc); });
   }
   void swiglu_forward(T* o, const T* gu, int64_t N, int64_t F) override {
     run([&] { in_->swiglu_forward(o, gu, N, F); });

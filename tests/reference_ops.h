@@ -148,6 +148,28 @@ inline void attention_forward(double* out, double* probs, const double* qkv, int
     }
 }
 
+// lse (B, NH, T): log sum_{j <= i} exp(scale q_i . k_j) per query row, in double throughout.
+inline void attention_lse(double* lse, const double* qkv, int64_t B, int64_t T, int64_t NH,
+                          int64_t NKV, int64_t HD) {
+  const int64_t W = (NH + 2 * NKV) * HD;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(HD));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h) {
+      const int64_t g = h / (NH / NKV);
+      for (int64_t i = 0; i < T; ++i) {
+        const double* q = qkv + (b * T + i) * W + h * HD;
+        double sum = 0.0;
+        for (int64_t j = 0; j <= i; ++j) {
+          const double* k = qkv + (b * T + j) * W + (NH + g) * HD;
+          double s = 0.0;
+          for (int64_t d = 0; d < HD; ++d) s += q[d] * k[d];
+          sum += std::exp(s * scale);
+        }
+        lse[(b * NH + h) * T + i] = std::log(sum);
+      }
+    }
+}
+
 // dqkv assigned. Recomputes the probabilities from qkv.
 inline void attention_backward(double* dqkv, const double* dout, const double* qkv, int64_t B,
                                int64_t T, int64_t NH, int64_t NKV, int64_t HD) {

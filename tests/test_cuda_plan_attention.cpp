@@ -69,15 +69,34 @@ TEST(CudaPlanAttention, EveryConfigFitsSm80AndSm90) {
   }
 }
 
-// The 671B heads (qk 192, v 128) need more than the default 48 KiB: the launcher opts in.
-TEST(CudaPlanAttention, DeepSeekV3HeadsNeedTheSharedMemoryOptIn) {
-  const AttentionShape s{1, 4096, 128, 128, 192, 128};
-  const AttentionPlan p = moe::cuda::attention_plan(s, moe::cuda::kSmemLimitSm80);
-  // forward: max(dots(192), matmul(128)) = max(32 192 + 32 193, 2 32 128 + 32 33) floats.
-  EXPECT_EQ(p.forward.smem_bytes, 4 * (32 * 192 + 32 * 193));
-  EXPECT_EQ(p.backward_cols.smem_bytes, 4 * (2 * 32 * 192 + 32 * 33));
-  EXPECT_GT(p.forward.smem_bytes, moe::cuda::kSmemDefaultBytes);
+// The kernels' shared memory, float for float (attention_plan.h's carving): the 671B heads
+// (qk 192, v 128) need more than the default 48 KiB, so the launchers opt in.
+TEST(CudaPlanAttention, SharedMemoryMatchesTheKernelsCarving) {
+  const AttentionPlan p =
+      moe::cuda::attention_plan({1, 4096, 128, 128, 192, 128}, moe::cuda::kSmemLimitSm80);
+  // forward: Q (32, 192), K (32, 193), V (32, 128), P (32, 33), O (32, 128), per row (32).
+  EXPECT_EQ(p.forward.smem_bytes, 4 * 32 * (192 + 193 + 128 + 33 + 128 + 1));  // 86400
+  // backward_rows: Q (32, 192), dO (32, 128), K (32, 193), V (32, 129), dS (32, 33),
+  // dQ (32, 192).
+  EXPECT_EQ(p.backward_rows.smem_bytes, 4 * 32 * (192 + 128 + 193 + 129 + 33 + 192));  // 110976
+  // backward_cols: K (32, 192), V (32, 128), Q (32, 193), dO (32, 129), P^T and dS^T
+  // (32, 33), dK (32, 192), dV (32, 128).
+  EXPECT_EQ(p.backward_cols.smem_bytes,
+            4 * 32 * (192 + 128 + 193 + 129 + 2 * 33 + 192 + 128));  // 131584
+  for (const LaunchDims* d : {&p.forward, &p.backward_rows, &p.backward_cols})
+    EXPECT_GT(d->smem_bytes, moe::cuda::kSmemDefaultBytes);
   EXPECT_EQ(p.forward.grid_x, 128);
+  EXPECT_EQ(p.backward_cols.grid_y, 128);
+
+  // HD = HDv = 64: the forward and backward_rows stay under 48 KiB, backward_cols opts in.
+  const AttentionPlan q =
+      moe::cuda::attention_plan({8, 256, 8, 8, 64, 64}, moe::cuda::kSmemLimitSm80);
+  EXPECT_EQ(q.forward.smem_bytes, 4 * 32 * (64 + 65 + 64 + 33 + 64 + 1));  // 37248
+  EXPECT_EQ(q.backward_rows.smem_bytes, 4 * 32 * (64 + 64 + 65 + 65 + 33 + 64));  // 45440
+  EXPECT_EQ(q.backward_cols.smem_bytes,
+            4 * 32 * (64 + 64 + 65 + 65 + 2 * 33 + 64 + 64));  // 57856
+  EXPECT_LE(q.backward_rows.smem_bytes, moe::cuda::kSmemDefaultBytes);
+  EXPECT_GT(q.backward_cols.smem_bytes, moe::cuda::kSmemDefaultBytes);
 }
 
 // T not a multiple of the tile, a single token, and an empty batch.
@@ -90,15 +109,29 @@ TEST(CudaPlanAttention, PartialTilesAndEmpty) {
 }
 
 TEST(CudaPlanAttentionDeathTest, RefusesHeadsOverTheSharedMemoryLimit) {
-  // HD = 1024: the forward's dots need 32 (1024 + 1025) floats = 262 KB > 227 KiB.
-  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 1024, 1024}, moe::cuda::kSmemLimitSm90),
+  // HD = HDv = 512: even the forward needs 32 (4 512 + 35) floats = 260 KiB > 227 KiB.
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 512, 512}, moe::cuda::kSmemLimitSm90),
                "shared memory");
-  // HD = 512 (128 KiB) fits both targets, but not a device without the opt-in's 48 KiB.
-  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 512, 512}, 48 * 1024), "shared memory");
+  // HD = HDv = 256: the forward fits sm_80's 163 KiB (132 KiB), backward_rows does not
+  // (32 (3 256 + 2 257 + 33) floats = 164 KiB); backward_cols (200.5 KiB) fits only sm_90.
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 256, 256}, moe::cuda::kSmemLimitSm80),
+               "backward_rows kernel needs");
+  EXPECT_EQ(moe::cuda::attention_plan({1, 128, 4, 4, 256, 256}, moe::cuda::kSmemLimitSm90)
+                .backward_cols.smem_bytes,
+            4 * 32 * (4 * 256 + 2 * 257 + 2 * 33));
+  // HD = HDv = 128 fits both targets, but not a device without the opt-in's 48 KiB.
+  EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 4, 4, 128, 128}, 48 * 1024), "shared memory");
   EXPECT_DEATH(moe::cuda::attention_plan({1, 128, 6, 4, 32, 32}, moe::cuda::kSmemLimitSm90),
                "attention shape");
   EXPECT_DEATH(moe::cuda::attention_plan({70000, 128, 4, 4, 32, 32}, moe::cuda::kSmemLimitSm90),
                "grid");
+}
+
+// The backward's scratch is the per-row dot D, (B, NH, T): O(T), not O(T^2).
+TEST(CudaPlanAttention, ScratchIsOneFloatPerQueryRow) {
+  EXPECT_EQ(moe::cuda::attention_scratch_floats({2, 70, 8, 2, 16, 16}), 2 * 8 * 70);
+  EXPECT_EQ(moe::cuda::attention_scratch_floats({1, 4096, 128, 128, 192, 128}), 128 * 4096);
+  EXPECT_EQ(moe::cuda::attention_scratch_floats({0, 0, 4, 4, 32, 32}), 0);
 }
 
 // softmax_math.h's exp is the CPU's exp_fast step for step: bitwise equal over a sweep.

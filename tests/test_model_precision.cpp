@@ -216,13 +216,13 @@ TEST(ModelPrecision, SavedInputsShrinkActivationMemory) {
     }
     return b - 4 * R * d.C;
   };
-  const int64_t fp32 = static_cast<int64_t>(model_activation_bytes(d, kB, 4));
+  const int64_t fp32 = static_cast<int64_t>(model_activation_bytes(d, kB, 4, moe::Device::kCpu));
   int64_t got[2];
   int i = 0;
   for (PrecisionMode mode : {PrecisionMode::kBf16, PrecisionMode::kFp8}) {
     SCOPED_TRACE(to_string(mode));
     const ModelDims dm = precision_dims(mode);
-    got[i] = static_cast<int64_t>(model_activation_bytes(dm, kB, 4));
+    got[i] = static_cast<int64_t>(model_activation_bytes(dm, kB, 4, moe::Device::kCpu));
     EXPECT_NEAR(static_cast<double>(fp32 - got[i]), static_cast<double>(saving(mode)), 64 * 40);
     EXPECT_GT(model_workspace_bytes(dm, kB), 0u);
     ++i;

@@ -136,6 +136,30 @@ TEST(ReferenceConfigs, DryRunCountsThePipelineBuffers) {
   }
 }
 
+// The attention core is fused (it saves a log-sum-exp per row, not B x heads x T x T
+// probabilities), so a slot's activations grow linearly with the sequence on both backends.
+// With the probabilities, doubling T = 4096 at the 671B shape would nearly quadruple them.
+TEST(ReferenceConfigs, ActivationsAreLinearInTheSequenceLength) {
+  const Config cfg = config_load(config_path("deepseek-v3-671b"), {});
+  ModelDims d = config_model_dims(cfg);
+  const int64_t B = cfg.training.micro_batch;
+  for (Device device : {Device::kCpu, Device::kCuda}) {
+    SCOPED_TRACE(device == Device::kCpu ? "cpu" : "cuda");
+    d.T = 2048;
+    const double half = static_cast<double>(model_activation_bytes(d, B, 4, device));
+    d.T = 4096;
+    const double full = static_cast<double>(model_activation_bytes(d, B, 4, device));
+    EXPECT_NEAR(full / half, 2.0, 0.01);
+    // What the probabilities alone would have been (one (B, NH, T, T) float tensor per layer,
+    // 488 GiB) is more than twice all that is left.
+    const double probs = static_cast<double>(d.L) * static_cast<double>(B * d.NH) * 4096.0 *
+                         4096.0 * 4.0;
+    EXPECT_LT(full, probs / 2);
+    std::printf("671B, one micro-batch of %lld x 4096 tokens: %.1f GiB of activations\n",
+                static_cast<long long>(B), full / 1073741824.0);
+  }
+}
+
 // 671B in FP32 is 2.7 TB: a dry run that allocated the model could not run in 2 GiB.
 TEST(ReferenceConfigs, DryRunAllocatesNothing) {
 #if defined(__SANITIZE_ADDRESS__)

@@ -40,7 +40,8 @@ int bench_precision_main(const Config& base, const BenchOptions& opt) {
   size_t act[3], gemm_weights[3], workspace[3];
   for (int i = 0; i < 3; ++i) {
     const Model<float>& m = states[static_cast<size_t>(i)].model;
-    act[i] = model_activation_bytes(m.d, base.training.micro_batch, sizeof(float));
+    act[i] = model_activation_bytes(m.d, base.training.micro_batch, sizeof(float),
+                                    states[static_cast<size_t>(i)].device);
     gemm_weights[i] = m.gemm_arena.bytes();
     workspace[i] = m.work_arena.bytes();
   }

@@ -28,9 +28,10 @@ std::string run_summary(const Config& cfg) {
   // activation slot (its layers only) per micro-batch it holds at once.
   double params = 0, optim = 0, acts = 0, pipe = 0;
   const double moment_bytes = cfg.optim.state_dtype == StateDtype::kBf16 ? 2 : 4;
-  // Both backends hold the same arenas (the GPU's attention keeps its T x T probabilities as
-  // the CPU's does); they differ in the pipeline's buffers.
+  // The backends hold the same arenas but for the attention core's scratch (each its own) and
+  // the pipeline's buffers.
   const bool gpu = cfg.run.device == Device::kCuda;
+  const Device device = gpu ? Device::kCuda : Device::kCpu;
 #ifdef MOETRAIN_HAVE_NCCL
   const bool ticked = gpu;  // pipeline_set_p2p: received gradients only, on the device
 #else
@@ -41,11 +42,12 @@ std::string run_summary(const Config& cfg) {
   ModelDims balanced = d;
   balanced.ep = 1;
   balanced.ep_rank = 0;
+  const double whole_acts = static_cast<double>(
+      model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float), device));
   const double worst_extra =
-      static_cast<double>(model_activation_bytes(d, cfg.training.micro_batch, sizeof(float))) -
-      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float)));
-  const double whole_acts =
-      static_cast<double>(model_activation_bytes(balanced, cfg.training.micro_batch, sizeof(float)));
+      static_cast<double>(
+          model_activation_bytes(d, cfg.training.micro_batch, sizeof(float), device)) -
+      whole_acts;
   const std::vector<ParamInfo> table = model_param_table(d);
   const std::vector<int64_t> bounds =
       pp > 1 ? model_stage_bounds(d, schedule_num_stages(cfg.parallel.schedule, pp),

@@ -1,23 +1,27 @@
 // The CUDA attention core (model/kernels/cuda/attention_kernels.h) against the CPU reference
-// (cpu::attention_forward / attention_backward<float>): outputs, saved probabilities and the
-// gradient of the whole packed qkv, over standard (HDv = HD), grouped-query and MLA-like
-// (HDv != HD) shapes with T off the 32-row tile (70, 130), a single token, odd head widths and
-// the DeepSeek-V3 head widths (whose kernels need the > 48 KiB shared-memory opt-in).
+// (cpu::attention_forward / attention_backward<float>, run with its own scratch): outputs, the
+// saved per-row log-sum-exp and the gradient of the whole packed qkv, over standard
+// (HDv = HD), grouped-query and MLA-like (HDv != HD) shapes with T off the 32-row tile (70,
+// 130), a single token, odd head widths and the DeepSeek-V3 head widths (whose kernels need
+// the > 48 KiB shared-memory opt-in).
 //
-// Tolerances (float; the GPU sums in other orders and contracts to FMA, the exp is the same
-// Cephes polynomial on both sides):
-//   out, probs:  |gpu - cpu| <= 2e-5 + 1e-4 |cpu|
-//   dqkv:        |gpu - cpu| <= 1e-4 + 1e-3 |cpu|  (dS = P (dP - rowsum) cancels)
-// Output buffers are pre-filled with a sentinel, so an element a kernel fails to write fails.
+// Tolerances (float; the GPU's online softmax and the CPU's sum in other orders, the GPU
+// contracts to FMA, the exp is the same Cephes polynomial on both sides):
+//   out, lse:  |gpu - cpu| <= 2e-5 + 1e-4 |cpu|
+//   dqkv:      |gpu - cpu| <= 1e-4 + 1e-3 |cpu|  (dS = P (dP - D) cancels)
+// Output buffers are pre-filled with a sentinel, so an element a kernel fails to write fails;
+// the device scratch is filled with NaN, so a kernel that reads scratch it did not write fails.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <vector>
 
 #include "model/kernels/cpu/dense_ops.h"
 #include "model/kernels/cuda/attention_kernels.h"
+#include "model/kernels/cuda/attention_plan.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace {
@@ -46,32 +50,27 @@ bool any_nonzero(const std::vector<float>& v) {
 }
 
 struct Results {
-  std::vector<float> out, probs, dqkv;
+  std::vector<float> out, lse, dqkv;
 };
 
-// The GPU forward and backward; `split_hd` calls the HD-only overloads (HDv = HD).
-Results run_gpu(const Shape& s, const std::vector<float>& qkv, const std::vector<float>& dout,
-                bool split_hd) {
+// The GPU forward and backward.
+Results run_gpu(const Shape& s, const std::vector<float>& qkv, const std::vector<float>& dout) {
   const size_t n_out = static_cast<size_t>(s.B * s.T * s.NH * s.HDv);
-  const size_t n_probs = static_cast<size_t>(s.B * s.NH * s.T * s.T);
+  const size_t n_lse = static_cast<size_t>(s.B * s.NH * s.T);
+  const size_t n_scratch = static_cast<size_t>(
+      moe::cuda::attention_scratch_floats({s.B, s.T, s.NH, s.NKV, s.HD, s.HDv}));
   DeviceVec<float> d_qkv(qkv), d_dout(dout);
   DeviceVec<float> d_out(std::vector<float>(n_out, kSentinel));
-  DeviceVec<float> d_probs(std::vector<float>(n_probs, kSentinel));
-  DeviceVec<float> d_scratch(std::vector<float>(n_probs, kSentinel));
+  DeviceVec<float> d_lse(std::vector<float>(n_lse, kSentinel));
+  DeviceVec<float> d_scratch(
+      std::vector<float>(n_scratch, std::numeric_limits<float>::quiet_NaN()));
   DeviceVec<float> d_dqkv(std::vector<float>(qkv.size(), kSentinel));
-  if (split_hd) {
-    moe::cuda::attention_forward(d_out.get(), d_probs.get(), d_qkv.get(), s.B, s.T, s.NH, s.NKV,
-                                 s.HD, nullptr);
-    moe::cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_probs.get(), s.B,
-                                  s.T, s.NH, s.NKV, s.HD, d_scratch.get(), nullptr);
-  } else {
-    moe::cuda::attention_forward(d_out.get(), d_probs.get(), d_qkv.get(), s.B, s.T, s.NH, s.NKV,
-                                 s.HD, s.HDv, nullptr);
-    moe::cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_probs.get(), s.B,
-                                  s.T, s.NH, s.NKV, s.HD, s.HDv, d_scratch.get(), nullptr);
-  }
+  moe::cuda::attention_forward(d_out.get(), d_lse.get(), d_qkv.get(), s.B, s.T, s.NH, s.NKV, s.HD,
+                               s.HDv, d_scratch.get(), nullptr);
+  moe::cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_lse.get(), s.B, s.T,
+                                s.NH, s.NKV, s.HD, s.HDv, d_scratch.get(), nullptr);
   moe::cuda::device_synchronize();
-  return {d_out.host(), d_probs.host(), d_dqkv.host()};
+  return {d_out.host(), d_lse.host(), d_dqkv.host()};
 }
 
 class CudaAttention : public ::testing::TestWithParam<Shape> {};
@@ -86,32 +85,25 @@ TEST_P(CudaAttention, MatchesCpuForwardAndBackward) {
 
   Results cpu;
   cpu.out.resize(dout.size());
-  cpu.probs.resize(static_cast<size_t>(s.B * s.NH * s.T * s.T));
+  cpu.lse.resize(static_cast<size_t>(s.B * s.NH * s.T));
   cpu.dqkv.resize(qkv.size());
-  std::vector<float> scratch(cpu.probs.size());
-  moe::cpu::attention_forward<float>(cpu.out.data(), cpu.probs.data(), qkv.data(), s.B, s.T, s.NH,
-                                     s.NKV, s.HD, s.HDv);
-  moe::cpu::attention_backward<float>(cpu.dqkv.data(), dout.data(), qkv.data(), cpu.probs.data(),
+  std::vector<float> scratch(static_cast<size_t>(
+      moe::cpu::attention_scratch_elems(s.B, s.T, s.NH, s.NKV, s.HD, s.HDv)));
+  moe::cpu::attention_forward<float>(cpu.out.data(), cpu.lse.data(), qkv.data(), s.B, s.T, s.NH,
+                                     s.NKV, s.HD, s.HDv, scratch.data());
+  moe::cpu::attention_backward<float>(cpu.dqkv.data(), dout.data(), qkv.data(), cpu.lse.data(),
                                       s.B, s.T, s.NH, s.NKV, s.HD, s.HDv, scratch.data());
-  ASSERT_TRUE(any_nonzero(cpu.out) && any_nonzero(cpu.dqkv));
+  ASSERT_TRUE(any_nonzero(cpu.out) && any_nonzero(cpu.lse) && any_nonzero(cpu.dqkv));
 
-  const Results gpu = run_gpu(s, qkv, dout, /*split_hd=*/false);
+  const Results gpu = run_gpu(s, qkv, dout);
   EXPECT_TRUE(all_close(gpu.out, cpu.out, kFwdAtol, kFwdRtol)) << "out";
-  EXPECT_TRUE(all_close(gpu.probs, cpu.probs, kFwdAtol, kFwdRtol)) << "probs";
+  EXPECT_TRUE(all_close(gpu.lse, cpu.lse, kFwdAtol, kFwdRtol)) << "lse";
   EXPECT_TRUE(all_close(gpu.dqkv, cpu.dqkv, kBwdAtol, kBwdRtol)) << "dqkv";
 
-  // The masked future is exactly zero.
-  for (int64_t bh = 0; bh < s.B * s.NH; ++bh)
-    for (int64_t i = 0; i < s.T; ++i)
-      for (int64_t j = i + 1; j < s.T; ++j)
-        ASSERT_EQ(gpu.probs[static_cast<size_t>((bh * s.T + i) * s.T + j)], 0.0f)
-            << bh << " " << i << " " << j;
-
-  // Deterministic: a second run is bitwise the same; with HDv = HD the HD-only entry points
-  // are the same functions.
-  const Results again = run_gpu(s, qkv, dout, /*split_hd=*/s.HD == s.HDv);
+  // Deterministic: a second run is bitwise the same.
+  const Results again = run_gpu(s, qkv, dout);
   EXPECT_EQ(again.out, gpu.out);
-  EXPECT_EQ(again.probs, gpu.probs);
+  EXPECT_EQ(again.lse, gpu.lse);
   EXPECT_EQ(again.dqkv, gpu.dqkv);
 }
 
@@ -136,10 +128,10 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(CudaAttentionEmpty, ZeroTokensIsANoOp) {
   SKIP_WITHOUT_GPU();
   DeviceVec<float> sentinel(std::vector<float>(4, kSentinel));
-  moe::cuda::attention_forward(sentinel.get(), sentinel.get(), sentinel.get(), 0, 0, 4, 4, 32,
-                               nullptr);
+  moe::cuda::attention_forward(sentinel.get(), sentinel.get(), sentinel.get(), 0, 0, 4, 4, 32, 32,
+                               sentinel.get(), nullptr);
   moe::cuda::attention_backward(sentinel.get(), sentinel.get(), sentinel.get(), sentinel.get(), 0,
-                                0, 4, 4, 32, sentinel.get(), nullptr);
+                                0, 4, 4, 32, 32, sentinel.get(), nullptr);
   moe::cuda::device_synchronize();
   EXPECT_EQ(sentinel.host(), std::vector<float>(4, kSentinel));
 }

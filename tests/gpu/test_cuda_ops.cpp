@@ -18,7 +18,7 @@
 //   rope, swiglu fwd                     1e-6   1e-5   device sin/cos/exp, FMA
 //   swiglu bwd                           1e-5   1e-5   cancellation near g = -1.28
 //   cross-entropy loss / probs           1e-5 / 1e-7   1e-5   double sums reordered
-//   attention out, probs / dqkv          2e-5 / 1e-4   1e-4 / 1e-3   reordered, dS cancels
+//   attention out, lse / dqkv            2e-5 / 1e-4   1e-4 / 1e-3   reordered, dS cancels
 //   router scores / bwd / combine dw     1e-6   1e-5   device expf, double dots reordered
 //   aux loss, dscores                    1e-7   1e-5   double sums reordered
 //   combine forward                      1e-7   1e-6   the host may fuse, the device not
@@ -40,6 +40,7 @@
 #include "gpu_test_util.h"
 #include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
+#include "model/kernels/cuda/attention_plan.h"
 #include "model/kernels/cuda/cuda_backend.h"
 #include "model/kernels/cuda/cuda_ops.h"
 #include "model/ops.h"
@@ -192,8 +193,9 @@ TEST_F(CudaOps, UploadSourceIsReusableAtOnce) {
 TEST_F(CudaOps, AllocatesNothingAfterCreate) {
   const int64_t B = 2, T = 64, N = B * T, C = 256, E = 64, K = 6, NH = 4, HD = 16;
   DeviceVec<float> x(N * C), w(C * C), y(N * C), dw(C), rstd(N), logits(N * E), scores(N * E),
-      gw(N * K), qkv(N * 3 * NH * HD), att(N * NH * HD), probs(B * NH * T * T),
-      dqkv(N * 3 * NH * HD), ascratch(B * NH * T * T), losses(N);
+      gw(N * K), qkv(N * 3 * NH * HD), att(N * NH * HD), lse(B * NH * T),
+      dqkv(N * 3 * NH * HD), ascratch(moe::cuda::attention_scratch_floats({B, T, NH, NH, HD, HD})),
+      losses(N);
   DeviceVec<float> bias(E);
   DeviceVec<int32_t> ids(N * K), row_of(N * K), token_of(N * K), targets(N);
   std::vector<int64_t> counts(E), offsets(E + 1);
@@ -203,8 +205,8 @@ TEST_F(CudaOps, AllocatesNothingAfterCreate) {
     gpu().matmul_backward_weight(w.get(), y.get(), x.get(), N, C, C);
     gpu().rmsnorm_forward(y.get(), rstd.get(), x.get(), dw.get(), N, C, 1e-6f);
     gpu().rmsnorm_backward_weight(dw.get(), y.get(), x.get(), rstd.get(), N, C);
-    gpu().attention_forward(att.get(), probs.get(), qkv.get(), B, T, NH, NH, HD, HD);
-    gpu().attention_backward(dqkv.get(), att.get(), qkv.get(), probs.get(), B, T, NH, NH, HD, HD,
+    gpu().attention_forward(att.get(), lse.get(), qkv.get(), B, T, NH, NH, HD, HD, ascratch.get());
+    gpu().attention_backward(dqkv.get(), att.get(), qkv.get(), lse.get(), B, T, NH, NH, HD, HD,
                              ascratch.get());
     gpu().router_forward(scores.get(), ids.get(), gw.get(), logits.get(), bias.get(), N, E, K,
                          ScoreFn::kSigmoid, 1.0, 1, 1);
@@ -505,22 +507,26 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
   for (const Shape sh : {Shape{2, 37, 4, 2, 16, 16}, Shape{1, 70, 2, 2, 24, 16}}) {
     SCOPED_TRACE(::testing::Message() << "T " << sh.T << " HD " << sh.HD << " HDv " << sh.HDv);
     const int64_t N = sh.B * sh.T, W = (sh.NH + sh.NKV) * sh.HD + sh.NKV * sh.HDv;
-    const int64_t np = sh.B * sh.NH * sh.T * sh.T;
+    const int64_t nl = sh.B * sh.NH * sh.T;
+    const int64_t ns_cpu =
+        moe::cpu::attention_scratch_elems(sh.B, sh.T, sh.NH, sh.NKV, sh.HD, sh.HDv);
+    const int64_t ns_gpu =
+        moe::cuda::attention_scratch_floats({sh.B, sh.T, sh.NH, sh.NKV, sh.HD, sh.HDv});
     const auto qkv = normal_floats(N * W, 50), dout = normal_floats(N * sh.NH * sh.HDv, 51);
-    std::vector<float> out(N * sh.NH * sh.HDv), probs(np), dqkv(N * W), scratch(np);
-    DeviceVec<float> d_qkv(qkv), d_dout(dout), d_out(out.size()), d_probs(np), d_dqkv(N * W),
-        d_scratch(np);
+    std::vector<float> out(N * sh.NH * sh.HDv), lse(nl), dqkv(N * W), scratch(ns_cpu);
+    DeviceVec<float> d_qkv(qkv), d_dout(dout), d_out(out.size()), d_lse(nl), d_dqkv(N * W),
+        d_scratch(ns_gpu);
     ready();
-    cpu().attention_forward(out.data(), probs.data(), qkv.data(), sh.B, sh.T, sh.NH, sh.NKV,
-                            sh.HD, sh.HDv);
-    cpu().attention_backward(dqkv.data(), dout.data(), qkv.data(), probs.data(), sh.B, sh.T,
-                             sh.NH, sh.NKV, sh.HD, sh.HDv, scratch.data());
-    gpu().attention_forward(d_out.get(), d_probs.get(), d_qkv.get(), sh.B, sh.T, sh.NH, sh.NKV,
-                            sh.HD, sh.HDv);
-    gpu().attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_probs.get(), sh.B, sh.T,
+    cpu().attention_forward(out.data(), lse.data(), qkv.data(), sh.B, sh.T, sh.NH, sh.NKV, sh.HD,
+                            sh.HDv, scratch.data());
+    cpu().attention_backward(dqkv.data(), dout.data(), qkv.data(), lse.data(), sh.B, sh.T, sh.NH,
+                             sh.NKV, sh.HD, sh.HDv, scratch.data());
+    gpu().attention_forward(d_out.get(), d_lse.get(), d_qkv.get(), sh.B, sh.T, sh.NH, sh.NKV,
+                            sh.HD, sh.HDv, d_scratch.get());
+    gpu().attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_lse.get(), sh.B, sh.T,
                              sh.NH, sh.NKV, sh.HD, sh.HDv, d_scratch.get());
     EXPECT_TRUE(all_close(fetch(d_out), out, 2e-5, 1e-4));
-    EXPECT_TRUE(all_close(fetch(d_probs), probs, 2e-5, 1e-4));
+    EXPECT_TRUE(all_close(fetch(d_lse), lse, 2e-5, 1e-4));
     ASSERT_TRUE(any_nonzero(dqkv));
     EXPECT_TRUE(all_close(fetch(d_dqkv), dqkv, 1e-4, 1e-3));
   }

@@ -1,25 +1,29 @@
-// Causal self-attention core over a fused qkv, with grouped-query heads (GQA) and a value head
-// width HDv that may differ from the query / key width HD (MLA: HD = qk_nope + qk_rope).
+// Causal self-attention core, fused: the (T, T) probabilities are never kept. The forward saves
+// one log-sum-exp per query row; the backward recomputes the probabilities from it.
 //
 // Shapes: qkv / dqkv (B, T, W) with W = (NH + NKV) HD + NKV HDv, each token row holding the
 // NH query heads and NKV key heads (HD wide), then NKV value heads (HDv wide);
-// out / dout (B, T, NH HDv); probs (B, NH, T, T) with the upper triangle zero;
-// scratch (B, NH, T, T). Query head h reads kv head g = h / (NH / NKV); scale = 1 / sqrt(HD).
-// With HDv = HD every operation is the one the HD-only entry points always did (same GEMMs,
-// same order), so their results are unchanged bit for bit.
-// Accumulation: everything is ASSIGNED (dqkv included).
+// out / dout (B, T, NH HDv); lse (B, NH, T). Query head h reads kv head g = h / (NH / NKV);
+// scale = 1 / sqrt(HD). Accumulation: everything is ASSIGNED (dqkv included).
 //
-// Work is split into (b, head, row block) units of kBlock rows. A query block [r0, r1) only
-// needs keys [0, r1), so the GEMMs do (1 + kBlock / T) / 2 of the full T x T work (9/16 at
-// T = 256) instead of all of it. Each unit calls BLAS from inside our parallel region, where
-// OpenBLAS runs single-threaded. kBlock = 32 measured best at HD = 32 and within ~10% of
-// larger blocks at HD = 128.
-// Determinism: every output element is written by exactly one unit and reduced in a fixed
-// order, so the results are bitwise identical for any thread count or schedule. With GQA the
-// dK / dV of a kv head sum over its query heads: those units own (b, kv head, column block)
-// and add the query heads in order (first with beta = 0, then beta = 1).
+// Work is split into (b, query head) units; each walks its query rows in blocks of kBlock.
+// A block [r0, r1) only needs keys [0, r1), so the GEMMs do (1 + kBlock / T) / 2 of the full
+// T x T work. The block's scores live in a (kBlock, T) strip of the unit's scratch, never in a
+// (T, T) matrix: memory is O(T) per head instead of O(T^2) (8 GiB per sequence at the 671B
+// shape, T = 4096 with 128 heads, for the saved probabilities alone).
+//   forward   S = scale Q K^T; softmax in place (lse saved); O = P V.
+//   backward  S again, P = exp(S - lse); dP = dO V^T; dS = P (dP - rowsum(dP P)) scale;
+//             dQ = dS K (assigned per block); dK += dS^T Q; dV += P^T dO.
+// The block covers every key of its rows, so rowsum(dP P) needs no saved output O.
+// Each unit calls BLAS from inside our parallel region, where OpenBLAS runs single-threaded.
+// Determinism: a unit owns its outputs and sums them in a fixed order (row blocks ascending),
+// so results are bitwise identical for any thread count or schedule. With GQA the dK / dV of a
+// kv head sum over its query heads: each unit accumulates its own copy in scratch, then the
+// group's copies are added in head order. The forward's output is the one the unfused kernel
+// computed (same GEMMs, same softmax), bit for bit.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "model/check.h"
 #include "model/kernels/cpu/dense_ops.h"
@@ -29,6 +33,8 @@ namespace moe::cpu {
 
 namespace {
 
+// Rows per block. 32 measured best for the unfused kernel at HD = 32 and within ~10% of larger
+// blocks at HD = 128; the backward's dK / dV updates are rank-kBlock.
 constexpr int64_t kBlock = 32;
 
 void attention_check(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv) {
@@ -38,9 +44,12 @@ void attention_check(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
         static_cast<long long>(HD), static_cast<long long>(HDv));
 }
 
-// row[0, n) <- softmax(row[0, n)); row[n, end) <- 0 (the masked future).
+// The strips of unit u: its forward / backward scores and its backward dS, each (kBlock, T).
+int64_t strip_elems(int64_t T_) { return kBlock * T_; }
+
+// row[0, n) <- softmax(row[0, n)); row[n, end) <- 0 (the masked future); returns the lse.
 template <typename T>
-[[gnu::always_inline]] inline void softmax_causal_row(T* row, int64_t n, int64_t end) {
+[[gnu::always_inline]] inline T softmax_causal_row(T* row, int64_t n, int64_t end) {
   T m = row[0];
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = softmax_max(m, row[j]);
@@ -55,19 +64,30 @@ template <typename T>
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= inv;
   for (int64_t j = n; j < end; ++j) row[j] = T(0);
+  return softmax_lse(m, sum);
 }
 
-// Rows [r0, r1) of one head's (T, T) score matrix; float gets SIMD clones (exp dominates).
+// Strip rows [0, r1 - r0) hold query rows [r0, r1) (row stride T_); float gets SIMD clones.
 template <typename T>
-[[gnu::always_inline]] inline void softmax_causal_rows_impl(T* p, int64_t r0, int64_t r1,
+[[gnu::always_inline]] inline void softmax_causal_rows_impl(T* s, T* lse, int64_t r0, int64_t r1,
                                                             int64_t T_) {
-  for (int64_t i = r0; i < r1; ++i) softmax_causal_row(p + i * T_, causal_keys(i), T_);
+  for (int64_t i = r0; i < r1; ++i)
+    lse[i] = softmax_causal_row(s + (i - r0) * T_, causal_keys(i), r1);
 }
-MOE_SIMD_CLONES void softmax_causal_rows(float* p, int64_t r0, int64_t r1, int64_t T_) {
-  softmax_causal_rows_impl(p, r0, r1, T_);
+MOE_SIMD_CLONES void softmax_causal_rows(float* s, float* lse, int64_t r0, int64_t r1,
+                                         int64_t T_) {
+  softmax_causal_rows_impl(s, lse, r0, r1, T_);
 }
-void softmax_causal_rows(double* p, int64_t r0, int64_t r1, int64_t T_) {
-  softmax_causal_rows_impl(p, r0, r1, T_);
+void softmax_causal_rows(double* s, double* lse, int64_t r0, int64_t r1, int64_t T_) {
+  softmax_causal_rows_impl(s, lse, r0, r1, T_);
+}
+
+// row[0, n) <- exp(row - lse); row[n, end) <- 0.
+template <typename T>
+[[gnu::always_inline]] inline void softmax_recompute_row(T* row, T lse, int64_t n, int64_t end) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = softmax_prob(row[j], lse);
+  for (int64_t j = n; j < end; ++j) row[j] = T(0);
 }
 
 // dS = P * (dP - rowsum(dP * P)) * scale on row[0, n), in place over dP; row[n, end) <- 0.
@@ -82,136 +102,155 @@ template <typename T>
   for (int64_t j = n; j < end; ++j) row[j] = T(0);
 }
 
-// Rows [r0, r1) of one head's dP / P, zeroed up to the end of the block (r1).
+// Query rows [r0, r1) in strips of stride T_: P from the scores and lse, then dS over dP.
 template <typename T>
-[[gnu::always_inline]] inline void softmax_backward_rows_impl(T* ds, const T* p, int64_t r0,
-                                                              int64_t r1, int64_t T_, T scale) {
-  for (int64_t i = r0; i < r1; ++i)
-    softmax_backward_row(ds + i * T_, p + i * T_, causal_keys(i), r1, scale);
+[[gnu::always_inline]] inline void softmax_backward_rows_impl(T* p, T* ds, const T* lse,
+                                                              int64_t r0, int64_t r1, int64_t T_,
+                                                              T scale) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* pr = p + (i - r0) * T_;
+    softmax_recompute_row(pr, lse[i], causal_keys(i), r1);
+    softmax_backward_row(ds + (i - r0) * T_, pr, causal_keys(i), r1, scale);
+  }
 }
-MOE_SIMD_CLONES void softmax_backward_rows(float* ds, const float* p, int64_t r0, int64_t r1,
-                                           int64_t T_, float scale) {
-  softmax_backward_rows_impl(ds, p, r0, r1, T_, scale);
+MOE_SIMD_CLONES void softmax_backward_rows(float* p, float* ds, const float* lse, int64_t r0,
+                                           int64_t r1, int64_t T_, float scale) {
+  softmax_backward_rows_impl(p, ds, lse, r0, r1, T_, scale);
 }
-void softmax_backward_rows(double* ds, const double* p, int64_t r0, int64_t r1, int64_t T_,
-                           double scale) {
-  softmax_backward_rows_impl(ds, p, r0, r1, T_, scale);
+void softmax_backward_rows(double* p, double* ds, const double* lse, int64_t r0, int64_t r1,
+                           int64_t T_, double scale) {
+  softmax_backward_rows_impl(p, ds, lse, r0, r1, T_, scale);
+}
+
+// rows x cols of a matrix with row stride ld <- 0.
+template <typename T>
+void zero_rows(T* a, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memset(a + r * ld, 0, sizeof(T) * static_cast<size_t>(cols));
 }
 
 }  // namespace
 
+int64_t attention_scratch_elems(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
+                                int64_t HDv) {
+  attention_check(B, T_, NH, NKV, HD, HDv);
+  const int64_t strips = B * NH * 2 * strip_elems(T_);
+  const int64_t gqa = NH > NKV ? B * NH * T_ * (HD + HDv) : 0;
+  return strips + gqa;
+}
+
 template <typename T>
-void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HD, int64_t HDv) {
+void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HD, int64_t HDv, T* scratch) {
   attention_check(B, T_, NH, NKV, HD, HDv);
   const int64_t W = (NH + NKV) * HD + NKV * HDv;
   const int64_t OW = NH * HDv;
   const int64_t group = NH / NKV;
-  const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
   const T scale = attention_scale<T>(HD);
-  // Later row blocks cost more (keys [0, r1)), so hand units out dynamically.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t u = 0; u < B * NH * nblocks; ++u) {
-    const int64_t bh = u / nblocks;
+  for (int64_t bh = 0; bh < B * NH; ++bh) {
     const int64_t b = bh / NH;
     const int64_t h = bh % NH;
     const int64_t g = h / group;
-    const int64_t r0 = (u % nblocks) * kBlock;
-    const int64_t r1 = r0 + kBlock < T_ ? r0 + kBlock : T_;
     const T* base = qkv + b * T_ * W;
     const T* q = base + h * HD;
     const T* k = base + (NH + g) * HD;
     const T* v = base + (NH + NKV) * HD + g * HDv;
-    T* p = probs + bh * T_ * T_;
-    // S[r0:r1, 0:r1] = scale Q[r0:r1] K[0:r1]^T, softmax in place, then O = P V.
-    gemm<T>(false, true, r1 - r0, r1, HD, scale, q + r0 * W, W, k, W, T(0), p + r0 * T_, T_);
-    softmax_causal_rows(p, r0, r1, T_);
-    gemm<T>(false, false, r1 - r0, HDv, r1, T(1), p + r0 * T_, T_, v, W, T(0),
-            out + b * T_ * OW + r0 * OW + h * HDv, OW);
-  }
-}
-
-template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B, int64_t T_,
-                        int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* scratch) {
-  attention_check(B, T_, NH, NKV, HD, HDv);
-  const int64_t W = (NH + NKV) * HD + NKV * HDv;
-  const int64_t OW = NH * HDv;
-  const int64_t group = NH / NKV;
-  const int64_t nblocks = (T_ + kBlock - 1) / kBlock;
-  const T scale = attention_scale<T>(HD);
-
-  // Pass 1, per (b, h, row block): dP = dO V^T, dS (into scratch), dQ = dS K.
-  // NOTE: dS is zeroed above the diagonal only up to the end of its row block; pass 2 reads
-  // no further right than that.
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t u = 0; u < B * NH * nblocks; ++u) {
-    const int64_t bh = u / nblocks;
-    const int64_t b = bh / NH;
-    const int64_t h = bh % NH;
-    const int64_t g = h / group;
-    const int64_t r0 = (u % nblocks) * kBlock;
-    const int64_t r1 = r0 + kBlock < T_ ? r0 + kBlock : T_;
-    const T* base = qkv + b * T_ * W;
-    const T* k = base + (NH + g) * HD;
-    const T* v = base + (NH + NKV) * HD + g * HDv;
-    const T* p = probs + bh * T_ * T_;
-    T* ds = scratch + bh * T_ * T_;
-    gemm<T>(false, true, r1 - r0, r1, HDv, T(1), dout + b * T_ * OW + r0 * OW + h * HDv, OW, v, W,
-            T(0), ds + r0 * T_, T_);
-    softmax_backward_rows(ds, p, r0, r1, T_, scale);
-    gemm<T>(false, false, r1 - r0, HD, r1, T(1), ds + r0 * T_, T_, k, W, T(0),
-            dqkv + b * T_ * W + r0 * W + h * HD, W);
-  }
-
-  // Pass 2, per (b, kv head g, column block [c0, c1)): keys c0.. are seen by queries c0..T,
-  //   dK[c0:c1] = sum_h dS_h[c0:T, c0:c1]^T Q_h[c0:T]
-  //   dV[c0:c1] = sum_h  P_h[c0:T, c0:c1]^T dO_h[c0:T]
-  // over the group's query heads h in increasing order.
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t u = 0; u < B * NKV * nblocks; ++u) {
-    const int64_t bg = u / nblocks;
-    const int64_t b = bg / NKV;
-    const int64_t g = bg % NKV;
-    const int64_t c0 = (u % nblocks) * kBlock;
-    const int64_t c1 = c0 + kBlock < T_ ? c0 + kBlock : T_;
-    T* dk = dqkv + b * T_ * W + c0 * W + (NH + g) * HD;
-    T* dv = dqkv + b * T_ * W + c0 * W + (NH + NKV) * HD + g * HDv;
-    for (int64_t hh = 0; hh < group; ++hh) {
-      const int64_t h = g * group + hh;
-      const int64_t bh = b * NH + h;
-      const T beta = hh == 0 ? T(0) : T(1);
-      const T* ds = scratch + bh * T_ * T_ + c0 * T_ + c0;
-      const T* p = probs + bh * T_ * T_ + c0 * T_ + c0;
-      const T* q = qkv + b * T_ * W + c0 * W + h * HD;
-      const T* dO = dout + b * T_ * OW + c0 * OW + h * HDv;
-      gemm<T>(true, false, c1 - c0, HD, T_ - c0, T(1), ds, T_, q, W, beta, dk, W);
-      gemm<T>(true, false, c1 - c0, HDv, T_ - c0, T(1), p, T_, dO, OW, beta, dv, W);
+    T* s = scratch + bh * 2 * strip_elems(T_);
+    T* l = lse + bh * T_;
+    for (int64_t r0 = 0; r0 < T_; r0 += kBlock) {
+      const int64_t r1 = r0 + kBlock < T_ ? r0 + kBlock : T_;
+      // S[r0:r1, 0:r1] = scale Q[r0:r1] K[0:r1]^T, softmax in place, then O = P V.
+      gemm<T>(false, true, r1 - r0, r1, HD, scale, q + r0 * W, W, k, W, T(0), s, T_);
+      softmax_causal_rows(s, l, r0, r1, T_);
+      gemm<T>(false, false, r1 - r0, HDv, r1, T(1), s, T_, v, W, T(0),
+              out + b * T_ * OW + r0 * OW + h * HDv, OW);
     }
   }
 }
 
 template <typename T>
-void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HD) {
-  attention_forward<T>(out, probs, qkv, B, T_, NH, NKV, HD, HD);
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* lse, int64_t B, int64_t T_,
+                        int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* scratch) {
+  attention_check(B, T_, NH, NKV, HD, HDv);
+  const int64_t W = (NH + NKV) * HD + NKV * HDv;
+  const int64_t OW = NH * HDv;
+  const int64_t group = NH / NKV;
+  const T scale = attention_scale<T>(HD);
+  // With GQA each query head's dK / dV (T, HD + HDv) go to scratch after the strips.
+  T* partial = scratch + B * NH * 2 * strip_elems(T_);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < B * NH; ++bh) {
+    const int64_t b = bh / NH;
+    const int64_t h = bh % NH;
+    const int64_t g = h / group;
+    const T* base = qkv + b * T_ * W;
+    const T* q = base + h * HD;
+    const T* k = base + (NH + g) * HD;
+    const T* v = base + (NH + NKV) * HD + g * HDv;
+    const T* dO = dout + b * T_ * OW + h * HDv;
+    const T* l = lse + bh * T_;
+    T* p = scratch + bh * 2 * strip_elems(T_);
+    T* ds = p + strip_elems(T_);
+    T* dq = dqkv + b * T_ * W + h * HD;
+    T *dk, *dv;
+    int64_t ldk, ldv;
+    if (group == 1) {  // the unit owns kv head g: straight into dqkv
+      dk = dqkv + b * T_ * W + (NH + g) * HD;
+      dv = dqkv + b * T_ * W + (NH + NKV) * HD + g * HDv;
+      ldk = ldv = W;
+    } else {
+      dk = partial + bh * T_ * (HD + HDv);
+      dv = dk + T_ * HD;
+      ldk = HD;
+      ldv = HDv;
+    }
+    zero_rows(dk, T_, HD, ldk);
+    zero_rows(dv, T_, HDv, ldv);
+    for (int64_t r0 = 0; r0 < T_; r0 += kBlock) {
+      const int64_t r1 = r0 + kBlock < T_ ? r0 + kBlock : T_;
+      const int64_t nr = r1 - r0;
+      gemm<T>(false, true, nr, r1, HD, scale, q + r0 * W, W, k, W, T(0), p, T_);
+      gemm<T>(false, true, nr, r1, HDv, T(1), dO + r0 * OW, OW, v, W, T(0), ds, T_);
+      softmax_backward_rows(p, ds, l, r0, r1, T_, scale);
+      gemm<T>(false, false, nr, HD, r1, T(1), ds, T_, k, W, T(0), dq + r0 * W, W);
+      gemm<T>(true, false, r1, HD, nr, T(1), ds, T_, q + r0 * W, W, T(1), dk, ldk);
+      gemm<T>(true, false, r1, HDv, nr, T(1), p, T_, dO + r0 * OW, OW, T(1), dv, ldv);
+    }
+  }
+  if (group == 1) return;
+
+  // The group's query heads' dK / dV, added in head order per token row.
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < B * T_; ++bt) {
+    const int64_t b = bt / T_;
+    const int64_t t = bt % T_;
+    T* row = dqkv + bt * W;
+    for (int64_t g = 0; g < NKV; ++g) {
+      T* dk = row + (NH + g) * HD;
+      T* dv = row + (NH + NKV) * HD + g * HDv;
+      for (int64_t hh = 0; hh < group; ++hh) {
+        const T* unit = partial + (b * NH + g * group + hh) * T_ * (HD + HDv);
+        const T* pk = unit + t * HD;
+        const T* pv = unit + T_ * HD + t * HDv;
+        if (hh == 0) {
+          for (int64_t d = 0; d < HD; ++d) dk[d] = pk[d];
+          for (int64_t d = 0; d < HDv; ++d) dv[d] = pv[d];
+        } else {
+          for (int64_t d = 0; d < HD; ++d) dk[d] += pk[d];
+          for (int64_t d = 0; d < HDv; ++d) dv[d] += pv[d];
+        }
+      }
+    }
+  }
 }
 
-template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B, int64_t T_,
-                        int64_t NH, int64_t NKV, int64_t HD, T* scratch) {
-  attention_backward<T>(dqkv, dout, qkv, probs, B, T_, NH, NKV, HD, HD, scratch);
-}
-
-#define MOE_INSTANTIATE(T)                                                                         \
-  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,         \
-                                     int64_t);                                                     \
-  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,         \
-                                     int64_t, int64_t);                                            \
-  template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                      int64_t, int64_t, T*);                                       \
-  template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                      int64_t, int64_t, int64_t, T*);
+#define MOE_INSTANTIATE(T)                                                                     \
+  template void attention_forward<T>(T*, T*, const T*, int64_t, int64_t, int64_t, int64_t,     \
+                                     int64_t, int64_t, T*);                                    \
+  template void attention_backward<T>(T*, const T*, const T*, const T*, int64_t, int64_t,      \
+                                      int64_t, int64_t, int64_t, int64_t, T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

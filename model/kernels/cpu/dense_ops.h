@@ -114,27 +114,27 @@ template <typename T>
 void rope_backward(T* dx, const T* cos_t, const T* sin_t, int64_t B, int64_t T_, int64_t H,
                    int64_t HD, int64_t stride);
 
-// Causal self-attention over a fused qkv (B, T, (NH + 2 NKV) * HD): per token the NH query
-// heads, then NKV key heads, then NKV value heads, each HD wide. Query head h reads kv head
-// h / (NH / NKV). scale = 1 / sqrt(HD).
-//   out   (B, T, NH * HD)
-//   probs (B, NH, T, T) softmax probabilities, saved for backward (upper triangle zero)
+// Causal self-attention, fused (flash-style): the (T, T) probabilities are never kept.
+//   qkv / dqkv (B, T, W), W = (NH + NKV) HD + NKV HDv: per token the NH query heads and NKV
+//     key heads (HD wide), then the NKV value heads (HDv wide). Query head h reads kv head
+//     h / (NH / NKV); scale = 1 / sqrt(HD). Standard attention / GQA: HDv = HD. MLA: NKV = NH,
+//     HD = qk_nope + qk_rope, HDv = v_head_dim.
+//   out / dout (B, T, NH HDv);
+//   lse (B, NH, T): per query row the log-sum-exp of its scaled causal scores
+//     (model/softmax_math.h softmax_lse), the only statistic the backward needs: it recomputes
+//     P = exp(S - lse) from qkv.
+//   scratch: attention_scratch_elems(...) elements; contents undefined after either call.
+// dqkv is ASSIGNED. Results are bitwise independent of the thread count.
 template <typename T>
-void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HD);
-// dqkv (B, T, (NH + 2 NKV) * HD), assigned. scratch: B * NH * T * T elements.
+void attention_forward(T* out, T* lse, const T* qkv, int64_t B, int64_t T_, int64_t NH,
+                       int64_t NKV, int64_t HD, int64_t HDv, T* scratch);
 template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
-                        int64_t T_, int64_t NH, int64_t NKV, int64_t HD, T* scratch);
-// The same with value heads HDv wide (MLA: v_head_dim next to qk_nope + qk_rope): qkv / dqkv
-// (B, T, (NH + NKV) * HD + NKV * HDv), the value heads last; out / dout (B, T, NH * HDv);
-// scale = 1 / sqrt(HD). With HDv = HD these are the functions above, bit for bit.
-template <typename T>
-void attention_forward(T* out, T* probs, const T* qkv, int64_t B, int64_t T_, int64_t NH,
-                       int64_t NKV, int64_t HD, int64_t HDv);
-template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* probs, int64_t B,
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* lse, int64_t B,
                         int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, T* scratch);
+// The scratch both need: per (b, head) two (kAttnBlock, T) score strips, and with GQA
+// (NH > NKV) each query head's own dK / dV (T, HD + HDv) before the group's fixed-order sum.
+int64_t attention_scratch_elems(int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
+                                int64_t HDv);
 
 // SwiGLU on a fused gate/up projection gu (N, 2F), each row [gate(F) | up(F)]:
 // out(N, F) = silu(gate) * up.

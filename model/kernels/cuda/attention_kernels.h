@@ -6,10 +6,11 @@
 //     heads (HD wide), then the NKV value heads (HDv wide); query head h reads kv head
 //     h / (NH / NKV); scale = 1 / sqrt(HD) (model/softmax_math.h);
 //   out / dout (B, T, NH HDv);
-//   probs (B, NH, T, T) the causal softmax, saved for backward, the upper triangle zero;
-//   scratch (B, NH, T, T) for dS.
-// Standard attention / GQA: HDv = HD (the overloads without HDv). MLA (model/mla_block.cpp):
-// NKV = NH, HD = qk_nope + qk_rope, HDv = v_head_dim.
+//   lse (B, NH, T): per query row the log-sum-exp of its scaled causal scores (softmax_lse),
+//     saved for backward instead of the (T, T) probabilities (fused, flash-style);
+//   scratch: attention_scratch_floats(shape) floats (model/kernels/cuda/attention_plan.h).
+// Standard attention / GQA: HDv = HD. MLA (model/mla_block.cpp): NKV = NH,
+// HD = qk_nope + qk_rope, HDv = v_head_dim.
 // Accumulation: everything is ASSIGNED (dqkv included).
 // Determinism: every output element is written by one thread and summed in a fixed order
 // (no atomics), so results are bitwise reproducible run to run on one device.
@@ -23,17 +24,13 @@
 
 namespace moe::cuda {
 
-void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T_,
-                       int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, Stream stream);
-void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T_,
-                       int64_t NH, int64_t NKV, int64_t HD, Stream stream);
+void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T_,
+                       int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, float* scratch,
+                       Stream stream);
 
-// dqkv assigned; scratch: B NH T T floats (dS).
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+// dqkv assigned.
+void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* lse,
                         int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
-                        float* scratch, Stream stream);
-void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
-                        int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
                         float* scratch, Stream stream);
 
 }  // namespace moe::cuda

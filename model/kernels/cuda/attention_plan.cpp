@@ -1,8 +1,6 @@
 // Launch planning of the CUDA attention core; see attention_plan.h.
 #include "model/kernels/cuda/attention_plan.h"
 
-#include <algorithm>
-
 #include "model/check.h"
 
 namespace moe::cuda {
@@ -60,21 +58,21 @@ std::string AttentionPlan::describe() const {
          one("backward_cols", backward_cols);
 }
 
+int64_t attention_scratch_floats(const AttentionShape& s) {
+  s.check_validity();
+  return s.B * s.NH * s.T;
+}
+
 AttentionPlan attention_plan(const AttentionShape& s, int64_t smem_limit_bytes) {
   s.check_validity();
   const int64_t tiles = (s.T + kAttnTile - 1) / kAttnTile;
   AttentionPlan p;
-  // Forward: the scores over HD (dots), then P V over HDv (matmul), in one reused buffer.
-  p.forward = attention_dims(
-      tiles, s.NH, s.B,
-      std::max(attention_dots_smem_floats(s.HD), attention_matmul_smem_floats(s.HDv)));
-  // dS / dQ: dP = dO V^T over HDv (dots), then dQ = dS K over HD (matmul).
-  p.backward_rows = attention_dims(
-      tiles, s.NH, s.B,
-      std::max(attention_dots_smem_floats(s.HDv), attention_matmul_smem_floats(s.HD)));
-  // dK then dV through one matmul buffer as wide as the wider of the two.
+  p.forward =
+      attention_dims(tiles, s.NH, s.B, attention_forward_smem_floats(s.HD, s.HDv));
+  p.backward_rows =
+      attention_dims(tiles, s.NH, s.B, attention_backward_rows_smem_floats(s.HD, s.HDv));
   p.backward_cols =
-      attention_dims(tiles, s.NKV, s.B, attention_matmul_smem_floats(std::max(s.HD, s.HDv)));
+      attention_dims(tiles, s.NKV, s.B, attention_backward_cols_smem_floats(s.HD, s.HDv));
   attention_dims_check(p.forward, "forward", s, smem_limit_bytes);
   attention_dims_check(p.backward_rows, "backward_rows", s, smem_limit_bytes);
   attention_dims_check(p.backward_cols, "backward_cols", s, smem_limit_bytes);

@@ -28,16 +28,30 @@ inline constexpr int64_t kSmemDefaultBytes = 48 * 1024;
 inline constexpr int64_t kSmemLimitSm80 = 163 * 1024;
 inline constexpr int64_t kSmemLimitSm90 = 227 * 1024;
 
-// Shared-memory floats of the kernels' two building blocks over a head width D:
-//   dots:   S = A B^T of one tile: the A rows (kAttnTile, D), a chunk of B rows
-//           (kAttnTile, D + 1; the +1 pad makes the lanes' column reads conflict-free);
-//   matmul: O = P M of one tile: the O accumulator (kAttnTile, D), a chunk of M rows
-//           (kAttnTile, D), a chunk of P (kAttnTile, kAttnTile + 1).
-MOE_HD constexpr int64_t attention_dots_smem_floats(int64_t D) {
-  return kAttnTile * D + kAttnTile * (D + 1);
+// Row stride of a staged chunk that lanes read one row each (K, V, Q or dO rows): lane l's
+// element d sits in bank (l (D + 1) + d) mod 32, distinct across a warp when D + 1 is odd
+// (every even head width). The (32, 32) P / dS chunks get it too: a warp that spans two
+// accumulator rows reads two P rows at once, 33 apart, in different banks.
+MOE_HD constexpr int64_t attention_padded(int64_t D) { return D + 1; }
+
+// Shared-memory floats of the three kernels, in the order each carves them (attention.cu):
+//   forward:       Q tile (32, HD), K chunk (32, HD + 1), V chunk (32, HDv), P chunk (32, 33),
+//                  O accumulator (32, HDv), per-row rescale, then row sum (32);
+//   backward_rows: Q tile (32, HD), dO tile (32, HDv), K chunk (32, HD + 1),
+//                  V chunk (32, HDv + 1), dS chunk (32, 33), dQ accumulator (32, HD);
+//   backward_cols: K tile (32, HD), V tile (32, HDv), Q chunk (32, HD + 1),
+//                  dO chunk (32, HDv + 1), P^T and dS^T chunks (32, 33) each,
+//                  dK accumulator (32, HD), dV accumulator (32, HDv).
+MOE_HD constexpr int64_t attention_forward_smem_floats(int64_t HD, int64_t HDv) {
+  return kAttnTile * (HD + attention_padded(HD) + HDv + attention_padded(kAttnTile) + HDv + 1);
 }
-MOE_HD constexpr int64_t attention_matmul_smem_floats(int64_t D) {
-  return 2 * kAttnTile * D + kAttnTile * (kAttnTile + 1);
+MOE_HD constexpr int64_t attention_backward_rows_smem_floats(int64_t HD, int64_t HDv) {
+  return kAttnTile * (HD + HDv + attention_padded(HD) + attention_padded(HDv) +
+                      attention_padded(kAttnTile) + HD);
+}
+MOE_HD constexpr int64_t attention_backward_cols_smem_floats(int64_t HD, int64_t HDv) {
+  return kAttnTile * (HD + HDv + attention_padded(HD) + attention_padded(HDv) +
+                      2 * attention_padded(kAttnTile) + HD + HDv);
 }
 
 // The problem: B sequences of T tokens, NH query heads over NKV kv heads (NKV divides NH),
@@ -50,11 +64,15 @@ struct AttentionShape {
 
 // The kernels' configuration.
 struct AttentionPlan {
-  LaunchDims forward;        // scores, softmax, P V: grid (row tiles, NH, B)
-  LaunchDims backward_rows;  // dP = dO V^T, dS, dQ = dS K: grid (row tiles, NH, B)
+  LaunchDims forward;        // online softmax, O = P V, lse: grid (row tiles, NH, B)
+  LaunchDims backward_rows;  // D = rowsum(P dP), dS, dQ = dS K: grid (row tiles, NH, B)
   LaunchDims backward_cols;  // dK = sum_h dS^T Q, dV = sum_h P^T dO: grid (column tiles, NKV, B)
   std::string describe() const;
 };
+
+// The scratch floats the kernels need for `shape`: the backward's per-row dot
+// D_i = sum_j P_ij dP_ij, (B, NH, T).
+int64_t attention_scratch_floats(const AttentionShape& shape);
 
 // The plan of `shape` on a device allowing `smem_limit_bytes` of dynamic shared memory per
 // block (227 KiB on sm_90, 163 KiB on sm_80). CHECK-fails with the shape and the bytes needed

@@ -230,14 +230,15 @@ class CudaOps final : public Ops<float> {
                      int64_t H, int64_t HD, int64_t stride) override {
     cuda::rope_backward(dx, cos_t, sin_t, B, T_, H, HD, stride, s_);
   }
-  void attention_forward(float* out, float* probs, const float* qkv, int64_t B, int64_t T_,
-                         int64_t NH, int64_t NKV, int64_t HD, int64_t HDv) override {
-    cuda::attention_forward(out, probs, qkv, B, T_, NH, NKV, HD, HDv, s_);
+  void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T_,
+                         int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
+                         float* scratch) override {
+    cuda::attention_forward(out, lse, qkv, B, T_, NH, NKV, HD, HDv, scratch, s_);
   }
-  void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* probs,
+  void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* lse,
                           int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
                           int64_t HDv, float* scratch) override {
-    cuda::attention_backward(dqkv, dout, qkv, probs, B, T_, NH, NKV, HD, HDv, scratch, s_);
+    cuda::attention_backward(dqkv, dout, qkv, lse, B, T_, NH, NKV, HD, HDv, scratch, s_);
   }
   void swiglu_forward(float* out, const float* gu, int64_t N, int64_t F) override {
     cuda::swiglu_forward(out, gu, N, F, s_);
