@@ -94,10 +94,10 @@ void EpExchange::plan_start(int lane, int64_t key, const int64_t* counts,
   Lane& ln = lane_idle(lane, key);
   ln.op = Op::kPlan;
   ln.counts = counts;
-  ln.expert_ids = expert_ids;
+  ln.expert_ids = count_least_ ? expert_ids : nullptr;
   ln.N = N;
   ln.K = K;
-  if (ops_) {  // the routing is the backend's memory; the traffic count reads it here
+  if (ops_ && count_least_) {  // the routing is the backend's memory: read it back to count
     CHECK(static_cast<size_t>(N * K) <= ln.ids_host.size());
     ops_->download(ln.ids_host.data(), expert_ids, static_cast<size_t>(N * K) * sizeof(int32_t));
     ln.expert_ids = ln.ids_host.data();
@@ -128,6 +128,7 @@ void EpExchange::count_traffic(const EpPlan& p, const Lane& ln) {
   traffic_.tokens += ln.N;
   for (int q = 0; q < p.ep; ++q)
     if (q != p.rank) traffic_.rows_remote += p.send_counts[static_cast<size_t>(q)];
+  if (!count_least_) return;
   for (int64_t i = 0; i < ln.N; ++i) {
     const int32_t* ids = ln.expert_ids + i * ln.K;
     for (int64_t k = 0; k < ln.K; ++k) {

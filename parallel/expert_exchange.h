@@ -70,6 +70,10 @@ class EpExchange final : public ExpertExchange {
   // pairs really overlapped their chunks' communication).
   int max_in_flight() const { return max_in_flight_; }
   void reset_traffic() { traffic_ = EpTraffic{}; }
+  // Whether traffic().rows_remote_min is counted (off by default). It needs each token's
+  // routing, which on a device means reading N K expert ids back to the host per MoE layer
+  // and micro-batch: `moetrain bench` turns it on, a training run leaves it off.
+  void count_least_traffic(bool on) { count_least_ = on; }
 
  private:
   enum class Op { kNone, kPlan, kDispatch, kCombine };
@@ -108,6 +112,7 @@ class EpExchange final : public ExpertExchange {
   std::vector<EpPlan> plans_;  // per key
   std::vector<Lane> lanes_;
   EpTraffic traffic_;
+  bool count_least_ = false;
   double blocked_s_ = 0;
   int max_in_flight_ = 0;
 };

@@ -73,7 +73,10 @@ int bench_main(const Config& cfg, const BenchOptions& opt) {
   train_step(s, 0, source);  // warm-up: first touch of every arena page
   // Timed steps, gradient reduction overlapped with backward (the trainer's default).
   s.reducer.wait_s = s.reducer.busy_s = 0;
-  if (s.exchange) s.exchange->reset_traffic();
+  if (s.exchange) {
+    s.exchange->reset_traffic();
+    s.exchange->count_least_traffic(true);
+  }
   const double t0 = now_s();
   // Pipeline: each rank's idle share of its op list (waiting for messages, or for the
   // schedule), the measured bubble; the largest over ranks is the step's.

@@ -16,6 +16,7 @@
 #include <limits>
 #include <memory>
 #include <ostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -572,9 +573,10 @@ TEST_P(ExpertDispatch, DevicePathEqualsHostPath) {
       int64_t R = 0;
       EpTraffic traffic;
     };
-    auto run = [&](bool device) {
+    auto run = [&](bool device, bool count_least) {
       EpExchange ex(*comm_, c.E, 1, capacity_, C, 2, f);
       if (device) ex.set_device(*ops, *comm_, Device::kCpu);
+      ex.count_least_traffic(count_least);
       // What the dry run reports is what the exchange holds.
       EXPECT_EQ(ex.buffer_bytes(), ep_exchange_buffer_bytes(f, capacity_, C, 2, device));
       EXPECT_EQ(ex.buffer_bytes() > 0, capacity_ > 0);
@@ -602,7 +604,7 @@ TEST_P(ExpertDispatch, DevicePathEqualsHostPath) {
       o.traffic = ex.traffic();
       return o;
     };
-    const Out host = run(false), dev = run(true);
+    const Out host = run(false, true), dev = run(true, true), quiet = run(true, false);
     EXPECT_EQ(dev.R, host.R);
     EXPECT_TRUE(same_bits(dev.xg.data(), host.xg.data(), host.R * C));
     EXPECT_TRUE(same_bits(dev.dyg.data(), host.dyg.data(), host.R * C));
@@ -611,6 +613,23 @@ TEST_P(ExpertDispatch, DevicePathEqualsHostPath) {
     EXPECT_EQ(dev.traffic.rows_remote_min, host.traffic.rows_remote_min);
     EXPECT_EQ(dev.traffic.bytes_dispatch, host.traffic.bytes_dispatch);
     EXPECT_EQ(dev.traffic.bytes_combine, host.traffic.bytes_combine);
+    // The least traffic counted from the routing itself: per token, its experts' distinct
+    // owners other than this rank. Not counted (and the routing not read back from the
+    // device) unless asked for; the rest is counted all the same.
+    int64_t least = 0;
+    for (int64_t i = 0; i < d.N; ++i) {
+      std::set<int64_t> owners;
+      for (int64_t k = 0; k < c.K; ++k) {
+        const int64_t owner = d.ids[static_cast<size_t>(i * c.K + k)] / EL;
+        if (owner != me_) owners.insert(owner);
+      }
+      least += static_cast<int64_t>(owners.size());
+    }
+    EXPECT_EQ(host.traffic.rows_remote_min, least);
+    EXPECT_EQ(quiet.traffic.rows_remote_min, 0);
+    EXPECT_EQ(quiet.traffic.rows_remote, host.traffic.rows_remote);
+    EXPECT_EQ(quiet.traffic.bytes_dispatch, host.traffic.bytes_dispatch);
+    EXPECT_TRUE(same_bits(quiet.yp.data(), host.yp.data(), static_cast<int64_t>(host.yp.size())));
   }
 }
 
