@@ -12,7 +12,14 @@
 // block-scaled FP8 GEMM multiplies) into scratch, then one FP32 GEMM (OpenBLAS, or cuBLAS
 // without TF32), all through `ops`. Native bf16 (Ops::gemm_bf16_native, the CUDA backend):
 // the operands are BF16 bits and the GEMM runs on them (tensor cores), the weight held as bits
-// in wq's memory (wq is then not a float tensor). The weight arrives already quantized
+// in wq's memory (wq is then not a float tensor). Native fp8 (Ops::gemm_fp8_native, cuBLASLt's
+// block-scaled GEMMs on Hopper): wq's memory holds W's E4M3 codes, W^T's codes and both 128x128
+// scale tables in cuBLASLt's layout (linear_fp8_weight_layout); each GEMM quantizes its activation
+// operands into LinearScratch::a (forward x and input gradient dy in 1x128 tiles, weight
+// gradient dy and x in 128x1 tiles whose codes are then transposed), the token rows padded
+// with zeros to a multiple of 16, and multiplies the codes (Ops::gemm_fp8, the "TN" form
+// only). The same tiles and scales as the emulation: only the FP32 sums' order differs. The
+// weight arrives already quantized
 // (linear_quantize_weight, once per optimizer step: every GEMM of the step reads the same
 // copy); activations are quantized here. T = double (gradient checks) supports fp32 only.
 #pragma once
@@ -26,6 +33,8 @@
 namespace moe {
 
 // Quantized copies of GEMM inputs: two buffers of `capacity` elements each. fp32 needs none.
+// Native FP8 builds its operands (E4M3 codes, scales in cuBLASLt's layouts, rows padded to 16)
+// in `a` as bytes: capacity * sizeof(T) >= linear_fp8_scratch_bytes of every call.
 // With `row_pad` (any precision) the GEMMs whose rows are tokens (forward, input gradient)
 // go through cpu::gemm_rows_invariant: a token's output row then depends on its own input row
 // only, not on how many rows share the call (the routed experts' GEMMs, whose row count
@@ -54,6 +63,21 @@ int64_t linear_saved_bytes(int64_t N, int64_t IC, PrecisionMode mode);
 LinearSaved linear_saved_carve(Carver& c, int64_t N, int64_t IC, PrecisionMode mode);
 // The saved rows from row r0 on.
 LinearSaved linear_saved_rows(const LinearSaved& x, int64_t r0, int64_t IC);
+
+// Native FP8: bytes of LinearScratch::a that the three GEMMs of a linear layer of `rows`
+// tokens (or fewer) need: the largest of its forward, input-gradient and weight-gradient plans.
+int64_t linear_fp8_scratch_bytes(int64_t rows, int64_t IC, int64_t OC);
+// Native FP8: where a weight copy's parts lie, bytes from wq (the codes at 0). Both widths
+// must be multiples of 16 (cuBLASLt FP8), and `total` fits the OC x IC floats the copy has.
+struct LinearFp8Weight {
+  int64_t codes_t = 0;   // W^T (IC, OC) codes, the input gradient's operand
+  int64_t scales = 0;    // W's 128x128 scales, kBlock128 layout over (OC, IC)
+  int64_t scales_t = 0;  // W^T's, kBlock128 layout over (IC, OC)
+  int64_t tmp = 0;       // fp8_quantize's compact scales and their transpose, while quantizing
+  int64_t tmp_t = 0;
+  int64_t total = 0;
+};
+LinearFp8Weight linear_fp8_weight_layout(int64_t OC, int64_t IC);
 
 // wq (OC, IC) with row stride ld <- w in the mode's GEMM input format (a copy for fp32;
 // BF16 bits in wq's first half when the backend multiplies BF16 natively). In place allowed

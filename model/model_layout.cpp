@@ -240,8 +240,44 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
                             static_cast<size_t>(d.NH * (d.qk_nope + d.v_hd))});
   }
   // Every GEMM operand of a linear layer: (rows, width) of each of its inputs and outputs.
-  const size_t cap = std::max({N * C, d.mla() ? mla_cap : N * QKV, N * HA, N * 2 * F, N * 2 * S,
-                               R * C, R * 2 * FE});
+  size_t cap = std::max({N * C, d.mla() ? mla_cap : N * QKV, N * HA, N * 2 * F, N * 2 * S,
+                         R * C, R * 2 * FE});
+  if (d.precision == PrecisionMode::kFp8) {
+    // The native FP8 path (linear.h; a backend with gemm_fp8_native()) builds its operands in
+    // the first buffer as bytes: as many as any linear layer's three GEMMs need, (rows, IC, OC)
+    // per layer. A few rows more than the float copies (the padding to 16).
+    int64_t fp8 = 0;
+    const auto need = [&](size_t rows, int64_t IC, int64_t OC) {
+      fp8 = std::max(fp8, linear_fp8_scratch_bytes(static_cast<int64_t>(rows), IC, OC));
+    };
+    const int64_t QD = d.NH * d.qk_hd();
+    if (!d.mla()) {
+      need(N, d.C, d.qkv());
+    } else {
+      if (d.q_lora > 0) {
+        need(N, d.C, d.q_lora);
+        need(N, d.q_lora, QD);
+      } else {
+        need(N, d.C, QD);
+      }
+      need(N, d.C, d.kv_lora + d.qk_rope);
+      need(N, d.kv_lora, d.NH * (d.qk_nope + d.v_hd));
+    }
+    need(N, d.d_attn(), d.C);
+    if (any_dense) {
+      need(N, d.C, 2 * d.F);
+      need(N, d.F, d.C);
+    }
+    if (any_moe) {
+      need(R, d.C, 2 * d.FE);
+      need(R, d.FE, d.C);
+      if (d.S > 0) {
+        need(N, d.C, 2 * d.S);
+        need(N, d.S, d.C);
+      }
+    }
+    cap = std::max(cap, (static_cast<size_t>(fp8) + sizeof(T) - 1) / sizeof(T));
+  }
   w.lin = LinearScratch<T>{c.take<T>(cap), c.take<T>(cap), static_cast<int64_t>(cap)};
   return w;
 }

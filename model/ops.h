@@ -91,7 +91,7 @@ class Ops {
                          const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                          float beta, float* C, int64_t ldc) = 0;
 
-  // ---- Native FP8 GEMMs (building blocks; the linear layers do not call them yet) ----------
+  // ---- Native FP8 GEMMs (the linear layers' path where gemm_fp8_native(), model/linear.h) ---
   // dst (C, R) = src (R, C)^T, both compact, elements of elem_bytes = 1 (E4M3 codes), 2 (BF16
   // bits) or 4 (floats, FP8 scales). Exact copies.
   virtual void transpose(void* dst, const void* src, int64_t R, int64_t C, size_t elem_bytes) = 0;
@@ -194,12 +194,13 @@ class Ops {
   virtual void bf16_decode(float* x, const uint16_t* bits, int64_t n) = 0;
 };
 
-// The CPU backend (stateless; host memory is its device memory). It emulates the BF16
-// GEMMs (gemm_bf16_native() false) unless created with native_bf16: then gemm_bf16 decodes
-// both operands into buffers it allocates per call and runs the FP32 GEMM, so tests run the
-// linear layers' native path (its operand formats and transposes) on the CPU. Not for
-// training: a step must not allocate.
+// The CPU backend (stateless; host memory is its device memory). It emulates the BF16 and
+// FP8 GEMMs (gemm_bf16_native() and gemm_fp8_native() false) unless created with
+// native_bf16 / native_fp8: then gemm_bf16 / gemm_fp8 decode both operands into buffers they
+// allocate per call and run the FP32 GEMM, so tests run the linear layers' native paths
+// (their operand formats, paddings and transposes) on the CPU. Not for training: a step must
+// not allocate.
 template <typename T>
-std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16 = false);
+std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16 = false, bool native_fp8 = false);
 
 }  // namespace moe

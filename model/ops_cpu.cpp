@@ -48,7 +48,7 @@ void transpose_as(void* dst, const void* src, int64_t R, int64_t C) {
 template <typename T>
 class CpuOps final : public Ops<T> {
  public:
-  explicit CpuOps(bool native_bf16) : native_bf16_(native_bf16) {}
+  CpuOps(bool native_bf16, bool native_fp8) : native_bf16_(native_bf16), native_fp8_(native_fp8) {}
   Device device() const override { return Device::kCpu; }
 
   void copy(void* dst, const void* src, size_t bytes) override {
@@ -106,7 +106,7 @@ class CpuOps final : public Ops<T> {
     }
     CHECK(false, "transpose of %zu-byte elements", elem_bytes);
   }
-  bool gemm_fp8_native() const override { return false; }
+  bool gemm_fp8_native() const override { return native_fp8_; }
   void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
                 cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
                 cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) override {
@@ -266,17 +266,19 @@ class CpuOps final : public Ops<T> {
 
  private:
   bool native_bf16_ = false;
+  bool native_fp8_ = false;
 };
 
 }  // namespace
 
 template <typename T>
-std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16) {
+std::unique_ptr<Ops<T>> ops_cpu_create(bool native_bf16, bool native_fp8) {
   CHECK(!native_bf16 || (std::is_same_v<T, float>), "BF16 GEMMs need float tensors");
-  return std::make_unique<CpuOps<T>>(native_bf16);
+  CHECK(!native_fp8 || (std::is_same_v<T, float>), "FP8 GEMMs need float tensors");
+  return std::make_unique<CpuOps<T>>(native_bf16, native_fp8);
 }
 
-template std::unique_ptr<Ops<float>> ops_cpu_create<float>(bool);
-template std::unique_ptr<Ops<double>> ops_cpu_create<double>(bool);
+template std::unique_ptr<Ops<float>> ops_cpu_create<float>(bool, bool);
+template std::unique_ptr<Ops<double>> ops_cpu_create<double>(bool, bool);
 
 }  // namespace moe

@@ -15,6 +15,7 @@
 #include "model/fp8.h"
 #include "model/fp8_quant.h"
 #include "model/kernels/cpu/dense_ops.h"
+#include "model/kernels/cuda/gemm_plan.h"
 #include "model/linear.h"
 #include "model/rng.h"
 
@@ -336,6 +337,124 @@ TEST(LinearPrecision, NativeBf16EqualsTheEmulation) {
   linear_backward_weight_saved<float>(*native, dws.data(), dy.data(), garbage.data(), sv_n, N, IC,
                                       OC, mode, sn);
   EXPECT_TRUE(same(dwe, dws)) << "weight gradient from the saved input";
+}
+
+// Native FP8 (Ops::gemm_fp8_native; cuBLASLt's block-scaled GEMMs on Hopper): the weight
+// copy holds codes, transposed codes and scale tables in the GEMM layouts; the activations are
+// quantized into LinearScratch::fp8 with their rows padded to 16. The CPU's native mode
+// decodes the codes and runs an FP32 GEMM, so every output must be the emulation's up to the
+// order of the FP32 sums (the input gradient goes through W^T, the weight gradient through
+// the transposed 128x1 codes, per block): what this proves is the path's operands.
+TEST(LinearPrecision, NativeFp8MatchesTheEmulation) {
+  const std::unique_ptr<Ops<float>> native = ops_cpu_create<float>(false, /*native_fp8=*/true);
+  ASSERT_TRUE(native->gemm_fp8_native());
+  ASSERT_FALSE(cpu_ops().gemm_fp8_native());
+  const PrecisionMode mode = PrecisionMode::kFp8;
+  const int64_t IC = 144, OC = 160;  // both widths end in a partial 128-wide tile or block
+  const std::vector<float> w = random_matrix(OC, IC, 42);
+
+  // The weight copy: W's codes, W^T's codes, both 128x128 scale tables in gemm_plan's layout.
+  std::vector<float> we(w.size()), wn(w.size(), 0.0f);
+  linear_quantize_weight<float>(cpu_ops(), we.data(), w.data(), OC, IC, IC, mode);
+  linear_quantize_weight<float>(*native, wn.data(), w.data(), OC, IC, IC, mode);
+  std::vector<uint8_t> codes(w.size());
+  std::vector<float> sc(static_cast<size_t>(fp8_scale_count(OC, IC, kTileWeight)));
+  fp8_quantize(codes.data(), sc.data(), w.data(), OC, IC, kTileWeight);
+  const LinearFp8Weight l = linear_fp8_weight_layout(OC, IC);
+  ASSERT_LE(l.total, static_cast<int64_t>(wn.size() * sizeof(float)));
+  const uint8_t* packed = reinterpret_cast<const uint8_t*>(wn.data());
+  EXPECT_EQ(0, std::memcmp(packed, codes.data(), codes.size())) << "W's codes";
+  for (int64_t r = 0; r < OC; ++r)
+    for (int64_t c = 0; c < IC; ++c)
+      ASSERT_EQ(packed[l.codes_t + c * OC + r], codes[static_cast<size_t>(r * IC + c)]) << r << "," << c;
+  const int64_t BO = (OC + 127) / 128, BI = (IC + 127) / 128;
+  std::vector<float> sc_t(sc.size());
+  for (int64_t p = 0; p < BO; ++p)
+    for (int64_t b = 0; b < BI; ++b) sc_t[static_cast<size_t>(b * BO + p)] = sc[static_cast<size_t>(p * BI + b)];
+  std::vector<float> want(static_cast<size_t>(cuda::fp8_gemm_scale_count(OC, IC, cuda::Fp8Scaling::kBlock128)));
+  cuda::fp8_gemm_scales_from_quant(want.data(), sc.data(), OC, IC, cuda::Fp8Scaling::kBlock128);
+  EXPECT_EQ(0, std::memcmp(packed + l.scales, want.data(), want.size() * sizeof(float))) << "W's scales";
+  want.assign(static_cast<size_t>(cuda::fp8_gemm_scale_count(IC, OC, cuda::Fp8Scaling::kBlock128)), 0.0f);
+  cuda::fp8_gemm_scales_from_quant(want.data(), sc_t.data(), IC, OC, cuda::Fp8Scaling::kBlock128);
+  EXPECT_EQ(0, std::memcmp(packed + l.scales_t, want.data(), want.size() * sizeof(float))) << "W^T's scales";
+
+  // got within 1e-5 of the sum of |products| of each element (raw values: quantization moves
+  // them by at most 1/16) of want; a wrong operand is off by the products themselves.
+  const auto close = [](const std::vector<float>& got, const std::vector<float>& ref,
+                        const std::vector<double>& abs_sum) {
+    for (size_t i = 0; i < ref.size(); ++i)
+      if (!(std::fabs(double(got[i]) - ref[i]) <= 1e-5 * abs_sum[i] + 1e-30)) {
+        ADD_FAILURE() << "element " << i << ": " << got[i] << " vs " << ref[i] << " (sum |products| " << abs_sum[i] << ")";
+        return;
+      }
+  };
+  // sum_k |A(i, k)| |B(j, k)| (+ |C0(i, j)|) over raw values, A (M, K) or, transposed, (K, M).
+  const auto abs_gemm = [](const std::vector<float>& A, bool ta, const std::vector<float>& B, bool tb,
+                           int64_t M, int64_t N, int64_t K, const std::vector<float>* C0) {
+    std::vector<double> out(static_cast<size_t>(M * N));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        double acc = C0 ? std::fabs(double((*C0)[static_cast<size_t>(i * N + j)])) : 0.0;
+        for (int64_t k = 0; k < K; ++k)
+          acc += std::fabs(double(A[static_cast<size_t>(ta ? k * M + i : i * K + k)])) *
+                 std::fabs(double(B[static_cast<size_t>(tb ? k * N + j : j * K + k)]));
+        out[static_cast<size_t>(i * N + j)] = acc;
+      }
+    return out;
+  };
+  for (int64_t N : {5, 32, 37}) {  // 5: only padded rows; 32: none; 37: 32 and 5 padded
+    SCOPED_TRACE(::testing::Message() << N << " tokens");
+    const std::vector<float> x = random_matrix(N, IC, 41), dy = random_matrix(N, OC, 43);
+    // The native path's operands are bytes in the first buffer: a few rows more than N.
+    const int64_t cap = std::max(N * std::max(IC, OC), (linear_fp8_scratch_bytes(N, IC, OC) + 3) / 4);
+    EXPECT_LE(cap, (N + 32) * std::max(IC, OC));
+    std::vector<float> sa(static_cast<size_t>(cap)), sb(sa.size()), na(sa.size(), 1e30f), nb(sa.size());
+    const LinearScratch<float> se{sa.data(), sb.data(), cap}, sn{na.data(), nb.data(), cap};
+
+    std::vector<uint8_t> codes_e(static_cast<size_t>(N * IC)), codes_n(codes_e.size());
+    std::vector<float> scales_e(static_cast<size_t>(fp8_scale_count(N, IC, kTileAct))), scales_n(scales_e.size());
+    const LinearSaved sv_e{nullptr, codes_e.data(), scales_e.data()};
+    const LinearSaved sv_n{nullptr, codes_n.data(), scales_n.data()};
+    std::vector<float> ye(static_cast<size_t>(N * OC)), yn(ye.size(), 7.0f);
+    linear_forward<float>(cpu_ops(), ye.data(), x.data(), we.data(), N, IC, OC, mode, se, &sv_e);
+    linear_forward<float>(*native, yn.data(), x.data(), wn.data(), N, IC, OC, mode, sn, &sv_n);
+    const std::vector<double> fwd_abs = abs_gemm(x, false, w, false, N, OC, IC, nullptr);
+    close(yn, ye, fwd_abs);
+    EXPECT_EQ(codes_e, codes_n) << "the saved codes";
+    EXPECT_EQ(0, std::memcmp(scales_e.data(), scales_n.data(), scales_e.size() * sizeof(float)));
+    std::vector<float> y2(ye.size(), 7.0f);
+    linear_forward<float>(*native, y2.data(), x.data(), wn.data(), N, IC, OC, mode, sn);
+    EXPECT_EQ(0, std::memcmp(y2.data(), yn.data(), yn.size() * sizeof(float))) << "without saving";
+    const std::vector<float> garbage(x.size(), 1e30f);  // the float input is not read
+    std::fill(y2.begin(), y2.end(), 7.0f);
+    linear_forward_saved<float>(*native, y2.data(), garbage.data(), sv_n, wn.data(), N, IC, OC, mode, sn);
+    EXPECT_EQ(0, std::memcmp(y2.data(), yn.data(), yn.size() * sizeof(float))) << "from the saved input";
+
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(accumulate ? "dx accumulated" : "dx assigned");
+      const std::vector<float> dx0 = random_matrix(N, IC, 44);
+      std::vector<float> dxe = dx0, dxn = dx0;
+      linear_backward_input<float>(cpu_ops(), dxe.data(), dy.data(), we.data(), N, IC, OC, mode, se, accumulate);
+      linear_backward_input<float>(*native, dxn.data(), dy.data(), wn.data(), N, IC, OC, mode, sn, accumulate);
+      close(dxn, dxe, abs_gemm(dy, false, w, true, N, IC, OC, accumulate ? &dx0 : nullptr));
+    }
+    const std::vector<float> dw0 = random_matrix(OC, IC, 45);
+    const std::vector<double> wgrad_abs = abs_gemm(dy, true, x, true, OC, IC, N, &dw0);
+    const int64_t blocks[3] = {0, 5, N};  // 5 and N - 5 rows: both padded, tiles restart at 5
+    for (bool split : {false, true}) {
+      SCOPED_TRACE(split ? "two blocks" : "one block");
+      const int64_t* b = split ? blocks : nullptr;
+      const int64_t nb_ = split ? 2 : 1;
+      std::vector<float> dwe = dw0, dwn = dw0, dws = dw0, dwse = dw0;
+      linear_backward_weight<float>(cpu_ops(), dwe.data(), dy.data(), x.data(), N, IC, OC, mode, se, b, nb_);
+      linear_backward_weight<float>(*native, dwn.data(), dy.data(), x.data(), N, IC, OC, mode, sn, b, nb_);
+      close(dwn, dwe, wgrad_abs);
+      linear_backward_weight_saved<float>(cpu_ops(), dwse.data(), dy.data(), garbage.data(), sv_e, N, IC, OC, mode, se, b, nb_);
+      linear_backward_weight_saved<float>(*native, dws.data(), dy.data(), garbage.data(), sv_n, N, IC, OC, mode, sn, b, nb_);
+      close(dws, dwse, wgrad_abs);
+      EXPECT_NE(0, std::memcmp(dwn.data(), dw0.data(), dw0.size() * sizeof(float)));
+    }
+  }
 }
 
 // fp32 is the plain layer, and the only mode the double instantiation takes.

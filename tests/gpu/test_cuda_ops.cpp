@@ -43,6 +43,7 @@
 #include "model/kernels/cuda/attention_plan.h"
 #include "model/kernels/cuda/cuda_backend.h"
 #include "model/kernels/cuda/cuda_ops.h"
+#include "model/linear.h"
 #include "model/ops.h"
 #include "model/rng.h"
 
@@ -367,6 +368,63 @@ TEST_F(CudaOps, GemmFp8MatchesCpu) {
     for (float v : C) most = std::max(most, std::fabs(static_cast<double>(v)));
     EXPECT_TRUE(all_close(fetch(dC), C, 1e-4 * most, 1e-4));
   }
+}
+
+// The linear layer's native FP8 path (model/linear.h: codes and transposed codes in the
+// weight copy, activations quantized into the FP8 scratch with rows padded to 16) on cuBLASLt
+// against the CPU's native mode, which builds the same operands and decodes them into an FP32
+// GEMM: the packed weight bit for bit, the three GEMMs within the FP8 GEMM bound above.
+// 37 tokens (padded to 48), two weight-gradient blocks. Hopper only.
+TEST_F(CudaOps, LinearFp8NativeMatchesCpu) {
+  if (!gpu().gemm_fp8_native()) GTEST_SKIP() << "cuBLASLt FP8 block scaling needs sm_90";
+  const std::unique_ptr<moe::Ops<float>> cpu8 = moe::ops_cpu_create<float>(false, true);
+  const moe::PrecisionMode mode = moe::PrecisionMode::kFp8;
+  const int64_t N = 37, IC = 144, OC = 160;
+  const int64_t cap = std::max(N * OC, (moe::linear_fp8_scratch_bytes(N, IC, OC) + 3) / 4);
+  const auto w = normal_floats(OC * IC, 71, 0.05f), x = normal_floats(N * IC, 72),
+             dy = normal_floats(N * OC, 73);
+  const std::vector<float> zeros(static_cast<size_t>(cap));
+  std::vector<float> wq(w.size()), sa(zeros), sb(zeros);
+  const moe::LinearScratch<float> hs{sa.data(), sb.data(), cap};
+  DeviceVec<float> d_w(w), d_wq(wq), d_sa(zeros), d_sb(zeros), d_x(x), d_dy(dy);
+  const moe::LinearScratch<float> gs{d_sa.get(), d_sb.get(), cap};
+  ready();
+
+  moe::linear_quantize_weight<float>(*cpu8, wq.data(), w.data(), OC, IC, IC, mode);
+  moe::linear_quantize_weight<float>(gpu(), d_wq.get(), d_w.get(), OC, IC, IC, mode);
+  const int64_t packed = moe::linear_fp8_weight_layout(OC, IC).tmp;  // codes and scale tables
+  const std::vector<float> got_wq = fetch(d_wq);
+  EXPECT_EQ(0, std::memcmp(got_wq.data(), wq.data(), static_cast<size_t>(packed)));
+
+  const auto bound = [](const std::vector<float>& v) {
+    double most = 0;
+    for (float e : v) most = std::max(most, std::fabs(static_cast<double>(e)));
+    return 1e-4 * most;
+  };
+  std::vector<float> y(static_cast<size_t>(N * OC));
+  DeviceVec<float> d_y(y);
+  moe::linear_forward<float>(*cpu8, y.data(), x.data(), wq.data(), N, IC, OC, mode, hs);
+  moe::linear_forward<float>(gpu(), d_y.get(), d_x.get(), d_wq.get(), N, IC, OC, mode, gs);
+  ASSERT_TRUE(any_nonzero(y));
+  EXPECT_TRUE(all_close(fetch(d_y), y, bound(y), 1e-4)) << "forward";
+
+  std::vector<float> dx = normal_floats(N * IC, 74);
+  DeviceVec<float> d_dx(dx);
+  moe::linear_backward_input<float>(*cpu8, dx.data(), dy.data(), wq.data(), N, IC, OC, mode, hs,
+                                    true);
+  moe::linear_backward_input<float>(gpu(), d_dx.get(), d_dy.get(), d_wq.get(), N, IC, OC, mode,
+                                    gs, true);
+  EXPECT_TRUE(all_close(fetch(d_dx), dx, bound(dx), 1e-4)) << "input gradient (accumulated)";
+
+  const int64_t blocks[3] = {0, 5, N};
+  std::vector<float> dw(w.size());
+  DeviceVec<float> d_dw(dw);
+  moe::linear_backward_weight<float>(*cpu8, dw.data(), dy.data(), x.data(), N, IC, OC, mode, hs,
+                                     blocks, 2);
+  moe::linear_backward_weight<float>(gpu(), d_dw.get(), d_dy.get(), d_x.get(), N, IC, OC, mode,
+                                     gs, blocks, 2);
+  ASSERT_TRUE(any_nonzero(dw));
+  EXPECT_TRUE(all_close(fetch(d_dw), dw, bound(dw), 1e-4)) << "weight gradient";
 }
 
 // The linear layer's three GEMMs (dweight accumulates) and an empty reduction (K = 0: beta C).
