@@ -38,6 +38,7 @@ ModelDims config_model_dims(const Config& cfg) {
   d.mtp_weight = mc.mtp_loss_weight;
   d.precision = cfg.precision.mode;
   d.dispatch_fp8 = cfg.precision.dispatch_fp8;
+  d.native_gemm = cfg.precision.native_gemm;
   return d;
 }
 

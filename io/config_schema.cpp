@@ -83,7 +83,7 @@ constexpr Key kKeys[] = {
     MOE_KEY(parallel, bucket_mb), MOE_KEY(parallel, stage_layers), MOE_KEY(parallel, fb_overlap),
     MOE_KEY(parallel, timeout_s),
 
-    MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8),
+    MOE_KEY(precision, mode), MOE_KEY(precision, dispatch_fp8), MOE_KEY(precision, native_gemm),
 
     MOE_KEY(checkpoint, dir), MOE_KEY(checkpoint, every), MOE_KEY(checkpoint, keep_last),
     MOE_KEY(checkpoint, resume), MOE_KEY(checkpoint, on_save_error),

@@ -61,6 +61,10 @@ struct ModelDims {
   // exchange's wire rounds them (parallel/expert_dispatch.h); with every expert local the
   // model applies the same rounding, so the numbers do not depend on where experts live.
   bool dispatch_fp8 = false;
+  // A CUDA backend multiplies bf16 / fp8 GEMM inputs in their own formats (BF16 tensor cores;
+  // FP8 with cuBLASLt's block scaling on Hopper; model/linear.h's native paths); false keeps
+  // the exact FP32 emulation the CPU runs. The CPU always emulates.
+  bool native_gemm = true;
   // Expert parallelism: this model holds routed experts [ep_rank EL, (ep_rank + 1) EL) of E
   // (EL = E / ep); everything else is replicated. ep = 1 holds them all.
   int64_t ep = 1, ep_rank = 0;

@@ -31,14 +31,15 @@ OpsLimits ops_limits(const ModelDims& d, int64_t B_max) {
 }
 
 template <typename T>
-std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits) {
+std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits, bool native_gemm) {
   CHECK(device != Device::kAuto, "resolve run.device = \"auto\" before building the model");
   if (device == Device::kCpu) return ops_cpu_create<T>();
   if constexpr (std::is_same_v<T, float>) {
 #ifdef MOETRAIN_HAVE_CUDA
-    return ops_cuda_create(limits);
+    return ops_cuda_create(limits, native_gemm, native_gemm);
 #else
     (void)limits;
+    (void)native_gemm;
     CHECK(false, "this build has no CUDA backend (configure with the CUDA toolkit present)");
 #endif
   }
@@ -552,7 +553,7 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
                  int64_t pad_experts, ModelPart part, int n_slots, bool split_backward,
                  Device device) {
   dims_check(d);
-  m.ops = ops_create<T>(device, ops_limits(d, B_max));
+  m.ops = ops_create<T>(device, ops_limits(d, B_max), d.native_gemm);
   CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1 && n_slots >= 1);
   if (part.layers.empty()) part = model_part_whole(d);
   CHECK(static_cast<int64_t>(part.layers.size()) == d.L);

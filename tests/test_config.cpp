@@ -543,7 +543,7 @@ const std::vector<Overrides> kOneKeyChanges = {
     {"parallel.dp=2"}, {"parallel.ep=2", "parallel.dp=2"}, {"parallel.pp=2"}, {"parallel.schedule=zb1p"}, {"parallel.bucket_mb=2.5"},
     {"parallel.fb_overlap=false"},
     {"parallel.stage_layers=[6]"}, {"parallel.timeout_s=30"},
-    {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"},
+    {"precision.mode=bf16"}, {"precision.dispatch_fp8=true"}, {"precision.native_gemm=false"},
     {"checkpoint.dir=ck"}, {"checkpoint.every=0"}, {"checkpoint.keep_last=1"}, {"checkpoint.resume=auto"},
     {"checkpoint.on_save_error=continue"},
     {"log.every=1"}, {"log.eval_every=0"}, {"log.eval_batches=2"}, {"log.metrics_file=\"\""},

@@ -41,6 +41,7 @@ struct ModelCase {
   int64_t mtp;
   bool split;
   double loss_rtol, norm_rtol, min_cosine;
+  bool native_gemm = true;  // false: precision.native_gemm = false, the GPU emulates as the CPU
 };
 
 TEST(CudaModel, OneStepMatchesTheCpuModel) {
@@ -50,10 +51,13 @@ TEST(CudaModel, OneStepMatchesTheCpuModel) {
       {"fp32 mla mtp split", PrecisionMode::kFp32, true, 1, true, 1e-5, 1e-4, 1 - 1e-6},
       {"bf16 gqa", PrecisionMode::kBf16, false, 0, false, 1e-4, 1e-3, 1 - 1e-4},
       {"fp8 mla mtp", PrecisionMode::kFp8, true, 1, false, 2e-3, 2e-2, 0.999},
+      {"fp8 mla mtp emulated", PrecisionMode::kFp8, true, 1, false, 2e-3, 2e-2, 0.999, false},
+      {"bf16 gqa emulated", PrecisionMode::kBf16, false, 0, false, 1e-4, 1e-3, 1 - 1e-4, false},
   };
   for (const ModelCase& c : cases) {
     SCOPED_TRACE(c.name);
-    const ModelDims d = ops_step_dims(c.pm, c.mla, c.mtp, 32);
+    ModelDims d = ops_step_dims(c.pm, c.mla, c.mtp, 32);
+    d.native_gemm = c.native_gemm;
     const OpsStepOut cpu = run_step(d, Device::kCpu, c.split);
     const OpsStepOut gpu = run_step(d, Device::kCuda, c.split);
     EXPECT_NEAR(gpu.loss, cpu.loss, c.loss_rtol * cpu.loss);

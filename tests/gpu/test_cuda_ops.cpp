@@ -377,6 +377,8 @@ TEST_F(CudaOps, GemmFp8MatchesCpu) {
 // 37 tokens (padded to 48), two weight-gradient blocks. Hopper only.
 TEST_F(CudaOps, LinearFp8NativeMatchesCpu) {
   if (!gpu().gemm_fp8_native()) GTEST_SKIP() << "cuBLASLt FP8 block scaling needs sm_90";
+  ASSERT_FALSE(moe::ops_cuda_create(kLimits, true, false)->gemm_fp8_native())
+      << "precision.native_gemm = false keeps the emulation";
   const std::unique_ptr<moe::Ops<float>> cpu8 = moe::ops_cpu_create<float>(false, true);
   const moe::PrecisionMode mode = moe::PrecisionMode::kFp8;
   const int64_t N = 37, IC = 144, OC = 160;

@@ -84,7 +84,8 @@ ScratchLayout scratch_layout(const OpsLimits& lim, int sm_major) {
 
 class CudaOps final : public Ops<float> {
  public:
-  CudaOps(const OpsLimits& limits, bool native_bf16) : lim_(limits), native_bf16_(native_bf16) {
+  CudaOps(const OpsLimits& limits, bool native_bf16, bool native_fp8)
+      : lim_(limits), native_bf16_(native_bf16), native_fp8_(native_fp8) {
     int dev = 0, sm_major = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -173,7 +174,10 @@ class CudaOps final : public Ops<float> {
     cuda::transpose(dst, src, R, C, elem_bytes, s_);
   }
   // cuBLASLt's 1x128 / 128x128 block scaling exists on sm_90 only; elsewhere gemm_fp8 fails.
-  bool gemm_fp8_native() const override { return cuda::gemm_fp8_block_scaling_supported(*gemm_); }
+  // Created without native_fp8, the linear layers emulate (gemm_fp8 itself still works).
+  bool gemm_fp8_native() const override {
+    return native_fp8_ && cuda::gemm_fp8_block_scaling_supported(*gemm_);
+  }
   void gemm_fp8(int64_t M, int64_t N, int64_t K, const uint8_t* A, const float* a_scales,
                 cuda::Fp8Scaling a_mode, const uint8_t* B, const float* b_scales,
                 cuda::Fp8Scaling b_mode, float beta, float* C, int64_t ldc) override {
@@ -381,6 +385,7 @@ class CudaOps final : public Ops<float> {
 
   OpsLimits lim_;
   bool native_bf16_ = true;
+  bool native_fp8_ = true;
   ScratchLayout l_;
   cuda::Stream s_ = nullptr;
   unsigned char* base_ = nullptr;  // the one allocation, l_.total bytes
@@ -389,8 +394,9 @@ class CudaOps final : public Ops<float> {
 
 }  // namespace
 
-std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16) {
-  return std::make_unique<CudaOps>(limits, native_bf16);
+std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16,
+                                            bool native_fp8) {
+  return std::make_unique<CudaOps>(limits, native_bf16, native_fp8);
 }
 
 cuda::Stream ops_cuda_stream(Ops<float>& ops) {

@@ -20,7 +20,10 @@ namespace moe {
 // and the scratch allocation; they are released with the object. native_bf16: the linear
 // layers' BF16 GEMMs run on BF16 tensor cores (Ops::gemm_bf16); false keeps the CPU's exact
 // emulation (FP32 GEMMs of BF16-rounded floats), for comparing against the CPU bit by bit.
-std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16 = true);
+// native_fp8: their FP8 GEMMs multiply E4M3 codes (Ops::gemm_fp8) where cuBLASLt has block
+// scaling (sm_90); false, or another device, keeps the emulation.
+std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16 = true,
+                                            bool native_fp8 = true);
 
 // The stream `ops` queues its work on. CHECKs that `ops` is a CUDA backend.
 cuda::Stream ops_cuda_stream(Ops<float>& ops);
