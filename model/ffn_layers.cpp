@@ -123,16 +123,15 @@ void moe_layer_shared_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* x,
 }
 
 template <typename T>
-double moe_layer_combine_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
-                           const ModelDims& d, int64_t B, int64_t T_) {
+void moe_layer_combine_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
+                               const ModelDims& d, int64_t B, int64_t T_, double* aux_acc) {
   const int64_t N = B * T_, C = d.C, E = d.E, K = d.K;
   ops.moe_combine_forward(out, la.yp, la.gate_weights, la.row_of, N, K, C);
   if (d.S > 0) ops.residual_forward(out, out, shared_out, N * C);
   if (load)
     for (int64_t e = 0; e < E; ++e) load[e] += la.counts[e];
   if (d.aux_alpha > 0)
-    return ops.aux_loss_forward(la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha);
-  return 0.0;
+    ops.aux_loss_forward(aux_acc, la.scores, la.expert_ids, B, T_, E, K, d.aux_alpha);
 }
 
 template <typename T>
@@ -225,8 +224,8 @@ void moe_layer_router_shared_backward_weight(Ops<T>& ops, LayerParams<T>& lg, co
                                        const ModelDims&);                                     \
   template void moe_layer_shared_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, const LayerParams<T>&,     \
                                       const ModelDims&, int64_t);                             \
-  template double moe_layer_combine_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, int64_t*,               \
-                                         const ModelDims&, int64_t, int64_t);                 \
+  template void moe_layer_combine_forward<T>(Ops<T>&, T*, LayerActs<T>&, const T*, int64_t*,                 \
+                                             const ModelDims&, int64_t, int64_t, double*);    \
   template void moe_layer_combine_backward_input<T>(Ops<T>&, T*, LayerActs<T>&, const T*,                    \
                                               const LayerParams<T>&, Activations<T>&,         \
                                               const ModelDims&, int64_t, int64_t, T);         \

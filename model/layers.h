@@ -86,11 +86,11 @@ template <typename T>
 void moe_layer_shared_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* x, const LayerParams<T>& lp,
                               const ModelDims& d, int64_t N);
 // out (N, C) = the gate-weighted sum of la.yp per token, + shared_out; adds the routing counts
-// to `load` (E) when not null. Returns the batch's balance loss summed over sequences (0 when
-// aux_alpha = 0).
+// to `load` (E) when not null. Adds the batch's balance loss summed over sequences to
+// aux_acc[0] (device memory; nothing when aux_alpha = 0).
 template <typename T>
-double moe_layer_combine_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
-                                 const ModelDims& d, int64_t B, int64_t T_);
+void moe_layer_combine_forward(Ops<T>& ops, T* out, LayerActs<T>& la, const T* shared_out, int64_t* load,
+                               const ModelDims& d, int64_t B, int64_t T_, double* aux_acc);
 // dyp (N K, C) = the experts' output gradients in xp's rows; keeps kept.dres_out, dlogits_r
 // (dloss_aux weights the layer's summed balance loss) and dsgu.
 template <typename T>

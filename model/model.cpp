@@ -133,6 +133,7 @@ void forward_begin(Model<T>& m, ChunkRun& r) {
     if (r.targets) m.ops->upload(a.targets, r.targets, sizeof(int32_t) * static_cast<size_t>(N));
     a.mtp_run = r.targets && r.training ? d.mtp : 0;
   }
+  m.ops->zero(a.loss_acc, sizeof(double) * kLossSlots);
   r.layer = r.l0;
   r.phase = 0;
   r.started = true;
@@ -149,9 +150,7 @@ void forward_head(Model<T>& m, ChunkRun& r) {
   m.ops->matmul_forward(a.logits, a.lnf, m.p.lm_head, N, C, d.V);
   if (!r.targets) return;
   m.ops->cross_entropy_forward(a.losses, a.probs, a.logits, a.targets, N, d.V);
-  int64_t count = 0;
-  const double sum = m.ops->scored_loss_sum(a.losses, a.targets, N, &count);
-  r.loss.ce_mean = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  m.ops->scored_loss_accumulate(a.loss_acc + kLossCeMean, a.losses, a.targets, N, 1.0);
 }
 
 // The hidden state MTP module k starts from: the last layer's output (before the final norm),
@@ -182,7 +181,7 @@ void mtp_forward_input(Model<T>& m, Activations<T>& a, int64_t k) {
 
 // MTP module k after its block: final norm, the shared head, cross-entropy.
 template <typename T>
-void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k, ChunkLoss& loss) {
+void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k) {
   const ModelDims& d = m.d;
   const int64_t N = a.B * a.Tcur, C = d.C;
   MtpActs<T>& ma = a.mtp[static_cast<size_t>(k)];
@@ -191,10 +190,8 @@ void mtp_forward_output(Model<T>& m, Activations<T>& a, int64_t k, ChunkLoss& lo
                           static_cast<T>(d.norm_eps));
   m.ops->matmul_forward(a.mtp_logits, ma.lnf, m.p.lm_head, N, C, d.V);
   m.ops->cross_entropy_forward(ma.losses, ma.probs, a.mtp_logits, ma.targets, N, d.V);
-  int64_t count = 0;
-  const double sum = m.ops->scored_loss_sum(ma.losses, ma.targets, N, &count);
-  loss.mtp_ce_sum += sum;
-  if (count > 0) loss.mtp_ce_mean += sum / static_cast<double>(count) / static_cast<double>(d.mtp);
+  m.ops->scored_loss_accumulate(a.loss_acc + kLossMtpMean, ma.losses, ma.targets, N,
+                                static_cast<double>(d.mtp));
 }
 
 // Runs block r.layer from r.phase; true when it stopped with an exchange in flight.
@@ -241,8 +238,9 @@ bool forward_layer(Model<T>& m, ChunkRun& r) {
       [[fallthrough]];
     case 3:
       if (ex) ex->finish(r.lane);
-      r.loss.aux_sum += moe_layer_combine_forward<T>(*m.ops, 
-          res_out, la, a.tmp, r.training ? m.expert_load + moe_l * d.E : nullptr, d, r.B, r.T);
+      moe_layer_combine_forward<T>(*m.ops, res_out, la, a.tmp,
+                                   r.training ? m.expert_load + moe_l * d.E : nullptr, d, r.B,
+                                   r.T, a.loss_acc + kLossAux);
       break;
     case 1:
       la.rows_recv = ex->plan_finish(r.lane, la.local_offsets, la.block_offsets);
@@ -275,9 +273,16 @@ bool forward_step(Model<T>& m, ChunkRun& r) {
     const bool mtp = r.layer >= d.L;
     if (mtp && r.phase == 0) mtp_forward_input(m, a, r.layer - d.L);
     if (forward_layer(m, r)) return true;
-    if (mtp) mtp_forward_output(m, a, r.layer - 1 - d.L, r.loss);
+    if (mtp) mtp_forward_output(m, a, r.layer - 1 - d.L);
   }
   if (r.l1 == d.L) forward_head(m, r);
+  // The chunk's one host read of its losses.
+  double acc[kLossSlots];
+  m.ops->download(acc, a.loss_acc, sizeof(acc));
+  r.loss.ce_mean = acc[kLossCeMean];
+  r.loss.aux_sum = acc[kLossAux];
+  r.loss.mtp_ce_mean = acc[kLossMtpMean];
+  r.loss.mtp_ce_sum = acc[kLossMtpSum];
   r.done = true;
   return false;
 }

@@ -318,6 +318,10 @@ struct Activations {
   T* logits;  // (N, V)
   T* probs;   // (N, V)
   T* losses;  // (N)
+  // The chunk forward's loss sums, accumulated on the device and read once when it ends
+  // (no host wait per MoE layer or MTP module): [kLossCeMean], [kLossCeSum], [kLossAux],
+  // [kLossMtpMean] (each module's mean over d.mtp, summed), [kLossMtpSum].
+  double* loss_acc;
   const T* rope_cos;  // (T, rope_dim/2) shared by every slot
   const T* rope_sin;  // (T, rope_dim/2)
   // Kept by the input pass for the weight pass of the head and the embedding (see LayerKept).
@@ -486,6 +490,7 @@ void model_backward(Model<T>& m, T dloss_ce, T dloss_aux);
 // with their input gradients (in kFull and kInput alike): their block's expert exchange
 // must run in a pass that communicates, and it saves keeping their output gradients.
 // model_forward / model_backward are the chunk [0, L) in slot 0.
+enum LossSlot { kLossCeMean, kLossCeSum, kLossAux, kLossMtpMean, kLossMtpSum, kLossSlots };
 struct ChunkLoss {
   double ce_mean = 0;  // mean cross-entropy over targets >= 0 (l1 == L with targets)
   double aux_sum = 0;  // balance loss of the chunk's MoE blocks, summed over sequences

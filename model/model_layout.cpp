@@ -421,6 +421,7 @@ void act_layout(const ModelDims& d, const ModelPart& part, int64_t B, bool split
   a.logits = c.take<T>(N * static_cast<size_t>(d.V));
   a.probs = c.take<T>(N * static_cast<size_t>(d.V));
   a.losses = c.take<T>(N);
+  a.loss_acc = c.take<double>(kLossSlots);
   a.dlogits = c.take<T>(N * static_cast<size_t>(d.V));
   a.dlnf = c.take<T>(N * C);
   a.dres0 = c.take<T>(N * C);

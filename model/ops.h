@@ -140,10 +140,12 @@ class Ops {
   virtual void cross_entropy_backward(T* dlogits, const T* probs, const int32_t* targets,
                                       T dloss, int64_t N, int64_t V) = 0;
   virtual void residual_forward(T* out, const T* a, const T* b, int64_t n) = 0;
-  // The losses of the tokens with a target (>= 0) summed in token order in double, and how
-  // many there are (count_host). Waits.
-  virtual double scored_loss_sum(const T* losses, const int32_t* targets, int64_t N,
-                                 int64_t* count_host) = 0;
+  // Over the tokens with a target (>= 0), their losses summed in token order in double:
+  // acc[0] += (sum / count) / divisor (nothing when none has a target), acc[1] += sum. acc:
+  // two doubles of device memory; nothing is read back (the model reads its sums once per
+  // chunk).
+  virtual void scored_loss_accumulate(double* acc, const T* losses, const int32_t* targets,
+                                      int64_t N, double divisor) = 0;
   // Multi-token prediction module k's inputs from the main targets y (B, T_): at position t
   // tokens = y[t + k] (0 past the end or where y < 0), targets = y[t + k + 1] (-1 past the end).
   virtual void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B,
@@ -156,9 +158,10 @@ class Ops {
   virtual void router_backward(T* dlogits, const T* dweights, const T* dscores_extra,
                                const T* scores, const int32_t* expert_ids, int64_t N, int64_t E,
                                int64_t K, ScoreFn score, double route_scale) = 0;
-  // Waits (the loss is returned to the host).
-  virtual double aux_loss_forward(const T* scores, const int32_t* expert_ids, int64_t B,
-                                  int64_t T_, int64_t E, int64_t K, double alpha) = 0;
+  // acc[0] (one double of device memory) += the balance loss (cpu::aux_loss_forward's
+  // float value). Nothing is read back.
+  virtual void aux_loss_forward(double* acc, const T* scores, const int32_t* expert_ids,
+                                int64_t B, int64_t T_, int64_t E, int64_t K, double alpha) = 0;
   virtual void aux_loss_backward(T* dscores, const T* scores, const int32_t* expert_ids,
                                  int64_t B, int64_t T_, int64_t E, int64_t K, double alpha,
                                  T dloss) = 0;

@@ -174,16 +174,17 @@ class CpuOps final : public Ops<T> {
   void residual_forward(T* out, const T* a, const T* b, int64_t n) override {
     cpu::residual_forward<T>(out, a, b, n);
   }
-  double scored_loss_sum(const T* losses, const int32_t* targets, int64_t N,
-                         int64_t* count_host) override {
+  void scored_loss_accumulate(double* acc, const T* losses, const int32_t* targets, int64_t N,
+                              double divisor) override {
     double sum = 0;
-    *count_host = 0;
+    int64_t count = 0;
     for (int64_t i = 0; i < N; ++i) {
       if (targets[i] < 0) continue;
       sum += static_cast<double>(losses[i]);
-      ++*count_host;
+      ++count;
     }
-    return sum;
+    if (count > 0) acc[0] += sum / static_cast<double>(count) / divisor;
+    acc[1] += sum;
   }
   void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, int64_t T_,
                  int64_t k) override {
@@ -208,9 +209,9 @@ class CpuOps final : public Ops<T> {
     cpu::router_backward<T>(dlogits, dweights, dscores_extra, scores, expert_ids, N, E, K, score,
                             route_scale);
   }
-  double aux_loss_forward(const T* scores, const int32_t* expert_ids, int64_t B, int64_t T_,
-                          int64_t E, int64_t K, double alpha) override {
-    return static_cast<double>(cpu::aux_loss_forward<T>(scores, expert_ids, B, T_, E, K, alpha));
+  void aux_loss_forward(double* acc, const T* scores, const int32_t* expert_ids, int64_t B,
+                        int64_t T_, int64_t E, int64_t K, double alpha) override {
+    acc[0] += static_cast<double>(cpu::aux_loss_forward<T>(scores, expert_ids, B, T_, E, K, alpha));
   }
   void aux_loss_backward(T* dscores, const T* scores, const int32_t* expert_ids, int64_t B,
                          int64_t T_, int64_t E, int64_t K, double alpha, T dloss) override {

@@ -74,6 +74,11 @@ class GuardedOps final : public Ops<T> {
  public:
   GuardedOps(std::unique_ptr<Ops<T>> inner, PageGuard& pages) : in_(std::move(inner)), g_(pages) {}
 
+  // The calls that make a device's host wait (model/ops.h: "Waits"): download and
+  // synchronize, and moe_plan's routing counts, counted apart.
+  int64_t host_waits = 0;
+  int64_t moe_plans = 0;
+
   // Its memory is to be treated as a device's (model_init stages and uploads, as on a GPU).
   Device device() const override { return Device::kCuda; }
   void copy(void* d, const void* s, size_t b) override { run([&] { in_->copy(d, s, b); }); }
@@ -86,9 +91,13 @@ class GuardedOps final : public Ops<T> {
   }
   void upload(void* d, const void* s, size_t b) override { run([&] { in_->upload(d, s, b); }); }
   void download(void* d, const void* s, size_t b) override {
+    ++host_waits;
     run([&] { in_->download(d, s, b); });
   }
-  void synchronize() override { in_->synchronize(); }
+  void synchronize() override {
+    ++host_waits;
+    in_->synchronize();
+  }
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) override {
     run([&] { in_->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc); });
@@ -168,10 +177,9 @@ class GuardedOps final : public Ops<T> {
   void residual_forward(T* o, const T* a, const T* b, int64_t n) override {
     run([&] { in_->residual_forward(o, a, b, n); });
   }
-  double scored_loss_sum(const T* l, const int32_t* t, int64_t N, int64_t* count) override {
-    double r = 0;
-    run([&] { r = in_->scored_loss_sum(l, t, N, count); });
-    return r;
+  void scored_loss_accumulate(double* acc, const T* l, const int32_t* t, int64_t N,
+                              double divisor) override {
+    run([&] { in_->scored_loss_accumulate(acc, l, t, N, divisor); });
   }
   void mtp_shift(int32_t* tk, int32_t* tg, const int32_t* y, int64_t B, int64_t T_,
                  int64_t k) override {
@@ -186,11 +194,9 @@ class GuardedOps final : public Ops<T> {
                        int64_t N, int64_t E, int64_t K, ScoreFn f, double rs) override {
     run([&] { in_->router_backward(dl, dw, dse, s, ids, N, E, K, f, rs); });
   }
-  double aux_loss_forward(const T* s, const int32_t* ids, int64_t B, int64_t T_, int64_t E,
-                          int64_t K, double alpha) override {
-    double r = 0;
-    run([&] { r = in_->aux_loss_forward(s, ids, B, T_, E, K, alpha); });
-    return r;
+  void aux_loss_forward(double* acc, const T* s, const int32_t* ids, int64_t B, int64_t T_,
+                        int64_t E, int64_t K, double alpha) override {
+    run([&] { in_->aux_loss_forward(acc, s, ids, B, T_, E, K, alpha); });
   }
   void aux_loss_backward(T* ds, const T* s, const int32_t* ids, int64_t B, int64_t T_, int64_t E,
                          int64_t K, double alpha, T dloss) override {
@@ -198,6 +204,7 @@ class GuardedOps final : public Ops<T> {
   }
   void moe_plan(int64_t* c, int64_t* o, int32_t* ro, int32_t* to, const int32_t* ids, int64_t N,
                 int64_t E, int64_t K) override {
+    ++moe_plans;
     run([&] { in_->moe_plan(c, o, ro, to, ids, N, E, K); });
   }
   void moe_permute_forward(T* xp, const T* x, const int32_t* to, int64_t rows,

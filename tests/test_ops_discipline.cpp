@@ -157,6 +157,44 @@ TEST(OpsDiscipline, NativeFp8ModelMatchesTheEmulation) {
   }
 }
 
+// A training forward waits on the host once for its losses (the cross-entropy, every MoE
+// layer's balance loss and every MTP module's, summed on the device), besides one routing
+// read per MoE block; the backward does not wait at all.
+TEST(OpsDiscipline, AForwardReadsItsLossesOnce) {
+  for (bool mla : {false, true}) {
+    SCOPED_TRACE(mla ? "mla mtp" : "gqa");
+    const ModelDims d = ops_step_dims(PrecisionMode::kFp8, mla, mla ? 1 : 0, 16);
+    ASSERT_GT(d.n_moe_blocks(), 1);
+    ASSERT_GT(d.aux_alpha, 0.0);
+    const int64_t B = 2;
+    Model<float> m;
+    model_build<float>(m, d, B, 1, 1, {}, 1, false);
+    Guard g(m);
+    auto& ops = static_cast<GuardedOps<float>&>(*m.ops);
+    model_init<float>(m, 5);
+    model_zero_grads<float>(m);
+    model_quantize_weights<float>(m);
+    std::vector<int32_t> x(static_cast<size_t>(B * d.T)), y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      x[i] = static_cast<int32_t>(i % static_cast<size_t>(d.V));
+      y[i] = static_cast<int32_t>((i * 7 + 3) % static_cast<size_t>(d.V));
+    }
+    ops.host_waits = ops.moe_plans = 0;
+    const double loss = model_forward<float>(m, x.data(), y.data(), B, d.T, true);
+    EXPECT_EQ(ops.host_waits, 1);
+    EXPECT_EQ(ops.moe_plans, d.n_moe_blocks());  // the MTP module's MoE block included
+    EXPECT_GT(loss, 0.0);
+    EXPECT_GT(m.aux_loss_sum, 0.0);
+    if (mla) {
+      EXPECT_GT(m.mtp_ce_sum, 0.0);
+    }
+    ops.host_waits = ops.moe_plans = 0;
+    model_backward<float>(m, 1.0f / static_cast<float>(B * d.T), 1.0f);
+    EXPECT_EQ(ops.host_waits, 0);
+    EXPECT_EQ(ops.moe_plans, 0);
+  }
+}
+
 // The guard catches what it claims to: a host read of a guarded parameter faults.
 TEST(OpsDisciplineDeathTest, HostReadOfDeviceMemoryFaults) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");

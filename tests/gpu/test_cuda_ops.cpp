@@ -22,7 +22,7 @@
 //   router scores / bwd / combine dw     1e-6   1e-5   device expf, double dots reordered
 //   aux loss, dscores                    1e-7   1e-5   double sums reordered
 //   combine forward                      1e-7   1e-6   the host may fuse, the device not
-//   scored_loss_sum                      0      1e-12  double sum of floats, another order
+//   scored_loss_accumulate               0      1e-12  double sum of floats, another order
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -199,8 +199,8 @@ TEST_F(CudaOps, AllocatesNothingAfterCreate) {
       losses(N);
   DeviceVec<float> bias(E);
   DeviceVec<int32_t> ids(N * K), row_of(N * K), token_of(N * K), targets(N);
+  DeviceVec<double> acc(3);
   std::vector<int64_t> counts(E), offsets(E + 1);
-  int64_t count = 0;
   auto batch = [&] {
     gpu().matmul_forward(y.get(), x.get(), w.get(), N, C, C);
     gpu().matmul_backward_weight(w.get(), y.get(), x.get(), N, C, C);
@@ -211,10 +211,10 @@ TEST_F(CudaOps, AllocatesNothingAfterCreate) {
                              ascratch.get());
     gpu().router_forward(scores.get(), ids.get(), gw.get(), logits.get(), bias.get(), N, E, K,
                          ScoreFn::kSigmoid, 1.0, 1, 1);
-    gpu().aux_loss_forward(scores.get(), ids.get(), B, T, E, K, 0.01);
+    gpu().aux_loss_forward(acc.get() + 2, scores.get(), ids.get(), B, T, E, K, 0.01);
     gpu().aux_loss_backward(logits.get(), scores.get(), ids.get(), B, T, E, K, 0.01, 1.0f);
     gpu().moe_plan(counts.data(), offsets.data(), row_of.get(), token_of.get(), ids.get(), N, E, K);
-    gpu().scored_loss_sum(losses.get(), targets.get(), N, &count);
+    gpu().scored_loss_accumulate(acc.get(), losses.get(), targets.get(), N, 1.0);
     gpu().synchronize();
   };
   ready();
@@ -224,7 +224,6 @@ TEST_F(CudaOps, AllocatesNothingAfterCreate) {
   for (int i = 0; i < 3; ++i) batch();
   ASSERT_EQ(cudaMemGetInfo(&free1, &total), cudaSuccess);
   EXPECT_EQ(free1, free0);
-  EXPECT_EQ(count, N);  // targets are all 0 (DeviceVec zero-fills)
 }
 
 // ---- GEMMs ----------------------------------------------------------------------------------
@@ -631,23 +630,33 @@ TEST_F(CudaOps, CrossEntropyAndScoredLossMatchCpu) {
   gpu().cross_entropy_backward(d_dlogits.get(), d_cpu_probs.get(), d_targets.get(), dloss, N, V);
   EXPECT_TRUE(same_bits(fetch(d_dlogits), dlogits));
 
-  // scored_loss_sum over many tokens: the count exactly, the double sum to rounding, and the
-  // same bits every run (one block, fixed order).
+  // scored_loss_accumulate over many tokens, twice onto non-zero sums: the mean (over the
+  // counted tokens, divided) and the sum to rounding, the same bits every run (one block,
+  // fixed order), nothing added to the mean when no token counts.
   for (const int64_t n : {int64_t(0), int64_t(1), int64_t(5000)}) {
     auto l = normal_floats(std::max<int64_t>(n, 1), 61);
     for (float& v : l) v = std::fabs(v) * 3.0f;
     auto t = random_ints(std::max<int64_t>(n, 1), -1, 4, 62);  // about a quarter ignored
-    int64_t want_count = -1, got_count = -1, again_count = -1;
-    const double want = cpu().scored_loss_sum(l.data(), t.data(), n, &want_count);
+    const std::vector<double> start = {0.25, 1.5};
+    std::vector<double> want = start;
+    cpu().scored_loss_accumulate(want.data(), l.data(), t.data(), n, 3.0);
+    cpu().scored_loss_accumulate(want.data(), l.data(), t.data(), n, 3.0);
     DeviceVec<float> d_l(l);
     DeviceVec<int32_t> d_t(t);
+    DeviceVec<double> d_acc(start), d_again(start);
     ready();
-    const double got = gpu().scored_loss_sum(d_l.get(), d_t.get(), n, &got_count);
-    const double again = gpu().scored_loss_sum(d_l.get(), d_t.get(), n, &again_count);
-    EXPECT_EQ(got_count, want_count) << n;
-    EXPECT_NEAR(got, want, 1e-12 * std::fabs(want)) << n;
-    EXPECT_EQ(std::memcmp(&got, &again, sizeof(double)), 0) << n;
-    EXPECT_EQ(again_count, want_count) << n;
+    gpu().scored_loss_accumulate(d_acc.get(), d_l.get(), d_t.get(), n, 3.0);
+    gpu().scored_loss_accumulate(d_acc.get(), d_l.get(), d_t.get(), n, 3.0);
+    gpu().scored_loss_accumulate(d_again.get(), d_l.get(), d_t.get(), n, 3.0);
+    gpu().scored_loss_accumulate(d_again.get(), d_l.get(), d_t.get(), n, 3.0);
+    const std::vector<double> got = fetch(d_acc), again = fetch(d_again);
+    if (n == 0) {
+      EXPECT_EQ(want, start);
+    }
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_NEAR(got[i], want[i], 1e-12 * std::fabs(want[i])) << n << " " << i;
+      EXPECT_EQ(std::memcmp(&got[i], &again[i], sizeof(double)), 0) << n << " " << i;
+    }
   }
 }
 
@@ -726,13 +735,17 @@ TEST_F(CudaOps, RouterAndAuxLossMatchCpu) {
       EXPECT_TRUE(all_close(fetch(d_dl), dlogits, 1e-6, 1e-5));
       EXPECT_TRUE(all_close(fetch(d_dlx), dlogits_x, 1e-6, 1e-5));
 
-      const double want_loss =
-          cpu().aux_loss_forward(scores.data(), ids.data(), sh.B, sh.T, E, K, alpha);
+      // Added onto 0.5, twice: the loss itself is the difference of the two sums.
+      double want_acc = 0.5;
+      cpu().aux_loss_forward(&want_acc, scores.data(), ids.data(), sh.B, sh.T, E, K, alpha);
+      const double want_loss = want_acc - 0.5;
       cpu().aux_loss_backward(dscores.data(), scores.data(), ids.data(), sh.B, sh.T, E, K, alpha,
                               0.7f);
-      const double got_loss =
-          gpu().aux_loss_forward(c_scores.get(), c_ids.get(), sh.B, sh.T, E, K, alpha);
-      const double again = gpu().aux_loss_forward(c_scores.get(), c_ids.get(), sh.B, sh.T, E, K, alpha);
+      DeviceVec<double> d_acc(std::vector<double>{0.5});
+      gpu().aux_loss_forward(d_acc.get(), c_scores.get(), c_ids.get(), sh.B, sh.T, E, K, alpha);
+      const double once = fetch(d_acc)[0];
+      gpu().aux_loss_forward(d_acc.get(), c_scores.get(), c_ids.get(), sh.B, sh.T, E, K, alpha);
+      const double got_loss = once - 0.5, again = fetch(d_acc)[0] - once;
       gpu().aux_loss_backward(d_ds.get(), c_scores.get(), c_ids.get(), sh.B, sh.T, E, K, alpha,
                               0.7f);
       ASSERT_GT(want_loss, 0.0);

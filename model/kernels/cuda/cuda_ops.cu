@@ -11,8 +11,8 @@
 //   host values         loss sum (double), loss count (int64), aux loss (float)
 //   moe_plan            counts (experts) and offsets (experts + 1), int64
 // A call whose shape needs more than its part holds CHECK-fails, naming the limits.
-// Host values: scored_loss_sum, aux_loss_forward and moe_plan compute on the device, copy
-// the few values back on the stream and wait for it.
+// Host values: moe_plan computes on the device, copies the counts back on the stream and
+// waits for it. The loss sums stay on the device (scored_loss_accumulate, aux_loss_forward).
 #include <cstdint>
 
 #include "model/check.h"
@@ -262,16 +262,12 @@ class CudaOps final : public Ops<float> {
   void residual_forward(float* out, const float* a, const float* b, int64_t n) override {
     cuda::residual_forward(out, a, b, n, s_);
   }
-  double scored_loss_sum(const float* losses, const int32_t* targets, int64_t N,
-                         int64_t* count_host) override {
+  void scored_loss_accumulate(double* acc, const float* losses, const int32_t* targets,
+                              int64_t N, double divisor) override {
     double* sum = at<double>(l_.loss_sum);
     int64_t* count = at<int64_t>(l_.loss_count);
     cuda::scored_loss_sum(sum, count, losses, targets, N, s_);
-    double sum_host = 0.0;
-    CUDA_CHECK(cudaMemcpyAsync(&sum_host, sum, sizeof(double), cudaMemcpyDeviceToHost, s_));
-    CUDA_CHECK(cudaMemcpyAsync(count_host, count, sizeof(int64_t), cudaMemcpyDeviceToHost, s_));
-    CUDA_CHECK(cudaStreamSynchronize(s_));
-    return sum_host;
+    cuda::loss_mean_accumulate(acc, sum, count, divisor, s_);
   }
   void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, int64_t T_,
                  int64_t k) override {
@@ -291,15 +287,12 @@ class CudaOps final : public Ops<float> {
     cuda::router_backward(dlogits, dweights, dscores_extra, scores, expert_ids, N, E, K, score,
                           route_scale, s_);
   }
-  double aux_loss_forward(const float* scores, const int32_t* expert_ids, int64_t B, int64_t T_,
-                          int64_t E, int64_t K, double alpha) override {
+  void aux_loss_forward(double* acc, const float* scores, const int32_t* expert_ids, int64_t B,
+                        int64_t T_, int64_t E, int64_t K, double alpha) override {
     float* loss = at<float>(l_.aux_loss);
     cuda::aux_loss_forward(loss, scores, expert_ids, B, T_, E, K, alpha, aux_scratch(B, T_, E),
                            s_);
-    float loss_host = 0.0f;
-    CUDA_CHECK(cudaMemcpyAsync(&loss_host, loss, sizeof(float), cudaMemcpyDeviceToHost, s_));
-    CUDA_CHECK(cudaStreamSynchronize(s_));
-    return static_cast<double>(loss_host);
+    cuda::accumulate_to_double(acc, loss, s_);
   }
   void aux_loss_backward(float* dscores, const float* scores, const int32_t* expert_ids,
                          int64_t B, int64_t T_, int64_t E, int64_t K, double alpha,

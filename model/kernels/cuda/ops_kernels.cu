@@ -105,6 +105,16 @@ __global__ void scored_loss_sum_kernel(double* sum, int64_t* count, const float*
   }
 }
 
+__global__ void loss_mean_accumulate_kernel(double* acc, const double* sum, const int64_t* count,
+                                            double divisor) {
+  if (*count > 0) acc[0] += *sum / static_cast<double>(*count) / divisor;
+  acc[1] += *sum;
+}
+
+__global__ void accumulate_to_double_kernel(double* acc, const float* value) {
+  acc[0] += static_cast<double>(*value);
+}
+
 }  // namespace
 
 void add_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
@@ -162,6 +172,17 @@ void scored_loss_sum(double* sum, int64_t* count, const float* losses, const int
   CHECK(N >= 0, "N=%lld", (long long)N);
   // Launched for N = 0 too: the block writes the zero sum and count.
   scored_loss_sum_kernel<<<1, kLossSumThreads, 0, stream>>>(sum, count, losses, targets, N);
+  CUDA_CHECK_LAUNCH();
+}
+
+void loss_mean_accumulate(double* acc, const double* sum, const int64_t* count, double divisor,
+                          Stream stream) {
+  loss_mean_accumulate_kernel<<<1, 1, 0, stream>>>(acc, sum, count, divisor);
+  CUDA_CHECK_LAUNCH();
+}
+
+void accumulate_to_double(double* acc, const float* value, Stream stream) {
+  accumulate_to_double_kernel<<<1, 1, 0, stream>>>(acc, value);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -41,5 +41,11 @@ void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, i
 // may differ from CpuOps's in the last bits; it is the same on every run.
 void scored_loss_sum(double* sum, int64_t* count, const float* losses, const int32_t* targets,
                      int64_t N, Stream stream);
+// One thread, after them on the stream: acc[0] += (*sum / *count) / divisor when *count > 0,
+// acc[1] += *sum (Ops::scored_loss_accumulate's arithmetic, in the CPU's order).
+void loss_mean_accumulate(double* acc, const double* sum, const int64_t* count, double divisor,
+                          Stream stream);
+// One thread: acc[0] += *value, widened to double.
+void accumulate_to_double(double* acc, const float* value, Stream stream);
 
 }  // namespace moe::cuda
