@@ -246,7 +246,8 @@ void gemm_fp8(GemmContext& ctx, bool trans_a, bool trans_b, int64_t M, int64_t N
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
     CHECK(rc == CUBLAS_STATUS_SUCCESS && found > 0,
           "cuBLASLt has no FP8 block-scaled algorithm for M=%lld N=%lld K=%lld (A %s, B %s "
-          "scales) on sm_%d%d: %s",
+          "scales) on sm_%d%d: %s (precision.native_gemm = false trains on the FP32 emulation "
+          "of the FP8 GEMMs instead)",
           (long long)M, (long long)N, (long long)K,
           a_mode == Fp8Scaling::kTile1x128 ? "1x128" : "128x128",
           b_mode == Fp8Scaling::kTile1x128 ? "1x128" : "128x128", ctx.sm_major, ctx.sm_minor,
