@@ -246,7 +246,8 @@ void fp8_native_forward_from(Ops<float>& ops, float* out, const float* x, const 
   float* scales = save ? save->scales : at<float>(room, p.qscales);
   CHECK(codes && scales, "no buffer for the saved FP8 input");
   ops.fp8_quantize(codes, scales, x, N, IC, kTileAct);
-  fp8_native_forward(ops, out, codes, scales, wq, N, IC, OC, s);
+  fp8_rows_gemm(ops, out, false, codes, scales, N, IC, OC, at<uint8_t>(wq, 0),
+                at<float>(wq, linear_fp8_weight_layout(OC, IC).scales), room);
 }
 
 // dx (N, IC) (+)= dout (N, OC) . W, through W^T's codes.
