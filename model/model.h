@@ -24,6 +24,7 @@
 
 #include "model/arena.h"
 #include "model/expert_exchange.h"
+#include "model/kernels/cuda/gemm_plan.h"
 #include "model/linear.h"
 #include "model/ops.h"
 #include "model/types.h"
@@ -415,6 +416,10 @@ struct Model {
 // number of entries do not depend on ep. The expert region starts at the replicated
 // elements rounded up to pad_replicated.
 std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replicated = 1);
+
+// Every distinct linear layer of the model with its widths and whether it follows the run's
+// precision (gemm_plan.h; what the native FP8 GEMMs must be able to run).
+std::vector<cuda::GemmLinearShape> model_linear_shapes(const ModelDims& d);
 
 // A parameter as users and checkpoints see it: unfused and per expert, e.g.
 // "layers/3/moe/experts/17/w_gate" (FE, C) or "layers/0/attn/wq" (NH*HD, C). Each is a

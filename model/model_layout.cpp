@@ -202,6 +202,29 @@ struct GemmWorkspace {
   int64_t expert_pad_count = 0;
 };
 
+// The linear layers' widths as the GEMM planning (gemm_plan.h) sees them; dense / moe: whether
+// the dense FFN's and the MoE layers' linears are among them.
+std::vector<cuda::GemmLinearShape> linear_shapes(const ModelDims& d, bool dense, bool moe) {
+  cuda::GemmModelShape g;
+  g.attn = d.attn;
+  g.d_model = d.C;
+  g.n_heads = d.NH;
+  g.n_kv_heads = d.NKV;
+  g.head_dim = d.HD;
+  g.d_ff = dense ? d.F : 0;
+  g.d_expert = d.FE;
+  g.num_experts = moe ? d.E : 0;
+  g.d_shared = d.S;
+  g.q_lora_rank = d.q_lora;
+  g.kv_lora_rank = d.kv_lora;
+  g.qk_nope_head_dim = d.qk_nope;
+  g.qk_rope_head_dim = d.qk_rope;
+  g.v_head_dim = d.v_hd;
+  g.vocab_size = d.V;
+  g.mtp_depth = d.mtp;
+  return cuda::gemm_linear_shapes(g);
+}
+
 template <typename T>
 GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int64_t B,
                                   Carver& c) {
@@ -248,34 +271,10 @@ GemmWorkspace<T> workspace_layout(const ModelDims& d, const ModelPart& part, int
     // the first buffer as bytes: as many as any linear layer's three GEMMs need, (rows, IC, OC)
     // per layer. A few rows more than the float copies (the padding to 16).
     int64_t fp8 = 0;
-    const auto need = [&](size_t rows, int64_t IC, int64_t OC) {
-      fp8 = std::max(fp8, linear_fp8_scratch_bytes(static_cast<int64_t>(rows), IC, OC));
-    };
-    const int64_t QD = d.NH * d.qk_hd();
-    if (!d.mla()) {
-      need(N, d.C, d.qkv());
-    } else {
-      if (d.q_lora > 0) {
-        need(N, d.C, d.q_lora);
-        need(N, d.q_lora, QD);
-      } else {
-        need(N, d.C, QD);
-      }
-      need(N, d.C, d.kv_lora + d.qk_rope);
-      need(N, d.kv_lora, d.NH * (d.qk_nope + d.v_hd));
-    }
-    need(N, d.d_attn(), d.C);
-    if (any_dense) {
-      need(N, d.C, 2 * d.F);
-      need(N, d.F, d.C);
-    }
-    if (any_moe) {
-      need(R, d.C, 2 * d.FE);
-      need(R, d.FE, d.C);
-      if (d.S > 0) {
-        need(N, d.C, 2 * d.S);
-        need(N, d.S, d.C);
-      }
+    for (const cuda::GemmLinearShape& l : linear_shapes(d, any_dense, any_moe)) {
+      if (l.precision != cuda::LinearPrecision::kRun) continue;
+      fp8 = std::max(fp8, linear_fp8_scratch_bytes(static_cast<int64_t>(l.routed ? R : N),
+                                                   l.in_features, l.out_features));
     }
     cap = std::max(cap, (static_cast<size_t>(fp8) + sizeof(T) - 1) / sizeof(T));
   }
@@ -476,6 +475,10 @@ void dims_check(const ModelDims& d) {
 
 }  // namespace
 
+std::vector<cuda::GemmLinearShape> model_linear_shapes(const ModelDims& d) {
+  return linear_shapes(d, d.dense_layers > 0, d.n_moe_blocks() > 0);
+}
+
 std::vector<ParamInfo> model_param_table(const ModelDims& d, int64_t pad_replicated) {
   std::vector<ParamInfo> table;
   param_layout<float>(d, model_part_whole(d), static_cast<size_t>(pad_replicated), nullptr,
@@ -555,6 +558,10 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
                  Device device) {
   dims_check(d);
   m.ops = ops_create<T>(device, ops_limits(d, B_max), d.native_gemm);
+  // cuBLASLt's FP8 kernels take only widths in multiples of 16: refuse a model they cannot
+  // run here, naming the layer, rather than fail inside the first step.
+  if (d.precision == PrecisionMode::kFp8 && m.ops->gemm_fp8_native())
+    cuda::gemm_fp8_shapes_check(model_linear_shapes(d));
   CHECK(B_max >= 1 && pad_replicated >= 1 && pad_experts >= 1 && n_slots >= 1);
   if (part.layers.empty()) part = model_part_whole(d);
   CHECK(static_cast<int64_t>(part.layers.size()) == d.L);

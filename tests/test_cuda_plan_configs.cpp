@@ -89,25 +89,59 @@ TEST(CudaPlanConfigs, EveryShippedConfigPlansWithinLimits) {
         EXPECT_TRUE(within_cuda_limits(l, false, limit)) << limit;
     }
     // FP8 GEMM alignment of every linear layer.
-    moe::cuda::GemmModelShape g;
-    g.attn = d.attn;
-    g.d_model = C;
-    g.n_heads = d.NH;
-    g.n_kv_heads = d.NKV;
-    g.head_dim = d.HD;
-    g.d_ff = d.F;
-    g.d_expert = d.FE;
-    g.num_experts = d.E;
-    g.num_shared_experts = d.S / d.FE;
-    g.q_lora_rank = d.q_lora;
-    g.kv_lora_rank = d.kv_lora;
-    g.qk_nope_head_dim = d.qk_nope;
-    g.qk_rope_head_dim = d.qk_rope;
-    g.v_head_dim = d.v_hd;
-    g.vocab_size = d.V;
-    g.mtp_depth = d.mtp;
-    EXPECT_EQ(moe::cuda::gemm_fp8_shape_error(moe::cuda::gemm_linear_shapes(g)), "");
+    EXPECT_EQ(moe::cuda::gemm_fp8_shape_error(moe::model_linear_shapes(d)), "");
   }
+}
+
+// model_linear_shapes against the parameters the model actually allocates: every linear it
+// lists is a tensor of the table with those (out, in) widths, and every matrix the model
+// multiplies by (all but the embedding and the norms) is listed.
+TEST(CudaPlanConfigs, LinearShapesAreTheModelsMatrices) {
+  for (const fs::path& path : shipped_configs()) {
+    SCOPED_TRACE(path.filename().string());
+    const moe::ModelDims d = moe::config_model_dims(moe::config_load(path.string(), {}));
+    const std::vector<moe::cuda::GemmLinearShape> shapes = moe::model_linear_shapes(d);
+    const std::vector<moe::ParamInfo> table = moe::model_param_table(d);
+    // A parameter's linear: its name past "layers/<l>/" or "mtp/<k>/" ("mtp/" kept for the
+    // module's own eh_proj).
+    const auto linear_of = [](const std::string& name) {
+      for (const char* pre : {"layers/", "mtp/"}) {
+        if (name.rfind(pre, 0) != 0) continue;
+        const std::string rest = name.substr(name.find('/', std::string(pre).size()) + 1);
+        return rest == "eh_proj" ? "mtp/eh_proj" : rest;
+      }
+      return name;
+    };
+    std::vector<int> used(shapes.size(), 0);
+    for (const moe::ParamInfo& p : table) {
+      if (p.shape.size() < 2 || p.name == "embed/wte") continue;
+      const std::string lin = linear_of(p.name);
+      const int64_t out = p.shape[p.shape.size() - 2], in = p.shape.back();
+      bool found = false;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        if (shapes[i].name != lin) continue;
+        found = true;
+        ++used[i];
+        EXPECT_EQ(shapes[i].out_features, out) << p.name;
+        EXPECT_EQ(shapes[i].in_features, in) << p.name;
+        EXPECT_EQ(shapes[i].routed, p.routed_experts) << p.name;
+      }
+      EXPECT_TRUE(found) << p.name << " is not among the model's linear shapes";
+    }
+    for (size_t i = 0; i < shapes.size(); ++i)
+      EXPECT_GT(used[i], 0) << shapes[i].name << " has no parameter";
+  }
+}
+
+// A width cuBLASLt's FP8 GEMMs cannot take is found in the model's own shapes, named.
+TEST(CudaPlanConfigs, MisalignedModelNamesItsLayer) {
+  moe::ModelDims d = moe::config_model_dims(
+      moe::config_load((fs::path(MOETRAIN_SOURCE_DIR) / "configs" / "deepseek-v3-tiny.toml").string(), {}));
+  EXPECT_EQ(moe::cuda::gemm_fp8_shape_error(moe::model_linear_shapes(d)), "");
+  d.FE = 120;  // routed experts' w13 out 240 = 15 x 16 fine; w2 in 120 is not
+  const std::string e = moe::cuda::gemm_fp8_shape_error(moe::model_linear_shapes(d));
+  EXPECT_NE(e.find("moe/experts/w2 has in_features = 120"), std::string::npos) << e;
+  EXPECT_NE(e.find("precision.native_gemm = false"), std::string::npos) << e;
 }
 
 }  // namespace

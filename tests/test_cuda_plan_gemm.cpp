@@ -30,13 +30,13 @@ std::vector<NamedShape> config_shapes() {
   GemmModelShape tiny;  // configs/tiny.toml
   tiny.attn = AttentionKind::kMha;
   tiny.d_model = 128, tiny.n_heads = 4, tiny.n_kv_heads = 4, tiny.head_dim = 32;
-  tiny.d_ff = 3 * 128, tiny.d_expert = 128, tiny.num_experts = 8, tiny.num_shared_experts = 1;
+  tiny.d_ff = 3 * 128, tiny.d_expert = 128, tiny.num_experts = 8, tiny.d_shared = 128;
   tiny.vocab_size = 256;
   v.push_back({"tiny", tiny});
 
   GemmModelShape bench = tiny;  // configs/bench-cpu.toml
   bench.d_model = 512, bench.n_heads = 8, bench.n_kv_heads = 8, bench.head_dim = 64;
-  bench.d_ff = 3 * 512, bench.d_expert = 512;
+  bench.d_ff = 3 * 512, bench.d_expert = 512, bench.d_shared = 512;
   v.push_back({"bench-cpu", bench});
 
   GemmModelShape ds_tiny;  // configs/deepseek-v3-tiny.toml
@@ -45,14 +45,14 @@ std::vector<NamedShape> config_shapes() {
   ds_tiny.q_lora_rank = 64, ds_tiny.kv_lora_rank = 32;
   ds_tiny.qk_nope_head_dim = 32, ds_tiny.qk_rope_head_dim = 16, ds_tiny.v_head_dim = 32;
   ds_tiny.d_ff = 3 * 128, ds_tiny.d_expert = 128, ds_tiny.num_experts = 8;
-  ds_tiny.num_shared_experts = 1, ds_tiny.vocab_size = 256, ds_tiny.mtp_depth = 1;
+  ds_tiny.d_shared = 128, ds_tiny.vocab_size = 256, ds_tiny.mtp_depth = 1;
   v.push_back({"deepseek-v3-tiny", ds_tiny});
 
   GemmModelShape b1 = ds_tiny;  // configs/deepseek-v3-1b.toml
   b1.d_model = 1024, b1.n_heads = 8, b1.n_kv_heads = 8;
   b1.q_lora_rank = 384, b1.kv_lora_rank = 256;
   b1.qk_nope_head_dim = 64, b1.qk_rope_head_dim = 32, b1.v_head_dim = 64;
-  b1.d_ff = 2816, b1.d_expert = 704, b1.num_experts = 32, b1.num_shared_experts = 1;
+  b1.d_ff = 2816, b1.d_expert = 704, b1.num_experts = 32, b1.d_shared = 704;
   b1.vocab_size = 129280;
   v.push_back({"deepseek-v3-1b", b1});
 
@@ -60,13 +60,13 @@ std::vector<NamedShape> config_shapes() {
   b16.d_model = 2048, b16.n_heads = 16, b16.n_kv_heads = 16;
   b16.q_lora_rank = 0, b16.kv_lora_rank = 512;
   b16.qk_nope_head_dim = 128, b16.qk_rope_head_dim = 64, b16.v_head_dim = 128;
-  b16.d_ff = 11264, b16.d_expert = 1408, b16.num_experts = 64, b16.num_shared_experts = 2;
+  b16.d_ff = 11264, b16.d_expert = 1408, b16.num_experts = 64, b16.d_shared = 2 * 1408;
   v.push_back({"deepseek-v3-16b", b16});
 
   GemmModelShape b671 = b16;  // configs/deepseek-v3-671b.toml
   b671.d_model = 7168, b671.n_heads = 128, b671.n_kv_heads = 128;
   b671.q_lora_rank = 1536, b671.kv_lora_rank = 512;
-  b671.d_ff = 18432, b671.d_expert = 2048, b671.num_experts = 256, b671.num_shared_experts = 1;
+  b671.d_ff = 18432, b671.d_expert = 2048, b671.num_experts = 256, b671.d_shared = 2048;
   v.push_back({"deepseek-v3-671b", b671});
   return v;
 }
@@ -109,7 +109,7 @@ TEST(CudaPlanGemm, Shapes671b) {
       {"moe/experts/w2", 7168, 2048, LinearPrecision::kRun},
       {"moe/shared/w13", 2 * 2048, 7168, LinearPrecision::kRun},
       {"moe/shared/w2", 7168, 2048, LinearPrecision::kRun},
-      {"mtp/eh_proj", 7168, 2 * 7168, LinearPrecision::kRun},
+      {"mtp/eh_proj", 7168, 2 * 7168, LinearPrecision::kHigh},
       {"lm_head", 129280, 7168, LinearPrecision::kHigh},
   };
   EXPECT_EQ(v.size(), sizeof(want) / sizeof(want[0]));
@@ -119,6 +119,7 @@ TEST(CudaPlanGemm, Shapes671b) {
     EXPECT_EQ(s->out_features, w.out) << w.name;
     EXPECT_EQ(s->in_features, w.in) << w.name;
     EXPECT_EQ(s->precision, w.p) << w.name;
+    EXPECT_EQ(s->routed, std::string(w.name).rfind("moe/experts/", 0) == 0) << w.name;
   }
   EXPECT_EQ(find(v, "attn/wq"), nullptr);  // q_lora_rank > 0
 }

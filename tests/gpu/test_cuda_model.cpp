@@ -7,8 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "model/check.h"
 #include "model/model.h"
 #include "tests/ops_model_step.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -92,6 +94,38 @@ TEST(CudaModel, AStepAllocatesNoDeviceMemory) {
   const size_t before = cuda::device_free_bytes();
   step();
   EXPECT_EQ(cuda::device_free_bytes(), before);
+}
+
+// cuBLASLt's FP8 GEMMs take widths in multiples of 16 only: a model with another width is
+// refused when it is built, naming the layer, where the native path would run it; the FP32
+// emulation (precision.native_gemm = false) still builds it.
+TEST(CudaModel, Fp8WidthsTheGemmCannotTakeAreRefusedAtBuild) {
+  SKIP_WITHOUT_GPU();
+  ModelDims d = ops_step_dims(PrecisionMode::kFp8, true, 1, 32);
+  bool native = false;
+  {
+    Model<float> m;
+    model_build<float>(m, d, 2, 1, 1, {}, 1, false, Device::kCuda);
+    native = m.ops->gemm_fp8_native();
+  }
+  d.FE = 72;  // the routed experts' w2 takes 72 columns
+  {
+    Model<float> m;
+    if (native) {
+      try {
+        model_build<float>(m, d, 2, 1, 1, {}, 1, false, Device::kCuda);
+        ADD_FAILURE() << "built an FP8 model cuBLASLt cannot run";
+      } catch (const UserError& e) {
+        EXPECT_NE(std::string(e.what()).find("moe/experts/w2 has in_features = 72"),
+                  std::string::npos) << e.what();
+      }
+    } else {
+      EXPECT_NO_THROW(model_build<float>(m, d, 2, 1, 1, {}, 1, false, Device::kCuda));
+    }
+  }
+  d.native_gemm = false;
+  Model<float> m;
+  EXPECT_NO_THROW(model_build<float>(m, d, 2, 1, 1, {}, 1, false, Device::kCuda));
 }
 
 }  // namespace

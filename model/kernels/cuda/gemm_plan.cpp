@@ -109,8 +109,8 @@ int64_t fp8_expert_t_scale_count(const int64_t* row_offsets, int64_t E, int64_t 
 std::vector<GemmLinearShape> gemm_linear_shapes(const GemmModelShape& m) {
   std::vector<GemmLinearShape> v;
   auto add = [&](const char* name, int64_t out, int64_t in,
-                 LinearPrecision p = LinearPrecision::kRun) {
-    v.push_back(GemmLinearShape{name, out, in, p});
+                 LinearPrecision p = LinearPrecision::kRun, bool routed = false) {
+    v.push_back(GemmLinearShape{name, out, in, p, routed});
   };
   const int64_t C = m.d_model;
   if (m.attn == AttentionKind::kMha) {
@@ -134,15 +134,14 @@ std::vector<GemmLinearShape> gemm_linear_shapes(const GemmModelShape& m) {
   }
   if (m.num_experts > 0) {
     add("moe/router", m.num_experts, C, LinearPrecision::kHigh);
-    add("moe/experts/w13", 2 * m.d_expert, C);
-    add("moe/experts/w2", C, m.d_expert);
-    if (m.num_shared_experts > 0) {
-      const int64_t S = m.num_shared_experts * m.d_expert;
-      add("moe/shared/w13", 2 * S, C);
-      add("moe/shared/w2", C, S);
+    add("moe/experts/w13", 2 * m.d_expert, C, LinearPrecision::kRun, true);
+    add("moe/experts/w2", C, m.d_expert, LinearPrecision::kRun, true);
+    if (m.d_shared > 0) {
+      add("moe/shared/w13", 2 * m.d_shared, C);
+      add("moe/shared/w2", C, m.d_shared);
     }
   }
-  if (m.mtp_depth > 0) add("mtp/eh_proj", C, 2 * C);
+  if (m.mtp_depth > 0) add("mtp/eh_proj", C, 2 * C, LinearPrecision::kHigh);
   add("lm_head", m.vocab_size, C, LinearPrecision::kHigh);
   return v;
 }
@@ -159,7 +158,8 @@ std::string gemm_fp8_shape_error(const std::vector<GemmLinearShape>& shapes) {
       return strprintf(
           "FP8 GEMM: layer %s has %s = %lld, not a positive multiple of %lld (cuBLASLt FP8 "
           "needs K and leading dimensions in multiples of 16 elements, 16-byte aligned rows; "
-          "use precision.mode = \"bf16\" or widths that are multiples of 16)",
+          "use widths that are multiples of 16, precision.native_gemm = false (the FP32 "
+          "emulation) or precision.mode = \"bf16\")",
           s.name.c_str(), d.what, static_cast<long long>(d.v),
           static_cast<long long>(kFp8DimAlign));
     }

@@ -102,7 +102,8 @@ struct GemmModelShape {
   AttentionKind attn = AttentionKind::kMha;
   int64_t d_model = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;  // head_dim: MHA
   int64_t d_ff = 0;                                                 // dense FFN width
-  int64_t d_expert = 0, num_experts = 0, num_shared_experts = 0;
+  int64_t d_expert = 0, num_experts = 0;
+  int64_t d_shared = 0;  // the shared experts' total width (0: none)
   int64_t q_lora_rank = 0, kv_lora_rank = 0;  // MLA; q_lora_rank 0: wq instead of wq_a/wq_b
   int64_t qk_nope_head_dim = 0, qk_rope_head_dim = 0, v_head_dim = 0;
   int64_t vocab_size = 0;
@@ -110,14 +111,17 @@ struct GemmModelShape {
 };
 
 // kRun: the GEMMs follow the run's precision mode (FP8 in fp8); kHigh: they stay in higher
-// precision whatever the mode (the router and the output head, DeepSeek-V3 report 3.3.1).
+// precision whatever the mode (the router and the output head, DeepSeek-V3 report 3.3.1; the
+// MTP modules' eh_proj, which the model keeps beside the head).
 enum class LinearPrecision { kRun, kHigh };
 
-// A linear layer's weight (out_features, in_features).
+// A linear layer's weight (out_features, in_features); routed: its token rows are the routed
+// experts' (dispatched) rows rather than the batch's tokens.
 struct GemmLinearShape {
   std::string name;
   int64_t out_features = 0, in_features = 0;
   LinearPrecision precision = LinearPrecision::kRun;
+  bool routed = false;
 };
 
 // Every distinct linear of the model, fused where the model fuses (attn/wqkv, */w13).
