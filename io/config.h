@@ -154,7 +154,8 @@ struct PrecisionConfig {
   PrecisionMode mode = PrecisionMode::kFp32;
   bool dispatch_fp8 = false;
   // bf16 / fp8 GEMMs on the device's native formats where it has them (BF16 and, on Hopper,
-  // block-scaled FP8 tensor cores); false: the exact FP32 emulation on every device.
+  // block-scaled FP8 tensor cores), and the attention core on BF16 tensor cores; false: the
+  // exact FP32 emulation and FP32 attention on every device.
   bool native_gemm = true;
 
   bool operator==(const PrecisionConfig&) const = default;

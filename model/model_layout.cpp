@@ -30,16 +30,20 @@ OpsLimits ops_limits(const ModelDims& d, int64_t B_max) {
   return l;
 }
 
+// native_gemm: the BF16 / FP8 GEMMs on their own tensor cores; attention_bf16: the attention
+// core on BF16 tensor cores (cuda_ops.h).
 template <typename T>
-std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits, bool native_gemm) {
+std::unique_ptr<Ops<T>> ops_create(Device device, const OpsLimits& limits, bool native_gemm,
+                                   bool attention_bf16) {
   CHECK(device != Device::kAuto, "resolve run.device = \"auto\" before building the model");
   if (device == Device::kCpu) return ops_cpu_create<T>();
   if constexpr (std::is_same_v<T, float>) {
 #ifdef MOETRAIN_HAVE_CUDA
-    return ops_cuda_create(limits, native_gemm, native_gemm);
+    return ops_cuda_create(limits, native_gemm, native_gemm, attention_bf16);
 #else
     (void)limits;
     (void)native_gemm;
+    (void)attention_bf16;
     CHECK(false, "this build has no CUDA backend (configure with the CUDA toolkit present)");
 #endif
   }
@@ -557,7 +561,10 @@ void model_build(Model<T>& m, const ModelDims& d, int64_t B_max, int64_t pad_rep
                  int64_t pad_experts, ModelPart part, int n_slots, bool split_backward,
                  Device device) {
   dims_check(d);
-  m.ops = ops_create<T>(device, ops_limits(d, B_max), d.native_gemm);
+  // BF16 and FP8 training keep attention in BF16 (DeepSeek-V3 report 3.3): with native GEMMs
+  // the GPU runs its core on BF16 tensor cores too.
+  m.ops = ops_create<T>(device, ops_limits(d, B_max), d.native_gemm,
+                        d.native_gemm && d.precision != PrecisionMode::kFp32);
   // cuBLASLt's FP8 kernels take only widths in multiples of 16: refuse a model they cannot
   // run here, naming the layer, rather than fail inside the first step.
   if (d.precision == PrecisionMode::kFp8 && m.ops->gemm_fp8_native())

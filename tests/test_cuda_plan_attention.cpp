@@ -15,7 +15,10 @@
 
 namespace {
 
+using moe::cuda::AttentionCore;
+using moe::cuda::AttentionKernel;
 using moe::cuda::AttentionPlan;
+using moe::cuda::AttentionSmem;
 using moe::cuda::AttentionShape;
 using moe::cuda::LaunchDims;
 
@@ -56,10 +59,14 @@ void expect_dims_fit(const LaunchDims& d, int64_t tiles, int64_t heads, int64_t 
 
 TEST(CudaPlanAttention, EveryConfigFitsSm80AndSm90) {
   for (const ConfigShape& c : config_shapes()) {
-    for (const int64_t limit : {moe::cuda::kSmemLimitSm80, moe::cuda::kSmemLimitSm90}) {
-      SCOPED_TRACE(::testing::Message() << c.config << " limit " << limit);
+    for (const int64_t limit : {moe::cuda::kSmemLimitSm80, moe::cuda::kSmemLimitSm90})
+    for (const AttentionCore core : {AttentionCore::kFp32, AttentionCore::kBf16}) {
+      SCOPED_TRACE(::testing::Message() << c.config << " limit " << limit << " core "
+                                        << static_cast<int>(core));
       const AttentionShape& s = c.shape;
-      const AttentionPlan p = moe::cuda::attention_plan(s, limit);
+      const AttentionPlan p = moe::cuda::attention_plan(s, limit, core);
+      // Every shipped config's heads are multiples of 16: the tensor cores take them all.
+      EXPECT_EQ(p.core, core);
       const int64_t tiles = (s.T + moe::cuda::kAttnTile - 1) / moe::cuda::kAttnTile;
       expect_dims_fit(p.forward, tiles, s.NH, s.B, limit, "forward");
       expect_dims_fit(p.backward_rows, tiles, s.NH, s.B, limit, "backward_rows");
@@ -97,6 +104,69 @@ TEST(CudaPlanAttention, SharedMemoryMatchesTheKernelsCarving) {
             4 * 32 * (64 + 64 + 65 + 65 + 2 * 33 + 64 + 64));  // 57856
   EXPECT_LE(q.backward_rows.smem_bytes, moe::cuda::kSmemDefaultBytes);
   EXPECT_GT(q.backward_cols.smem_bytes, moe::cuda::kSmemDefaultBytes);
+}
+
+// The BF16 core's carving: BF16 operands with rows D + 8 apart, FP32 score tiles (32, 36),
+// P / dS (32, 40) BF16, FP32 accumulators, every piece on 128 bytes (WMMA needs 32-byte
+// aligned fragment pointers: each fragment starts 16 rows and 16 columns into a piece).
+TEST(CudaPlanAttention, Bf16CoreCarvesAlignedPieces) {
+  const AttentionSmem f =
+      moe::cuda::attention_smem(AttentionKernel::kForward, 192, 128, AttentionCore::kBf16);
+  EXPECT_EQ(f.q, 0);
+  EXPECT_EQ(f.k, 32 * 200 * 2);
+  EXPECT_EQ(f.v, 2 * 32 * 200 * 2);
+  EXPECT_EQ(f.s, 2 * 32 * 200 * 2 + 32 * 136 * 2);
+  EXPECT_EQ(f.p, f.s + 32 * 36 * 4);
+  EXPECT_EQ(f.acc0, f.p + 32 * 40 * 2);
+  EXPECT_EQ(f.row, f.acc0 + 32 * 128 * 4);
+  EXPECT_EQ(f.bytes, f.row + 128);  // 57984, against 86400 in FP32
+  const AttentionPlan p = moe::cuda::attention_plan({1, 4096, 128, 128, 192, 128},
+                                                    moe::cuda::kSmemLimitSm80, AttentionCore::kBf16);
+  EXPECT_EQ(p.core, AttentionCore::kBf16);
+  EXPECT_EQ(p.forward.smem_bytes, 57984);
+  EXPECT_NE(p.describe().find("bf16 tensor cores"), std::string::npos);
+  for (const AttentionKernel k :
+       {AttentionKernel::kForward, AttentionKernel::kBackwardRows, AttentionKernel::kBackwardCols}) {
+    for (const int64_t hd : {16, 32, 48, 64, 128, 192}) {
+      for (const int64_t hdv : {16, 32, 128}) {
+        SCOPED_TRACE(::testing::Message() << static_cast<int>(k) << " " << hd << " " << hdv);
+        const AttentionSmem m = moe::cuda::attention_smem(k, hd, hdv, AttentionCore::kBf16);
+        for (const int64_t off : {m.q, m.k, m.v, m.dout, m.s, m.p, m.ds, m.acc0, m.acc1, m.row})
+          EXPECT_EQ(off % 128, 0);
+        EXPECT_EQ(m.bytes % 128, 0);
+        // Fragment strides: 16 rows of a BF16 operand, of a P tile, of an accumulator and of
+        // a score tile are whole 32-byte units.
+        EXPECT_EQ(16 * moe::cuda::attention_ld(hd, true, AttentionCore::kBf16) * 2 % 32, 0);
+        EXPECT_EQ(16 * moe::cuda::attention_p_ld(AttentionCore::kBf16) * 2 % 32, 0);
+        EXPECT_EQ(16 * hdv * 4 % 32, 0);
+        EXPECT_EQ(16 * moe::cuda::kAttnScoreLd * 4 % 32, 0);
+        // Wider heads: smaller than the FP32 core's (BF16 operands); at most the two score
+        // tiles and the alignment more on any.
+        const int64_t fp32 = moe::cuda::attention_smem(k, hd, hdv, AttentionCore::kFp32).bytes;
+        EXPECT_LE(m.bytes, fp32 + 2 * 32 * moe::cuda::kAttnScoreLd * 4 + 10 * 128);
+        if (hd >= 64 && hdv >= 32) {
+          EXPECT_LT(m.bytes, fp32);
+        }
+      }
+    }
+  }
+  const AttentionSmem c =
+      moe::cuda::attention_smem(AttentionKernel::kBackwardCols, 64, 64, AttentionCore::kBf16);
+  EXPECT_EQ(c.p - c.s, 2 * 32 * 36 * 4);  // S^T and dP^T tiles
+  EXPECT_EQ(c.ds - c.p, 32 * 40 * 2);
+}
+
+// Head widths the tensor cores cannot take keep the FP32 core, with its carving.
+TEST(CudaPlanAttention, Bf16CoreFallsBackOnOddHeads) {
+  for (const AttentionShape s : {AttentionShape{1, 33, 6, 3, 20, 12}, AttentionShape{1, 8, 2, 2, 48, 40},
+                                 AttentionShape{1, 8, 2, 2, 8, 8}}) {
+    const AttentionPlan p = moe::cuda::attention_plan(s, moe::cuda::kSmemLimitSm90, AttentionCore::kBf16);
+    EXPECT_EQ(p.core, AttentionCore::kFp32) << s.describe();
+    EXPECT_EQ(p.forward.smem_bytes,
+              moe::cuda::attention_smem(AttentionKernel::kForward, s.HD, s.HDv, AttentionCore::kFp32).bytes);
+  }
+  EXPECT_TRUE(moe::cuda::attention_tc_fits(192, 128));
+  EXPECT_FALSE(moe::cuda::attention_tc_fits(192, 120));
 }
 
 // T not a multiple of the tile, a single token, and an empty batch.

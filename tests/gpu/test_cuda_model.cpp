@@ -51,7 +51,8 @@ TEST(CudaModel, OneStepMatchesTheCpuModel) {
   const ModelCase cases[] = {
       {"fp32 gqa", PrecisionMode::kFp32, false, 0, false, 1e-5, 1e-4, 1 - 1e-6},
       {"fp32 mla mtp split", PrecisionMode::kFp32, true, 1, true, 1e-5, 1e-4, 1 - 1e-6},
-      {"bf16 gqa", PrecisionMode::kBf16, false, 0, false, 1e-4, 1e-3, 1 - 1e-4},
+      // Native bf16 also takes attention to BF16 tensor cores (P and dS rounded to BF16).
+      {"bf16 gqa", PrecisionMode::kBf16, false, 0, false, 1e-3, 1e-2, 1 - 1e-3},
       {"fp8 mla mtp", PrecisionMode::kFp8, true, 1, false, 2e-3, 2e-2, 0.999},
       {"fp8 mla mtp emulated", PrecisionMode::kFp8, true, 1, false, 2e-3, 2e-2, 0.999, false},
       {"bf16 gqa emulated", PrecisionMode::kBf16, false, 0, false, 1e-4, 1e-3, 1 - 1e-4, false},

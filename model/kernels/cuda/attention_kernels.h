@@ -16,21 +16,24 @@
 // (no atomics), so results are bitwise reproducible run to run on one device.
 // Shapes whose shared memory exceeds the device's per-block limit CHECK-fail
 // (model/kernels/cuda/attention_plan.h).
+// core: kFp32 multiplies in FP32; kBf16 on BF16 tensor cores (attention_plan.h) where the
+// device (sm_80+) and the head widths (multiples of 16) allow it, kFp32 otherwise.
 #pragma once
 
 #include <cstdint>
 
+#include "model/kernels/cuda/attention_plan.h"
 #include "model/kernels/cuda/cuda_backend.h"
 
 namespace moe::cuda {
 
 void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T_,
                        int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, float* scratch,
-                       Stream stream);
+                       AttentionCore core, Stream stream);
 
 // dqkv assigned.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* lse,
                         int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
-                        float* scratch, Stream stream);
+                        float* scratch, AttentionCore core, Stream stream);
 
 }  // namespace moe::cuda

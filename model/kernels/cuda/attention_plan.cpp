@@ -10,13 +10,13 @@ namespace {
 constexpr int64_t kGridYZMax = 65535;
 constexpr int64_t kGridXMax = 2147483647;
 
-LaunchDims attention_dims(int64_t tiles, int64_t heads, int64_t B, int64_t smem_floats) {
+LaunchDims attention_dims(int64_t tiles, int64_t heads, int64_t B, int64_t smem_bytes) {
   LaunchDims d;
   d.grid_x = tiles;
   d.grid_y = heads;
   d.grid_z = B;
   d.block = kAttnThreads;
-  d.smem_bytes = smem_floats * static_cast<int64_t>(sizeof(float));
+  d.smem_bytes = smem_bytes;
   return d;
 }
 
@@ -54,7 +54,8 @@ std::string AttentionPlan::describe() const {
                      static_cast<long long>(d.grid_z), d.block,
                      static_cast<long long>(d.smem_bytes));
   };
-  return one("forward", forward) + "; " + one("backward_rows", backward_rows) + "; " +
+  return std::string(core == AttentionCore::kBf16 ? "bf16 tensor cores; " : "fp32; ") +
+         one("forward", forward) + "; " + one("backward_rows", backward_rows) + "; " +
          one("backward_cols", backward_cols);
 }
 
@@ -63,16 +64,19 @@ int64_t attention_scratch_floats(const AttentionShape& s) {
   return s.B * s.NH * s.T;
 }
 
-AttentionPlan attention_plan(const AttentionShape& s, int64_t smem_limit_bytes) {
+AttentionPlan attention_plan(const AttentionShape& s, int64_t smem_limit_bytes,
+                             AttentionCore core) {
   s.check_validity();
   const int64_t tiles = (s.T + kAttnTile - 1) / kAttnTile;
   AttentionPlan p;
-  p.forward =
-      attention_dims(tiles, s.NH, s.B, attention_forward_smem_floats(s.HD, s.HDv));
-  p.backward_rows =
-      attention_dims(tiles, s.NH, s.B, attention_backward_rows_smem_floats(s.HD, s.HDv));
-  p.backward_cols =
-      attention_dims(tiles, s.NKV, s.B, attention_backward_cols_smem_floats(s.HD, s.HDv));
+  p.core = core == AttentionCore::kBf16 && attention_tc_fits(s.HD, s.HDv) ? core
+                                                                          : AttentionCore::kFp32;
+  const auto bytes = [&](AttentionKernel k) {
+    return attention_smem(k, s.HD, s.HDv, p.core).bytes;
+  };
+  p.forward = attention_dims(tiles, s.NH, s.B, bytes(AttentionKernel::kForward));
+  p.backward_rows = attention_dims(tiles, s.NH, s.B, bytes(AttentionKernel::kBackwardRows));
+  p.backward_cols = attention_dims(tiles, s.NKV, s.B, bytes(AttentionKernel::kBackwardCols));
   attention_dims_check(p.forward, "forward", s, smem_limit_bytes);
   attention_dims_check(p.backward_rows, "backward_rows", s, smem_limit_bytes);
   attention_dims_check(p.backward_cols, "backward_cols", s, smem_limit_bytes);

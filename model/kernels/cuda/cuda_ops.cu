@@ -84,8 +84,11 @@ ScratchLayout scratch_layout(const OpsLimits& lim, int sm_major) {
 
 class CudaOps final : public Ops<float> {
  public:
-  CudaOps(const OpsLimits& limits, bool native_bf16, bool native_fp8)
-      : lim_(limits), native_bf16_(native_bf16), native_fp8_(native_fp8) {
+  CudaOps(const OpsLimits& limits, bool native_bf16, bool native_fp8, bool attention_bf16)
+      : lim_(limits),
+        native_bf16_(native_bf16),
+        native_fp8_(native_fp8),
+        attention_core_(attention_bf16 ? cuda::AttentionCore::kBf16 : cuda::AttentionCore::kFp32) {
     int dev = 0, sm_major = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -237,12 +240,13 @@ class CudaOps final : public Ops<float> {
   void attention_forward(float* out, float* lse, const float* qkv, int64_t B, int64_t T_,
                          int64_t NH, int64_t NKV, int64_t HD, int64_t HDv,
                          float* scratch) override {
-    cuda::attention_forward(out, lse, qkv, B, T_, NH, NKV, HD, HDv, scratch, s_);
+    cuda::attention_forward(out, lse, qkv, B, T_, NH, NKV, HD, HDv, scratch, attention_core_, s_);
   }
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* lse,
                           int64_t B, int64_t T_, int64_t NH, int64_t NKV, int64_t HD,
                           int64_t HDv, float* scratch) override {
-    cuda::attention_backward(dqkv, dout, qkv, lse, B, T_, NH, NKV, HD, HDv, scratch, s_);
+    cuda::attention_backward(dqkv, dout, qkv, lse, B, T_, NH, NKV, HD, HDv, scratch,
+                             attention_core_, s_);
   }
   void swiglu_forward(float* out, const float* gu, int64_t N, int64_t F) override {
     cuda::swiglu_forward(out, gu, N, F, s_);
@@ -379,6 +383,7 @@ class CudaOps final : public Ops<float> {
   OpsLimits lim_;
   bool native_bf16_ = true;
   bool native_fp8_ = true;
+  cuda::AttentionCore attention_core_ = cuda::AttentionCore::kFp32;
   ScratchLayout l_;
   cuda::Stream s_ = nullptr;
   unsigned char* base_ = nullptr;  // the one allocation, l_.total bytes
@@ -388,8 +393,8 @@ class CudaOps final : public Ops<float> {
 }  // namespace
 
 std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16,
-                                            bool native_fp8) {
-  return std::make_unique<CudaOps>(limits, native_bf16, native_fp8);
+                                            bool native_fp8, bool attention_bf16) {
+  return std::make_unique<CudaOps>(limits, native_bf16, native_fp8, attention_bf16);
 }
 
 cuda::Stream ops_cuda_stream(Ops<float>& ops) {

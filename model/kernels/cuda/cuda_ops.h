@@ -22,8 +22,11 @@ namespace moe {
 // emulation (FP32 GEMMs of BF16-rounded floats), for comparing against the CPU bit by bit.
 // native_fp8: their FP8 GEMMs multiply E4M3 codes (Ops::gemm_fp8) where cuBLASLt has block
 // scaling (sm_90); false, or another device, keeps the emulation.
+// attention_bf16: the attention core multiplies on BF16 tensor cores (attention_plan.h's
+// AttentionCore::kBf16, where head widths are multiples of 16), as BF16 and FP8 training do;
+// false keeps every product in FP32, as the CPU computes it.
 std::unique_ptr<Ops<float>> ops_cuda_create(const OpsLimits& limits, bool native_bf16 = true,
-                                            bool native_fp8 = true);
+                                            bool native_fp8 = true, bool attention_bf16 = false);
 
 // The stream `ops` queues its work on. CHECKs that `ops` is a CUDA backend.
 cuda::Stream ops_cuda_stream(Ops<float>& ops);
