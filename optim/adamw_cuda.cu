@@ -53,7 +53,7 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
   adamw_check(param, grad, m, v, n);
   const LaunchDims d = adamw_plan(n);
   if (d.grid_x == 0) return;
-  adamw_kernel<<<static_cast<unsigned>(d.grid_x), d.block, 0, stream>>>(param, grad, m, v, n,
+  MOE_LAUNCH(static_cast<unsigned>(d.grid_x), d.block, 0, stream, adamw_kernel)(param, grad, m, v, n,
                                                                         adamw_coeffs(s, decay));
   CUDA_CHECK_LAUNCH();
 }
@@ -63,7 +63,7 @@ void adamw_update_bf16(float* param, const float* grad, uint16_t* m, uint16_t* v
   adamw_check(param, grad, m, v, n);
   const LaunchDims d = adamw_plan(n);
   if (d.grid_x == 0) return;
-  adamw_bf16_kernel<<<static_cast<unsigned>(d.grid_x), d.block, 0, stream>>>(
+  MOE_LAUNCH(static_cast<unsigned>(d.grid_x), d.block, 0, stream, adamw_bf16_kernel)(
       param, grad, m, v, n, adamw_coeffs(s, decay));
   CUDA_CHECK_LAUNCH();
 }

@@ -70,9 +70,9 @@ class CudaOptimOps final : public OptimOps {
           static_cast<long long>(n));
     if (n == 0) return 0.0;
     double* total = partial_ + max_blocks_;
-    sum_squares_blocks<<<static_cast<unsigned>(nb), kNormThreads, 0, stream_>>>(g, n, partial_);
+    MOE_LAUNCH(static_cast<unsigned>(nb), kNormThreads, 0, stream_, sum_squares_blocks)(g, n, partial_);
     CUDA_CHECK_LAUNCH();
-    sum_partials<<<1, kNormThreads, 0, stream_>>>(partial_, nb, total);
+    MOE_LAUNCH(1, kNormThreads, 0, stream_, sum_partials)(partial_, nb, total);
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemcpyAsync(result_, total, sizeof(double), cudaMemcpyDeviceToHost, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));

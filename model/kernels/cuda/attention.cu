@@ -43,8 +43,8 @@ void forward_launch(const AttentionPlan& plan, float* out, float* lse, const flo
                     int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, Stream stream) {
   const LaunchDims& d = plan.forward;
   attention_smem_opt_in(attention_forward_kernel<C>, d);
-  attention_forward_kernel<C><<<attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes),
-                                stream>>>(out, lse, qkv, T_, NH, NKV, static_cast<int>(HD),
+  MOE_LAUNCH(attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes),
+                                stream, attention_forward_kernel<C>)(out, lse, qkv, T_, NH, NKV, static_cast<int>(HD),
                                           static_cast<int>(HDv), attention_scale<float>(HD));
   CUDA_CHECK_LAUNCH();
 }
@@ -59,14 +59,14 @@ void backward_launch(const AttentionPlan& plan, float* dqkv, const float* dout, 
   const float scale = attention_scale<float>(HD);
   const LaunchDims& r = plan.backward_rows;
   attention_smem_opt_in(attention_backward_rows_kernel<C>, r);
-  attention_backward_rows_kernel<C><<<attention_grid(r), r.block,
-                                      static_cast<size_t>(r.smem_bytes), stream>>>(
+  MOE_LAUNCH(attention_grid(r), r.block,
+                                      static_cast<size_t>(r.smem_bytes), stream, attention_backward_rows_kernel<C>)(
       dqkv, scratch, dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
   CUDA_CHECK_LAUNCH();
   const LaunchDims& c = plan.backward_cols;
   attention_smem_opt_in(attention_backward_cols_kernel<C>, c);
-  attention_backward_cols_kernel<C><<<attention_grid(c), c.block,
-                                      static_cast<size_t>(c.smem_bytes), stream>>>(
+  MOE_LAUNCH(attention_grid(c), c.block,
+                                      static_cast<size_t>(c.smem_bytes), stream, attention_backward_cols_kernel<C>)(
       dqkv, scratch, dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
   CUDA_CHECK_LAUNCH();
 }

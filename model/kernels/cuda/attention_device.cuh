@@ -1,8 +1,3 @@
-// The device code of the CUDA attention core: included by attention.cu, which launches it,
-// and by tests/test_attention_sim.cpp, which runs it on the CPU under tests/cuda_sim.h (a
-// thread per CUDA thread, barriers and shuffles emulated, WMMA as plain 16x16 products) so
-// the kernels' index, carving and barrier logic is checked on every machine.
-//
 // Design: fused (flash-style), simple and deterministic first. Three kernels of kAttnThreads
 // threads (8 warps) over tiles of kAttnTile = 32 rows; scores live in registers and shared
 // memory only, and the forward saves one float per query row, lse_i = m_i + log(l_i).
@@ -50,7 +45,7 @@
 // 64-128 row tiles and keeps fragments in registers), so it is the first step, not the last.
 #pragma once
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(MOETRAIN_CUDA_SIM)
 #include <cuda_bf16.h>
 #include <mma.h>
 #endif
@@ -59,6 +54,7 @@
 #include <type_traits>
 
 #include "model/kernels/cuda/attention_plan.h"
+#include "model/kernels/cuda/launch.h"
 #include "model/softmax_math.h"
 
 namespace moe::cuda {
@@ -316,7 +312,7 @@ template <AttentionCore C>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_forward_kernel(float* out, float* lse, const float* qkv, int64_t T, int64_t NH,
                              int64_t NKV, int HD, int HDv, float scale) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kForward, HD, HDv);
   const int ldq = static_cast<int>(attention_ld(HD, false, C));
   const int ldk = static_cast<int>(attention_ld(HD, true, C));
@@ -413,7 +409,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     attention_backward_rows_kernel(float* dqkv, float* dots, const float* dout, const float* qkv,
                                    const float* lse, int64_t T, int64_t NH, int64_t NKV, int HD,
                                    int HDv, float scale) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kBackwardRows, HD, HDv);
   const int ldq = static_cast<int>(attention_ld(HD, false, C));
   const int ldo = static_cast<int>(attention_ld(HDv, false, C));
@@ -487,7 +483,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     attention_backward_cols_kernel(float* dqkv, const float* dots, const float* dout,
                                    const float* qkv, const float* lse, int64_t T, int64_t NH,
                                    int64_t NKV, int HD, int HDv, float scale) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kBackwardCols, HD, HDv);
   const int ldkt = static_cast<int>(attention_ld(HD, false, C));
   const int ldvt = static_cast<int>(attention_ld(HDv, false, C));

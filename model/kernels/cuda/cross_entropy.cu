@@ -68,7 +68,7 @@ void cross_entropy_forward(float* losses, float* probs, const float* logits,
   CHECK(N >= 0 && V > 0, "N=%lld V=%lld", static_cast<long long>(N), static_cast<long long>(V));
   const LaunchDims d = plan_cross_entropy_forward(N, V);
   if (d.grid_x == 0) return;
-  cross_entropy_forward_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, cross_entropy_forward_kernel)(
       losses, probs, logits, targets, V);
   CUDA_CHECK_LAUNCH();
 }
@@ -78,7 +78,7 @@ void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* t
   CHECK(N >= 0 && V > 0, "N=%lld V=%lld", static_cast<long long>(N), static_cast<long long>(V));
   const LaunchDims d = plan_cross_entropy_backward(N, V);
   if (d.grid_x == 0) return;
-  cross_entropy_backward_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, cross_entropy_backward_kernel)(
       dlogits, probs, targets, dloss, V, cross_entropy_backward_col_tiles(V, d.block));
   CUDA_CHECK_LAUNCH();
 }

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "model/check.h"
+#include "model/kernels/cuda/launch.h"
 
 #define CUDA_CHECK(stmt)                                                              \
   do {                                                                                \

@@ -33,7 +33,7 @@ __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, cons
 // s_warp[32] (int32).
 __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int32_t* tokens,
                                           int64_t N, int64_t C, int64_t V) {
-  extern __shared__ int32_t smem[];
+  MOE_DYNAMIC_SMEM(int32_t, smem);
   int32_t* s_n = smem;
   int32_t* s_tok = smem + blockDim.x;
   int32_t* s_warp = smem + 2 * blockDim.x;
@@ -85,7 +85,7 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
         static_cast<long long>(C), static_cast<long long>(V));
   const LaunchDims d = plan_embedding_forward(N, C);
   if (d.grid_x == 0 || C == 0) return;
-  embedding_forward_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(out, tokens,
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, embedding_forward_kernel)(out, tokens,
                                                                                   wte, C, V);
   CUDA_CHECK_LAUNCH();
 }
@@ -96,7 +96,7 @@ void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, i
         static_cast<long long>(N), static_cast<long long>(C), static_cast<long long>(V));
   const LaunchDims d = plan_embedding_backward(V, C);
   if (d.grid_x == 0 || N == 0) return;
-  embedding_backward_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, embedding_backward_kernel)(
       dwte, dout, tokens, N, C, V);
   CUDA_CHECK_LAUNCH();
 }

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kQuantThreads)
                         int64_t R, int64_t C, int64_t tr, int64_t tc, int64_t unit_cols,
                         int64_t col_groups, int64_t col_tiles, int64_t tiles_per_unit,
                         int threads_x) {
-  extern __shared__ unsigned quant_smem[];
+  MOE_DYNAMIC_SMEM(unsigned, quant_smem);
   unsigned* tile_amax = quant_smem;
   float* tile_scale = reinterpret_cast<float*>(quant_smem + tiles_per_unit);
   const Fp8QuantUnit u =
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kQuantThreads)
                              int64_t R, int64_t C, int64_t tr, int64_t tc, int64_t unit_cols,
                              int64_t col_groups, int64_t col_tiles, int64_t tiles_per_unit,
                              int threads_x) {
-  extern __shared__ unsigned quant_smem[];
+  MOE_DYNAMIC_SMEM(unsigned, quant_smem);
   unsigned* tile_amax = quant_smem;
   float* tile_scale = reinterpret_cast<float*>(quant_smem + tiles_per_unit);
   const Fp8QuantUnit u =
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kQuantThreads)
                           const float* scales, int64_t R, int64_t C, int64_t tr, int64_t tc,
                           int64_t unit_cols, int64_t col_groups, int64_t col_tiles,
                           int64_t tiles_per_unit, int threads_x) {
-  extern __shared__ unsigned quant_smem[];
+  MOE_DYNAMIC_SMEM(unsigned, quant_smem);
   float* tile_scale = reinterpret_cast<float*>(quant_smem + tiles_per_unit);
   const Fp8QuantUnit u =
       fp8_quant_unit(blockIdx.x, R, C, tr, tc, unit_cols, col_groups, col_tiles);
@@ -159,8 +159,8 @@ void fp8_quantize_ld(uint8_t* q, int64_t ld_q, float* scales, const float* x, in
   check_ld("ld_x", ld_x, C);
   if (p.dims.grid_x == 0) return;
   CHECK(q && scales && x, "null pointer");
-  fp8_quantize_kernel<<<static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                        static_cast<size_t>(p.dims.smem_bytes), stream>>>(
+  MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
+                        static_cast<size_t>(p.dims.smem_bytes), stream, fp8_quantize_kernel)(
       q, ld_q, scales, x, ld_x, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups,
       p.col_tiles, p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();
@@ -178,8 +178,8 @@ void fp8_dequantize_ld(float* x, int64_t ld_x, const uint8_t* q, int64_t ld_q, c
   check_ld("ld_q", ld_q, C);
   if (p.dims.grid_x == 0) return;
   CHECK(x && q && scales, "null pointer");
-  fp8_dequantize_kernel<<<static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                          static_cast<size_t>(p.dims.smem_bytes), stream>>>(
+  MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
+                          static_cast<size_t>(p.dims.smem_bytes), stream, fp8_dequantize_kernel)(
       x, ld_x, q, ld_q, scales, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups,
       p.col_tiles, p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();
@@ -200,8 +200,8 @@ void fp8_fake_quantize_ld(float* out, int64_t ld_out, const float* x, int64_t ld
         static_cast<long long>(ld_x));
   if (p.dims.grid_x == 0) return;
   CHECK(out && x, "null pointer");
-  fp8_fake_quantize_kernel<<<static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                             static_cast<size_t>(p.dims.smem_bytes), stream>>>(
+  MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
+                             static_cast<size_t>(p.dims.smem_bytes), stream, fp8_fake_quantize_kernel)(
       out, ld_out, x, ld_x, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups, p.col_tiles,
       p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();
@@ -216,7 +216,7 @@ void bf16_fake_quantize(float* out, const float* x, int64_t n, Stream stream) {
   const LaunchDims d = bf16_round_plan(n);  // checks n >= 0
   if (d.grid_x == 0) return;
   CHECK(out && x, "null pointer");
-  bf16_round_kernel<<<static_cast<unsigned>(d.grid_x), d.block, 0, stream>>>(out, x, n);
+  MOE_LAUNCH(static_cast<unsigned>(d.grid_x), d.block, 0, stream, bf16_round_kernel)(out, x, n);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -85,7 +85,7 @@ unsigned grid_for(int64_t total) {
 }
 
 void scale_c(GemmContext& ctx, int64_t M, int64_t N, float beta, float* C, int64_t ldc) {
-  scale_c_kernel<<<grid_for(M * N), kThreads, 0, ctx.stream>>>(C, ldc, M, N, beta);
+  MOE_LAUNCH(grid_for(M * N), kThreads, 0, ctx.stream, scale_c_kernel)(C, ldc, M, N, beta);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -416,16 +416,16 @@ double measure_peak_flops(GemmContext& ctx, GemmPrecision p, void* scratch,
   gemm_context_set_stream(ctx, stream);
   const int64_t nn = n * n;
   const int elem = static_cast<int>(gemm_input_bytes(p));
-  fill_input_kernel<<<grid_for(nn), kThreads, 0, stream>>>(A, nn, elem, 1u);
+  MOE_LAUNCH(grid_for(nn), kThreads, 0, stream, fill_input_kernel)(A, nn, elem, 1u);
   CUDA_CHECK_LAUNCH();
-  fill_input_kernel<<<grid_for(nn), kThreads, 0, stream>>>(B, nn, elem, 2u);
+  MOE_LAUNCH(grid_for(nn), kThreads, 0, stream, fill_input_kernel)(B, nn, elem, 2u);
   CUDA_CHECK_LAUNCH();
   if (p == GemmPrecision::kFp8) {
     const int64_t na = fp8_gemm_scale_count(n, n, Fp8Scaling::kTile1x128);
     const int64_t nb = fp8_gemm_scale_count(n, n, Fp8Scaling::kBlock128);
-    fill_scales_kernel<<<grid_for(na), kThreads, 0, stream>>>(as, na);
+    MOE_LAUNCH(grid_for(na), kThreads, 0, stream, fill_scales_kernel)(as, na);
     CUDA_CHECK_LAUNCH();
-    fill_scales_kernel<<<grid_for(nb), kThreads, 0, stream>>>(bs, nb);
+    MOE_LAUNCH(grid_for(nb), kThreads, 0, stream, fill_scales_kernel)(bs, nb);
     CUDA_CHECK_LAUNCH();
   }
   auto run = [&]() {

@@ -47,7 +47,7 @@ __device__ bool warp_tile(int64_t& tile, int64_t& i0, int64_t& i1, int64_t pairs
 // hist (tiles, E): how many pairs of each tile chose each expert.
 __global__ void dispatch_histogram_kernel(int32_t* hist, const int32_t* expert_ids,
                                           int64_t pairs, int64_t E) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   int64_t tile, i0, i1;
   if (!warp_tile(tile, i0, i1, pairs)) return;
   const int lane = threadIdx.x % kMoeWarpSize;
@@ -67,7 +67,7 @@ __global__ void dispatch_histogram_kernel(int32_t* hist, const int32_t* expert_i
 // One block, thread e for expert e (blockDim.x >= E); inclusive Hillis-Steele scan.
 __global__ void dispatch_scan_kernel(int64_t* counts, int64_t* offsets, int32_t* hist,
                                      int64_t tiles, int64_t E) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   int64_t* scan = reinterpret_cast<int64_t*>(smem_raw);  // (blockDim.x)
   const int64_t e = threadIdx.x;
   int64_t c = 0;
@@ -97,7 +97,7 @@ __global__ void dispatch_scan_kernel(int64_t* counts, int64_t* offsets, int32_t*
 __global__ void dispatch_place_kernel(int32_t* row_of, int32_t* token_of, const int32_t* first,
                                       const int32_t* expert_ids, int64_t pairs, int64_t E,
                                       int64_t K) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   int64_t tile, i0, i1;
   if (!warp_tile(tile, i0, i1, pairs)) return;
   const int lane = threadIdx.x % kMoeWarpSize;
@@ -237,16 +237,16 @@ void moe_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* token
         "dispatch scratch %p", scratch);
   const LaunchDims dt = moe_dispatch_tile_dims(N, E, K);
   if (tiles > 0) {
-    dispatch_histogram_kernel<<<grid_of(dt), dt.block, dt.smem_bytes, stream>>>(
+    MOE_LAUNCH(grid_of(dt), dt.block, dt.smem_bytes, stream, dispatch_histogram_kernel)(
         hist, expert_ids, pairs, E);
     CUDA_CHECK_LAUNCH();
   }
   const LaunchDims ds = moe_dispatch_scan_dims(E);
-  dispatch_scan_kernel<<<grid_of(ds), ds.block, ds.smem_bytes, stream>>>(counts, offsets, hist,
+  MOE_LAUNCH(grid_of(ds), ds.block, ds.smem_bytes, stream, dispatch_scan_kernel)(counts, offsets, hist,
                                                                          tiles, E);
   CUDA_CHECK_LAUNCH();
   if (tiles > 0) {
-    dispatch_place_kernel<<<grid_of(dt), dt.block, dt.smem_bytes, stream>>>(
+    MOE_LAUNCH(grid_of(dt), dt.block, dt.smem_bytes, stream, dispatch_place_kernel)(
         row_of, token_of, hist, expert_ids, pairs, E, K);
     CUDA_CHECK_LAUNCH();
   }
@@ -258,9 +258,9 @@ void moe_permute_forward(float* xp, const float* x, const int32_t* token_of, int
   const int vec = vec_width(C, {xp, x});
   const LaunchDims d = moe_rows_dims(rows, C, vec);
   if (vec == 4)
-    permute_forward_kernel<4><<<grid_of(d), d.block, 0, stream>>>(xp, x, token_of, rows, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_forward_kernel<4>)(xp, x, token_of, rows, C);
   else
-    permute_forward_kernel<1><<<grid_of(d), d.block, 0, stream>>>(xp, x, token_of, rows, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_forward_kernel<1>)(xp, x, token_of, rows, C);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -270,9 +270,9 @@ void moe_permute_backward(float* dx, const float* dxp, const int32_t* row_of, in
   const int vec = vec_width(C, {dx, dxp});
   const LaunchDims d = moe_rows_dims(N, C, vec);
   if (vec == 4)
-    permute_backward_kernel<4><<<grid_of(d), d.block, 0, stream>>>(dx, dxp, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<4>)(dx, dxp, row_of, N, K, C);
   else
-    permute_backward_kernel<1><<<grid_of(d), d.block, 0, stream>>>(dx, dxp, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<1>)(dx, dxp, row_of, N, K, C);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -282,10 +282,10 @@ void moe_combine_forward(float* out, const float* yp, const float* weights,
   const int vec = vec_width(C, {out, yp});
   const LaunchDims d = moe_rows_dims(N, C, vec);
   if (vec == 4)
-    combine_forward_kernel<4><<<grid_of(d), d.block, 0, stream>>>(out, yp, weights, row_of, N,
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<4>)(out, yp, weights, row_of, N,
                                                                   K, C);
   else
-    combine_forward_kernel<1><<<grid_of(d), d.block, 0, stream>>>(out, yp, weights, row_of, N,
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<1>)(out, yp, weights, row_of, N,
                                                                   K, C);
   CUDA_CHECK_LAUNCH();
 }
@@ -297,10 +297,10 @@ void moe_combine_backward(float* dyp, float* dweights, const float* dout, const 
   const int vec = vec_width(C, {dyp, dout, yp});
   const LaunchDims d = moe_combine_backward_dims(N, K, C, vec);
   if (vec == 4)
-    combine_backward_kernel<4><<<grid_of(d), d.block, 0, stream>>>(dyp, dweights, dout, yp,
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<4>)(dyp, dweights, dout, yp,
                                                                    weights, row_of, N, K, C);
   else
-    combine_backward_kernel<1><<<grid_of(d), d.block, 0, stream>>>(dyp, dweights, dout, yp,
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<1>)(dyp, dweights, dout, yp,
                                                                    weights, row_of, N, K, C);
   CUDA_CHECK_LAUNCH();
 }

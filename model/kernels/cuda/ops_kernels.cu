@@ -68,7 +68,7 @@ template <typename E>
 void transpose_as(void* dst, const void* src, int64_t R, int64_t C, Stream stream) {
   const LaunchDims d = plan_transpose(R, C);
   if (d.grid_x == 0) return;
-  transpose_kernel<E><<<dims_grid(d), dims_block(d), 0, stream>>>(
+  MOE_LAUNCH(dims_grid(d), dims_block(d), 0, stream, transpose_kernel<E>)(
       static_cast<E*>(dst), static_cast<const E*>(src), R, C);
   CUDA_CHECK_LAUNCH();
 }
@@ -124,7 +124,7 @@ void add_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int6
   CHECK(rows == 1 || (ld_dst >= cols && ld_src >= cols), "ld_dst=%lld ld_src=%lld < cols=%lld",
         (long long)ld_dst, (long long)ld_src, (long long)cols);
   const LaunchDims d = plan_rows(rows, cols, 4, 256);
-  add_rows_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(dst, ld_dst, src,
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, add_rows_kernel)(dst, ld_dst, src,
                                                                          ld_src, cols);
   CUDA_CHECK_LAUNCH();
 }
@@ -133,7 +133,7 @@ void bf16_encode(uint16_t* bits, float* rounded, const float* x, int64_t n, Stre
   CHECK(n >= 0, "n=%lld", (long long)n);
   const LaunchDims d = plan_elementwise(n);
   if (d.grid_x == 0) return;
-  bf16_encode_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(bits, rounded, x, n);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, bf16_encode_kernel)(bits, rounded, x, n);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -141,7 +141,7 @@ void bf16_decode(float* x, const uint16_t* bits, int64_t n, Stream stream) {
   CHECK(n >= 0, "n=%lld", (long long)n);
   const LaunchDims d = plan_elementwise(n);
   if (d.grid_x == 0) return;
-  bf16_decode_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(x, bits, n);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, bf16_decode_kernel)(x, bits, n);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -162,7 +162,7 @@ void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, i
         (long long)k);
   const LaunchDims d = plan_elementwise(B * T_);
   if (d.grid_x == 0) return;
-  mtp_shift_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(tokens, targets, y,
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, mtp_shift_kernel)(tokens, targets, y,
                                                                           B * T_, T_, k);
   CUDA_CHECK_LAUNCH();
 }
@@ -171,18 +171,18 @@ void scored_loss_sum(double* sum, int64_t* count, const float* losses, const int
                      int64_t N, Stream stream) {
   CHECK(N >= 0, "N=%lld", (long long)N);
   // Launched for N = 0 too: the block writes the zero sum and count.
-  scored_loss_sum_kernel<<<1, kLossSumThreads, 0, stream>>>(sum, count, losses, targets, N);
+  MOE_LAUNCH(1, kLossSumThreads, 0, stream, scored_loss_sum_kernel)(sum, count, losses, targets, N);
   CUDA_CHECK_LAUNCH();
 }
 
 void loss_mean_accumulate(double* acc, const double* sum, const int64_t* count, double divisor,
                           Stream stream) {
-  loss_mean_accumulate_kernel<<<1, 1, 0, stream>>>(acc, sum, count, divisor);
+  MOE_LAUNCH(1, 1, 0, stream, loss_mean_accumulate_kernel)(acc, sum, count, divisor);
   CUDA_CHECK_LAUNCH();
 }
 
 void accumulate_to_double(double* acc, const float* value, Stream stream) {
-  accumulate_to_double_kernel<<<1, 1, 0, stream>>>(acc, value);
+  MOE_LAUNCH(1, 1, 0, stream, accumulate_to_double_kernel)(acc, value);
   CUDA_CHECK_LAUNCH();
 }
 

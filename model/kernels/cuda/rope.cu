@@ -51,7 +51,7 @@ void rope_apply(float* x, const float* cos_t, const float* sin_t, int64_t B, int
   CHECK(stride >= H * HD, "stride=%lld < H*HD", static_cast<long long>(stride));
   const LaunchDims d = plan_rope(B * T_, H, HD);
   if (d.grid_x == 0) return;
-  rope_apply_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(x, cos_t, sin_t, T_, H,
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rope_apply_kernel)(x, cos_t, sin_t, T_, H,
                                                                            HD, stride, sign);
   CUDA_CHECK_LAUNCH();
 }
@@ -64,7 +64,7 @@ void rope_tables(float* cos_out, float* sin_out, int64_t T_, int64_t HD, double 
         static_cast<long long>(T_), static_cast<long long>(HD), theta);
   const LaunchDims d = plan_rope_tables(T_, HD);
   if (d.grid_x == 0) return;
-  rope_tables_kernel<<<dims_grid(d), dims_block(d), d.smem_bytes, stream>>>(
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rope_tables_kernel)(
       cos_out, sin_out, T_ * (HD / 2), HD, theta);
   CUDA_CHECK_LAUNCH();
 }

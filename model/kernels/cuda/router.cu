@@ -52,7 +52,7 @@ __global__ void router_forward_kernel(float* scores, int32_t* expert_ids, float*
                                       const float* logits, const float* bias, int64_t N,
                                       int64_t E, int64_t K, ScoreFn score, double route_scale,
                                       int64_t G, int64_t KG) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   const int64_t n = warp_token();
   if (n >= N) return;
   const int lane = threadIdx.x % kMoeWarpSize;
@@ -152,7 +152,7 @@ __global__ void router_backward_kernel(float* dlogits, const float* dweights,
                                        const float* dscores_extra, const float* scores,
                                        const int32_t* expert_ids, int64_t N, int64_t E,
                                        int64_t K, ScoreFn score, double route_scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   const int64_t n = warp_token();
   if (n >= N) return;
   const int lane = threadIdx.x % kMoeWarpSize;
@@ -233,7 +233,7 @@ __global__ void aux_token_kernel(double* tok, const float* scores, const int32_t
 // loss = sum_b coef * sum_t tok[b T + t]; one block (a power of two), fixed tree per sequence.
 __global__ void aux_reduce_kernel(float* loss, const double* tok, int64_t B, int64_t T_,
                                   double coef) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  MOE_DYNAMIC_SMEM(unsigned char, smem_raw);
   double* part = reinterpret_cast<double*>(smem_raw);  // (blockDim.x)
   double total = 0.0;
   for (int64_t b = 0; b < B; ++b) {
@@ -296,7 +296,7 @@ int32_t* aux_counts(const int32_t* expert_ids, int64_t B, int64_t T_, int64_t E,
                                                moe_aux_counts_offset(B, T_));
   CUDA_CHECK(cudaMemsetAsync(counts, 0, sizeof(int32_t) * static_cast<size_t>(B * E), stream));
   const LaunchDims d = moe_aux_count_dims(B * T_, K);
-  aux_count_kernel<<<grid_of(d), d.block, 0, stream>>>(counts, expert_ids, B * T_ * K, T_, E, K);
+  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_count_kernel)(counts, expert_ids, B * T_ * K, T_, E, K);
   CUDA_CHECK_LAUNCH();
   return counts;
 }
@@ -312,7 +312,7 @@ void router_forward(float* scores, int32_t* expert_ids, float* weights, const fl
   CHECK(K <= KG * (E / G), "K=%lld experts cannot come from %lld groups of %lld", (long long)K,
         (long long)KG, (long long)(E / G));
   const LaunchDims d = moe_router_forward_dims(N, E, G);
-  router_forward_kernel<<<grid_of(d), d.block, d.smem_bytes, stream>>>(
+  MOE_LAUNCH(grid_of(d), d.block, d.smem_bytes, stream, router_forward_kernel)(
       scores, expert_ids, weights, logits, bias, N, E, K, score, route_scale, G, KG);
   CUDA_CHECK_LAUNCH();
 }
@@ -322,7 +322,7 @@ void router_backward(float* dlogits, const float* dweights, const float* dscores
                      int64_t K, ScoreFn score, double route_scale, Stream stream) {
   check_router_dims(N, E, K);
   const LaunchDims d = moe_router_backward_dims(N, E);
-  router_backward_kernel<<<grid_of(d), d.block, d.smem_bytes, stream>>>(
+  MOE_LAUNCH(grid_of(d), d.block, d.smem_bytes, stream, router_backward_kernel)(
       dlogits, dweights, dscores_extra, scores, expert_ids, N, E, K, score, route_scale);
   CUDA_CHECK_LAUNCH();
 }
@@ -337,10 +337,10 @@ void aux_loss_forward(float* loss, const float* scores, const int32_t* expert_id
   const int32_t* counts = aux_counts(expert_ids, B, T_, E, K, scratch, stream);
   double* tok = static_cast<double*>(scratch);  // (N)
   const LaunchDims dt = moe_aux_token_dims(B * T_);
-  aux_token_kernel<<<grid_of(dt), dt.block, 0, stream>>>(tok, scores, counts, B * T_, T_, E);
+  MOE_LAUNCH(grid_of(dt), dt.block, 0, stream, aux_token_kernel)(tok, scores, counts, B * T_, T_, E);
   CUDA_CHECK_LAUNCH();
   const LaunchDims dr = moe_aux_reduce_dims();
-  aux_reduce_kernel<<<grid_of(dr), dr.block, dr.smem_bytes, stream>>>(loss, tok, B, T_, coef);
+  MOE_LAUNCH(grid_of(dr), dr.block, dr.smem_bytes, stream, aux_reduce_kernel)(loss, tok, B, T_, coef);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -353,7 +353,7 @@ void aux_loss_backward(float* dscores, const float* scores, const int32_t* exper
   const double gscale = static_cast<double>(dloss) * alpha / static_cast<double>(T_);
   const int32_t* counts = aux_counts(expert_ids, B, T_, E, K, scratch, stream);
   const LaunchDims d = moe_aux_token_dims(B * T_);
-  aux_backward_kernel<<<grid_of(d), d.block, 0, stream>>>(dscores, scores, counts, B * T_, T_,
+  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_backward_kernel)(dscores, scores, counts, B * T_, T_,
                                                           E, fscale, gscale);
   CUDA_CHECK_LAUNCH();
 }
