@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: every test of the Release build (CPU; 'gpu' tests skip where
-# no device is visible), then the unit tests again under ASan/UBSan in build-asan/, then
+# no device is visible), then the unit tests and the CUDA simulator's kernel tests again under
+# ASan/UBSan in build-asan/, then
 # the fuzz targets for a bounded time in build-fuzz/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DMOETRAIN_SANITIZE=ON -DMOETRAIN_CUDA=OFF
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build-asan -L unit -LE slow --output-on-failure -j"$jobs"
+  ctest --test-dir build-asan -L 'unit|cuda_sim' -LE slow --output-on-failure -j"$jobs"
 
 # Fuzzing (docs/FUZZING.md): the readers of configs, token shards, checkpoints and
 # safetensors headers as libFuzzer targets, built with clang under ASan/UBSan in build-fuzz/
