@@ -120,6 +120,15 @@ TEST(CudaPlanAttention, Bf16CoreCarvesAlignedPieces) {
   EXPECT_EQ(f.acc0, f.p + 32 * 40 * 2);
   EXPECT_EQ(f.row, f.acc0 + 32 * 128 * 4);
   EXPECT_EQ(f.bytes, f.row + 128);  // 57984, against 86400 in FP32
+  EXPECT_EQ(f.ld_q, 200);  // the row strides the kernels stage with
+  EXPECT_EQ(f.ld_k, 200);
+  EXPECT_EQ(f.ld_v, 136);
+  const AttentionSmem r32 =
+      moe::cuda::attention_smem(AttentionKernel::kBackwardRows, 192, 128, AttentionCore::kFp32);
+  EXPECT_EQ(r32.ld_q, 192);  // FP32: lane-read chunks padded by one, broadcast tiles not
+  EXPECT_EQ(r32.ld_dout, 128);
+  EXPECT_EQ(r32.ld_k, 193);
+  EXPECT_EQ(r32.ld_v, 129);
   const AttentionPlan p = moe::cuda::attention_plan({1, 4096, 128, 128, 192, 128},
                                                     moe::cuda::kSmemLimitSm80, AttentionCore::kBf16);
   EXPECT_EQ(p.core, AttentionCore::kBf16);

@@ -38,15 +38,21 @@ void attention_smem_opt_in(Kernel* kernel, const LaunchDims& d) {
                                     static_cast<int>(d.smem_bytes)));
 }
 
+// Opts the kernel into its shared memory where it needs more than the default, then launches
+// it with the plan's dimensions.
+template <typename... P, typename... A>
+void attention_launch(void (*kernel)(P...), const LaunchDims& d, Stream stream, A... args) {
+  attention_smem_opt_in(kernel, d);
+  MOE_LAUNCH(attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes), stream,
+             kernel)(args...);
+  CUDA_CHECK_LAUNCH();
+}
+
 template <AttentionCore C>
 void forward_launch(const AttentionPlan& plan, float* out, float* lse, const float* qkv,
                     int64_t T_, int64_t NH, int64_t NKV, int64_t HD, int64_t HDv, Stream stream) {
-  const LaunchDims& d = plan.forward;
-  attention_smem_opt_in(attention_forward_kernel<C>, d);
-  MOE_LAUNCH(attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes),
-                                stream, attention_forward_kernel<C>)(out, lse, qkv, T_, NH, NKV, static_cast<int>(HD),
-                                          static_cast<int>(HDv), attention_scale<float>(HD));
-  CUDA_CHECK_LAUNCH();
+  attention_launch(attention_forward_kernel<C>, plan.forward, stream, out, lse, qkv, T_, NH, NKV,
+                   static_cast<int>(HD), static_cast<int>(HDv), attention_scale<float>(HD));
 }
 
 // backward_rows writes D (B, NH, T) into scratch; backward_cols, after it on the stream,
@@ -57,18 +63,10 @@ void backward_launch(const AttentionPlan& plan, float* dqkv, const float* dout, 
                      int64_t HDv, float* scratch, Stream stream) {
   const int hd = static_cast<int>(HD), hdv = static_cast<int>(HDv);
   const float scale = attention_scale<float>(HD);
-  const LaunchDims& r = plan.backward_rows;
-  attention_smem_opt_in(attention_backward_rows_kernel<C>, r);
-  MOE_LAUNCH(attention_grid(r), r.block,
-                                      static_cast<size_t>(r.smem_bytes), stream, attention_backward_rows_kernel<C>)(
-      dqkv, scratch, dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
-  CUDA_CHECK_LAUNCH();
-  const LaunchDims& c = plan.backward_cols;
-  attention_smem_opt_in(attention_backward_cols_kernel<C>, c);
-  MOE_LAUNCH(attention_grid(c), c.block,
-                                      static_cast<size_t>(c.smem_bytes), stream, attention_backward_cols_kernel<C>)(
-      dqkv, scratch, dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
-  CUDA_CHECK_LAUNCH();
+  attention_launch(attention_backward_rows_kernel<C>, plan.backward_rows, stream, dqkv, scratch,
+                   dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
+  attention_launch(attention_backward_cols_kernel<C>, plan.backward_cols, stream, dqkv, scratch,
+                   dout, qkv, lse, T_, NH, NKV, hd, hdv, scale);
 }
 
 }  // namespace

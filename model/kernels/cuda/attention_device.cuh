@@ -81,18 +81,11 @@ __device__ __forceinline__ Elem<C> to_elem(float x) {
   }
 }
 
-template <AttentionCore C>
-__device__ __forceinline__ float from_elem(Elem<C> x) {
-  if constexpr (C == AttentionCore::kBf16) {
-    return __bfloat162float(x);
-  } else {
-    return x;
-  }
-}
-
-// The kernel's shared-memory pieces (attention_smem's byte offsets) as typed pointers.
+// The kernel's shared-memory pieces (attention_smem's byte offsets) as typed pointers, with
+// the operands' row strides.
 template <AttentionCore C>
 struct Smem {
+  int ld_q, ld_k, ld_v, ld_dout;
   Elem<C>* q;
   Elem<C>* k;
   Elem<C>* v;
@@ -119,6 +112,10 @@ __device__ Smem<C> smem_carve(unsigned char* base, AttentionKernel k, int HD, in
   t.acc0 = reinterpret_cast<float*>(base + m.acc0);
   t.acc1 = reinterpret_cast<float*>(base + m.acc1);
   t.row = reinterpret_cast<float*>(base + m.row);
+  t.ld_q = static_cast<int>(m.ld_q);
+  t.ld_k = static_cast<int>(m.ld_k);
+  t.ld_v = static_cast<int>(m.ld_v);
+  t.ld_dout = static_cast<int>(m.ld_dout);
   return t;
 }
 
@@ -314,9 +311,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                              int64_t NKV, int HD, int HDv, float scale) {
   MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kForward, HD, HDv);
-  const int ldq = static_cast<int>(attention_ld(HD, false, C));
-  const int ldk = static_cast<int>(attention_ld(HD, true, C));
-  const int ldv = static_cast<int>(attention_ld(HDv, false, C));
+  const int ldq = sm.ld_q, ldk = sm.ld_k, ldv = sm.ld_v;
   constexpr int pld = static_cast<int>(attention_p_ld(C));
   float* os = sm.acc0;  // (32, HDv): the O accumulator
   float* row = sm.row;  // (32): per row the chunk's rescale, at the end l
@@ -391,15 +386,12 @@ template <AttentionCore C>
 __device__ void rows_chunk_dots(float (&s)[kRowsPerWarp], float (&dp)[kRowsPerWarp],
                                 const Smem<C>& sm, const float* k, const float* v, int64_t W,
                                 int HD, int HDv, int64_t c0, int64_t r1) {
-  const int ldq = static_cast<int>(attention_ld(HD, false, C));
-  const int ldo = static_cast<int>(attention_ld(HDv, false, C));
-  const int ldk = static_cast<int>(attention_ld(HD, true, C));
-  const int ldv = static_cast<int>(attention_ld(HDv, true, C));
   __syncthreads();
-  tile_stage(sm.k, ldk, k, W, HD, c0, r1);
-  tile_stage(sm.v, ldv, v, W, HDv, c0, r1);
+  tile_stage(sm.k, sm.ld_k, k, W, HD, c0, r1);
+  tile_stage(sm.v, sm.ld_v, v, W, HDv, c0, r1);
   __syncthreads();
-  chunk_scores2<C>(s, sm.q, ldq, sm.k, ldk, HD, dp, sm.dout, ldo, sm.v, ldv, HDv, sm.s);
+  chunk_scores2<C>(s, sm.q, sm.ld_q, sm.k, sm.ld_k, HD, dp, sm.dout, sm.ld_dout, sm.v, sm.ld_v,
+                   HDv, sm.s);
 }
 
 // Grid (row tiles, NH, B): D of rows [r0, r0 + 32) of head h into dots, their dQ into dqkv.
@@ -411,9 +403,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                                    int HDv, float scale) {
   MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kBackwardRows, HD, HDv);
-  const int ldq = static_cast<int>(attention_ld(HD, false, C));
-  const int ldo = static_cast<int>(attention_ld(HDv, false, C));
-  const int ldk = static_cast<int>(attention_ld(HD, true, C));
+  const int ldq = sm.ld_q, ldo = sm.ld_dout, ldk = sm.ld_k;
   constexpr int pld = static_cast<int>(attention_p_ld(C));
   float* dqs = sm.acc0;  // (32, HD): the dQ accumulator
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
@@ -485,10 +475,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                                    int64_t NKV, int HD, int HDv, float scale) {
   MOE_DYNAMIC_SMEM(unsigned char, smem);
   const Smem<C> sm = smem_carve<C>(smem, AttentionKernel::kBackwardCols, HD, HDv);
-  const int ldkt = static_cast<int>(attention_ld(HD, false, C));
-  const int ldvt = static_cast<int>(attention_ld(HDv, false, C));
-  const int ldq = static_cast<int>(attention_ld(HD, true, C));
-  const int ldo = static_cast<int>(attention_ld(HDv, true, C));
+  const int ldkt = sm.ld_k, ldvt = sm.ld_v, ldq = sm.ld_q, ldo = sm.ld_dout;
   constexpr int pld = static_cast<int>(attention_p_ld(C));
   float* dks = sm.acc0;  // (32, HD): the dK accumulator
   float* dvs = sm.acc1;  // (32, HDv): the dV accumulator

@@ -68,6 +68,8 @@ inline constexpr int64_t kAttnScoreLd = 36;
 struct AttentionSmem {
   int64_t q = 0, k = 0, v = 0, dout = 0, s = 0, p = 0, ds = 0, acc0 = 0, acc1 = 0, row = 0,
           bytes = 0;
+  // Row strides (elements, attention_ld) of the operand pieces, as this kernel stages them.
+  int64_t ld_q = 0, ld_k = 0, ld_v = 0, ld_dout = 0;
 };
 enum class AttentionKernel { kForward, kBackwardRows, kBackwardCols };
 
@@ -82,29 +84,34 @@ MOE_HD constexpr AttentionSmem attention_smem(AttentionKernel k, int64_t HD, int
     at = off + bytes;
     return off;
   };
+  // A (32, D) operand piece: its row stride into ld, its offset returned.
+  const auto operand = [&](int64_t& ld, int64_t D, bool lane_rows) {
+    ld = attention_ld(D, lane_rows, c);
+    return take(T * ld * eb);
+  };
   const int64_t s_tile = tc ? T * kAttnScoreLd * 4 : 0;
   const int64_t p_bytes = T * attention_p_ld(c) * eb;
   if (k == AttentionKernel::kForward) {
-    m.q = take(T * attention_ld(HD, false, c) * eb);
-    m.k = take(T * attention_ld(HD, true, c) * eb);
-    m.v = take(T * attention_ld(HDv, false, c) * eb);
+    m.q = operand(m.ld_q, HD, false);
+    m.k = operand(m.ld_k, HD, true);
+    m.v = operand(m.ld_v, HDv, false);
     m.s = take(s_tile);
     m.p = take(p_bytes);
     m.acc0 = take(T * HDv * 4);
     m.row = take(T * 4);
   } else if (k == AttentionKernel::kBackwardRows) {
-    m.q = take(T * attention_ld(HD, false, c) * eb);
-    m.dout = take(T * attention_ld(HDv, false, c) * eb);
-    m.k = take(T * attention_ld(HD, true, c) * eb);
-    m.v = take(T * attention_ld(HDv, true, c) * eb);
+    m.q = operand(m.ld_q, HD, false);
+    m.dout = operand(m.ld_dout, HDv, false);
+    m.k = operand(m.ld_k, HD, true);
+    m.v = operand(m.ld_v, HDv, true);
     m.s = take(2 * s_tile);
     m.p = take(p_bytes);
     m.acc0 = take(T * HD * 4);
   } else {
-    m.k = take(T * attention_ld(HD, false, c) * eb);
-    m.v = take(T * attention_ld(HDv, false, c) * eb);
-    m.q = take(T * attention_ld(HD, true, c) * eb);
-    m.dout = take(T * attention_ld(HDv, true, c) * eb);
+    m.k = operand(m.ld_k, HD, false);
+    m.v = operand(m.ld_v, HDv, false);
+    m.q = operand(m.ld_q, HD, true);
+    m.dout = operand(m.ld_dout, HDv, true);
     m.s = take(2 * s_tile);
     m.p = take(p_bytes);
     m.ds = take(p_bytes);
