@@ -53,8 +53,8 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
   adamw_check(param, grad, m, v, n);
   const LaunchDims d = adamw_plan(n);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(static_cast<unsigned>(d.grid_x), d.block, 0, stream, adamw_kernel)(param, grad, m, v, n,
-                                                                        adamw_coeffs(s, decay));
+  MOE_LAUNCH(static_cast<unsigned>(d.grid_x), d.block, 0, stream, adamw_kernel)(
+      param, grad, m, v, n, adamw_coeffs(s, decay));
   CUDA_CHECK_LAUNCH();
 }
 

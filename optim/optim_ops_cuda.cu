@@ -70,7 +70,8 @@ class CudaOptimOps final : public OptimOps {
           static_cast<long long>(n));
     if (n == 0) return 0.0;
     double* total = partial_ + max_blocks_;
-    MOE_LAUNCH(static_cast<unsigned>(nb), kNormThreads, 0, stream_, sum_squares_blocks)(g, n, partial_);
+    MOE_LAUNCH(static_cast<unsigned>(nb), kNormThreads, 0, stream_, sum_squares_blocks)(
+        g, n, partial_);
     CUDA_CHECK_LAUNCH();
     MOE_LAUNCH(1, kNormThreads, 0, stream_, sum_partials)(partial_, nb, total);
     CUDA_CHECK_LAUNCH();

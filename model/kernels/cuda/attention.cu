@@ -43,8 +43,8 @@ void attention_smem_opt_in(Kernel* kernel, const LaunchDims& d) {
 template <typename... P, typename... A>
 void attention_launch(void (*kernel)(P...), const LaunchDims& d, Stream stream, A... args) {
   attention_smem_opt_in(kernel, d);
-  MOE_LAUNCH(attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes), stream,
-             kernel)(args...);
+  MOE_LAUNCH(attention_grid(d), d.block, static_cast<size_t>(d.smem_bytes), stream, kernel)(
+      args...);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -85,8 +85,8 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
         static_cast<long long>(C), static_cast<long long>(V));
   const LaunchDims d = plan_embedding_forward(N, C);
   if (d.grid_x == 0 || C == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, embedding_forward_kernel)(out, tokens,
-                                                                                  wte, C, V);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, embedding_forward_kernel)(
+      out, tokens, wte, C, V);
   CUDA_CHECK_LAUNCH();
 }
 

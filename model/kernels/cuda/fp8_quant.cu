@@ -160,9 +160,9 @@ void fp8_quantize_ld(uint8_t* q, int64_t ld_q, float* scales, const float* x, in
   if (p.dims.grid_x == 0) return;
   CHECK(q && scales && x, "null pointer");
   MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                        static_cast<size_t>(p.dims.smem_bytes), stream, fp8_quantize_kernel)(
-      q, ld_q, scales, x, ld_x, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups,
-      p.col_tiles, p.tiles_per_unit, p.threads_x);
+             static_cast<size_t>(p.dims.smem_bytes), stream, fp8_quantize_kernel)(
+      q, ld_q, scales, x, ld_x, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups, p.col_tiles,
+      p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -179,9 +179,9 @@ void fp8_dequantize_ld(float* x, int64_t ld_x, const uint8_t* q, int64_t ld_q, c
   if (p.dims.grid_x == 0) return;
   CHECK(x && q && scales, "null pointer");
   MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                          static_cast<size_t>(p.dims.smem_bytes), stream, fp8_dequantize_kernel)(
-      x, ld_x, q, ld_q, scales, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups,
-      p.col_tiles, p.tiles_per_unit, p.threads_x);
+             static_cast<size_t>(p.dims.smem_bytes), stream, fp8_dequantize_kernel)(
+      x, ld_x, q, ld_q, scales, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups, p.col_tiles,
+      p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -201,7 +201,7 @@ void fp8_fake_quantize_ld(float* out, int64_t ld_out, const float* x, int64_t ld
   if (p.dims.grid_x == 0) return;
   CHECK(out && x, "null pointer");
   MOE_LAUNCH(static_cast<unsigned>(p.dims.grid_x), p.dims.block,
-                             static_cast<size_t>(p.dims.smem_bytes), stream, fp8_fake_quantize_kernel)(
+             static_cast<size_t>(p.dims.smem_bytes), stream, fp8_fake_quantize_kernel)(
       out, ld_out, x, ld_x, R, C, t.rows, t.cols, p.unit_cols, p.unit_col_groups, p.col_tiles,
       p.tiles_per_unit, p.threads_x);
   CUDA_CHECK_LAUNCH();

@@ -242,8 +242,8 @@ void moe_plan(int64_t* counts, int64_t* offsets, int32_t* row_of, int32_t* token
     CUDA_CHECK_LAUNCH();
   }
   const LaunchDims ds = moe_dispatch_scan_dims(E);
-  MOE_LAUNCH(grid_of(ds), ds.block, ds.smem_bytes, stream, dispatch_scan_kernel)(counts, offsets, hist,
-                                                                         tiles, E);
+  MOE_LAUNCH(grid_of(ds), ds.block, ds.smem_bytes, stream, dispatch_scan_kernel)(
+      counts, offsets, hist, tiles, E);
   CUDA_CHECK_LAUNCH();
   if (tiles > 0) {
     MOE_LAUNCH(grid_of(dt), dt.block, dt.smem_bytes, stream, dispatch_place_kernel)(
@@ -270,9 +270,11 @@ void moe_permute_backward(float* dx, const float* dxp, const int32_t* row_of, in
   const int vec = vec_width(C, {dx, dxp});
   const LaunchDims d = moe_rows_dims(N, C, vec);
   if (vec == 4)
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<4>)(dx, dxp, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<4>)(
+        dx, dxp, row_of, N, K, C);
   else
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<1>)(dx, dxp, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, permute_backward_kernel<1>)(
+        dx, dxp, row_of, N, K, C);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -282,11 +284,11 @@ void moe_combine_forward(float* out, const float* yp, const float* weights,
   const int vec = vec_width(C, {out, yp});
   const LaunchDims d = moe_rows_dims(N, C, vec);
   if (vec == 4)
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<4>)(out, yp, weights, row_of, N,
-                                                                  K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<4>)(
+        out, yp, weights, row_of, N, K, C);
   else
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<1>)(out, yp, weights, row_of, N,
-                                                                  K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_forward_kernel<1>)(
+        out, yp, weights, row_of, N, K, C);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -297,11 +299,11 @@ void moe_combine_backward(float* dyp, float* dweights, const float* dout, const 
   const int vec = vec_width(C, {dyp, dout, yp});
   const LaunchDims d = moe_combine_backward_dims(N, K, C, vec);
   if (vec == 4)
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<4>)(dyp, dweights, dout, yp,
-                                                                   weights, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<4>)(
+        dyp, dweights, dout, yp, weights, row_of, N, K, C);
   else
-    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<1>)(dyp, dweights, dout, yp,
-                                                                   weights, row_of, N, K, C);
+    MOE_LAUNCH(grid_of(d), d.block, 0, stream, combine_backward_kernel<1>)(
+        dyp, dweights, dout, yp, weights, row_of, N, K, C);
   CUDA_CHECK_LAUNCH();
 }
 

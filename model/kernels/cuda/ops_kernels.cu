@@ -124,8 +124,8 @@ void add_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int6
   CHECK(rows == 1 || (ld_dst >= cols && ld_src >= cols), "ld_dst=%lld ld_src=%lld < cols=%lld",
         (long long)ld_dst, (long long)ld_src, (long long)cols);
   const LaunchDims d = plan_rows(rows, cols, 4, 256);
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, add_rows_kernel)(dst, ld_dst, src,
-                                                                         ld_src, cols);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, add_rows_kernel)(
+      dst, ld_dst, src, ld_src, cols);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -133,7 +133,8 @@ void bf16_encode(uint16_t* bits, float* rounded, const float* x, int64_t n, Stre
   CHECK(n >= 0, "n=%lld", (long long)n);
   const LaunchDims d = plan_elementwise(n);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, bf16_encode_kernel)(bits, rounded, x, n);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, bf16_encode_kernel)(
+      bits, rounded, x, n);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -162,8 +163,8 @@ void mtp_shift(int32_t* tokens, int32_t* targets, const int32_t* y, int64_t B, i
         (long long)k);
   const LaunchDims d = plan_elementwise(B * T_);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, mtp_shift_kernel)(tokens, targets, y,
-                                                                          B * T_, T_, k);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, mtp_shift_kernel)(
+      tokens, targets, y, B * T_, T_, k);
   CUDA_CHECK_LAUNCH();
 }
 

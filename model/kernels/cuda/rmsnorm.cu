@@ -83,8 +83,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* wei
   CHECK(N >= 0 && C > 0, "N=%lld C=%lld", static_cast<long long>(N), static_cast<long long>(C));
   const LaunchDims d = plan_rmsnorm_forward(N, C);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rmsnorm_forward_kernel)(out, rstd, inp,
-                                                                                weight, C, eps);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rmsnorm_forward_kernel)(
+      out, rstd, inp, weight, C, eps);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -109,12 +109,13 @@ void rmsnorm_backward_weight(float* dweight, const float* dout, const float* inp
   const int64_t chunks = rmsnorm_backward_weight_chunks(N);
   if (chunks == 0) return;  // N = 0: nothing to add
   const LaunchDims p = plan_rmsnorm_backward_weight_partial(N, C);
-  MOE_LAUNCH(dims_grid(p), dims_block(p), p.smem_bytes, stream, rmsnorm_backward_weight_partial_kernel)(
+  MOE_LAUNCH(dims_grid(p), dims_block(p), p.smem_bytes, stream,
+             rmsnorm_backward_weight_partial_kernel)(
       scratch, dout, inp, rstd, N, C, rmsnorm_backward_weight_chunk_rows(N));
   CUDA_CHECK_LAUNCH();
   const LaunchDims f = plan_rmsnorm_backward_weight_final(C);
-  MOE_LAUNCH(dims_grid(f), dims_block(f), f.smem_bytes, stream, rmsnorm_backward_weight_final_kernel)(
-      dweight, scratch, chunks, C);
+  MOE_LAUNCH(dims_grid(f), dims_block(f), f.smem_bytes, stream,
+             rmsnorm_backward_weight_final_kernel)(dweight, scratch, chunks, C);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -51,8 +51,8 @@ void rope_apply(float* x, const float* cos_t, const float* sin_t, int64_t B, int
   CHECK(stride >= H * HD, "stride=%lld < H*HD", static_cast<long long>(stride));
   const LaunchDims d = plan_rope(B * T_, H, HD);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rope_apply_kernel)(x, cos_t, sin_t, T_, H,
-                                                                           HD, stride, sign);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, rope_apply_kernel)(
+      x, cos_t, sin_t, T_, H, HD, stride, sign);
   CUDA_CHECK_LAUNCH();
 }
 

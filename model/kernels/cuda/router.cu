@@ -296,7 +296,8 @@ int32_t* aux_counts(const int32_t* expert_ids, int64_t B, int64_t T_, int64_t E,
                                                moe_aux_counts_offset(B, T_));
   CUDA_CHECK(cudaMemsetAsync(counts, 0, sizeof(int32_t) * static_cast<size_t>(B * E), stream));
   const LaunchDims d = moe_aux_count_dims(B * T_, K);
-  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_count_kernel)(counts, expert_ids, B * T_ * K, T_, E, K);
+  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_count_kernel)(
+      counts, expert_ids, B * T_ * K, T_, E, K);
   CUDA_CHECK_LAUNCH();
   return counts;
 }
@@ -337,10 +338,12 @@ void aux_loss_forward(float* loss, const float* scores, const int32_t* expert_id
   const int32_t* counts = aux_counts(expert_ids, B, T_, E, K, scratch, stream);
   double* tok = static_cast<double*>(scratch);  // (N)
   const LaunchDims dt = moe_aux_token_dims(B * T_);
-  MOE_LAUNCH(grid_of(dt), dt.block, 0, stream, aux_token_kernel)(tok, scores, counts, B * T_, T_, E);
+  MOE_LAUNCH(grid_of(dt), dt.block, 0, stream, aux_token_kernel)(
+      tok, scores, counts, B * T_, T_, E);
   CUDA_CHECK_LAUNCH();
   const LaunchDims dr = moe_aux_reduce_dims();
-  MOE_LAUNCH(grid_of(dr), dr.block, dr.smem_bytes, stream, aux_reduce_kernel)(loss, tok, B, T_, coef);
+  MOE_LAUNCH(grid_of(dr), dr.block, dr.smem_bytes, stream, aux_reduce_kernel)(
+      loss, tok, B, T_, coef);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -353,8 +356,8 @@ void aux_loss_backward(float* dscores, const float* scores, const int32_t* exper
   const double gscale = static_cast<double>(dloss) * alpha / static_cast<double>(T_);
   const int32_t* counts = aux_counts(expert_ids, B, T_, E, K, scratch, stream);
   const LaunchDims d = moe_aux_token_dims(B * T_);
-  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_backward_kernel)(dscores, scores, counts, B * T_, T_,
-                                                          E, fscale, gscale);
+  MOE_LAUNCH(grid_of(d), d.block, 0, stream, aux_backward_kernel)(
+      dscores, scores, counts, B * T_, T_, E, fscale, gscale);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -64,7 +64,8 @@ void swiglu_backward(float* dgu, const float* dout, const float* gu, int64_t N, 
   CHECK(N >= 0 && F >= 0, "N=%lld F=%lld", static_cast<long long>(N), static_cast<long long>(F));
   const LaunchDims d = plan_swiglu(N, F);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, swiglu_backward_kernel)(dgu, dout, gu, F);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, swiglu_backward_kernel)(
+      dgu, dout, gu, F);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -72,7 +73,8 @@ void residual_forward(float* out, const float* a, const float* b, int64_t n, Str
   CHECK(n >= 0, "n=%lld", static_cast<long long>(n));
   const LaunchDims d = plan_residual(n);
   if (d.grid_x == 0) return;
-  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, residual_forward_kernel)(out, a, b, n);
+  MOE_LAUNCH(dims_grid(d), dims_block(d), d.smem_bytes, stream, residual_forward_kernel)(
+      out, a, b, n);
   CUDA_CHECK_LAUNCH();
 }
 
